@@ -1,0 +1,14 @@
+"""veloc: multi-level checkpoint/restart for MPI simulations and DNN training.
+
+See DESIGN.md §1 for the API contract. This module only re-exports.
+"""
+from .api import Ckpt, init, init_single
+from .client import Client
+from .config import Config, load_config
+from .errors import (BackendError, CheckpointError, ConfigError, CorruptCheckpointError, RestartError,
+                     VelocError)
+from .restart import RestartInfo
+
+__all__ = ["init", "init_single", "Ckpt", "Client", "Config", "load_config", "RestartInfo", "VelocError",
+           "ConfigError", "CheckpointError", "RestartError", "BackendError", "CorruptCheckpointError"]
+__version__ = "0.1.0"

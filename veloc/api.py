@@ -1,0 +1,65 @@
+"""Entry points: ``init`` (collective), ``init_single`` (one process), and ``Ckpt``.
+
+Called by the application on every rank (``init``) or by one process (``init_single``,
+``Ckpt``).
+"""
+from .client import Client
+from .errors import CheckpointError, ConfigError
+
+
+def init(cfg, comm=None):
+    """Collective over ``comm`` (default ``MPI.COMM_WORLD``): a :class:`Client` for this rank.
+
+    ``cfg`` is an INI path, a mapping of the same keys, or a :class:`veloc.Config`.
+    """
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    return Client(cfg, comm)
+
+
+def init_single(unique_id, cfg):
+    """Non-collective: this process checkpoints and restarts on its own as ``unique_id``."""
+    from mpi4py import MPI
+    if isinstance(unique_id, bool) or not isinstance(unique_id, int) or unique_id < 0:
+        raise ConfigError(f"init_single: unique_id must be an int >= 0, got {unique_id!r}")
+    return Client(cfg, MPI.COMM_SELF, rank=unique_id, single=True)
+
+
+class Ckpt:
+    """Drop-in for VELOC's own Python binding.
+
+    ``protected`` holds any picklable object (the user hands it over explicitly, so it is
+    pickled and unpickled); ``restart_test`` returns VELOC's answer: the newest version
+    ``<= version`` (``0`` = no bound), or a negative int when nothing exists.
+    """
+
+    def __init__(self, unique_id, cfg):
+        self._client = init_single(unique_id, cfg)
+        self.protected = None
+
+    def checkpoint(self, name, version):
+        if self.protected is None:
+            raise CheckpointError("Ckpt.checkpoint: nothing to checkpoint; assign Ckpt.protected first")
+        self._client.protect(0, self.protected, pickle=True)
+        self._client.checkpoint(name, version)
+
+    def restart_test(self, name, version=0):
+        found = self._client.restart_test(name, None if not version else version)
+        return -1 if found is None else found
+
+    def restart(self, name, version):
+        self._client.protect(0, self.protected, pickle=True)
+        self._client.restart(name, version)
+        self.protected = self._client.recovered.pop(0)
+
+    def finalize(self, drain=True):
+        self._client.finalize(drain)
+
+    def __del__(self):
+        client = getattr(self, "_client", None)
+        if client is not None:
+            try:
+                client.finalize()
+            except Exception:
+                pass

@@ -1,0 +1,242 @@
+"""INI configuration: parsed once per process into a frozen, typed :class:`Config`.
+
+Called by every application rank in ``veloc.init`` and by the active backend at start.
+VELOC's own files work unchanged: top-level keys with no section header. Extensions
+live in sections (``[checksum]``, ``[flush]``, ...). Every key may be overridden from the
+environment: ``VELOC_<KEY>`` for a top-level key, ``VELOC_<SECTION>_<KEY>`` for a key in
+a section. Unknown keys, unknown sections and bad values raise :class:`ConfigError`
+naming the key and what is accepted (VELOC ignores typos; we do not).
+"""
+import configparser
+import os
+import socket
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from .errors import ConfigError
+from .names import check_node_id
+
+TOP = "__top__"
+
+
+def _bool(key, raw):
+    low = str(raw).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"config key '{key}' = {raw!r}: expected a boolean (true/false/yes/no/1/0)")
+
+
+def _int(minimum=None):
+    def parse(key, raw):
+        try:
+            value = int(str(raw).strip(), 10)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' = {raw!r}: expected an integer") from None
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"config key '{key}' = {value}: must be >= {minimum}")
+        return value
+    return parse
+
+
+def _choice(*accepted):
+    def parse(key, raw):
+        value = str(raw).strip()
+        if value not in accepted:
+            raise ConfigError(f"config key '{key}' = {raw!r}: accepted values are {', '.join(accepted)}")
+        return value
+    return parse
+
+
+def _text(key, raw):
+    value = str(raw).strip()
+    if not value:
+        raise ConfigError(f"config key '{key}' is empty: give a value or remove the key")
+    return value
+
+
+def _path_template(key, raw):
+    value = _text(key, raw)
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+    except ValueError as exc:
+        raise ConfigError(f"config key '{key}' = {raw!r}: bad '{{...}}' placeholder ({exc})") from None
+    unknown = fields - {"node", "rank"}
+    if unknown:
+        raise ConfigError(
+            f"config key '{key}' = {raw!r}: unknown placeholder(s) {sorted(unknown)}; "
+            "only {node} and {rank} are accepted")
+    return os.path.expanduser(value)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One accepted key: its parser and its default (``None`` = unset)."""
+    parse: object
+    default: object = None
+    required: bool = False
+
+
+# VELOC's top-level keys, with VELOC's meanings and defaults.
+TOP_KEYS = {
+    "scratch": Key(_path_template, required=True),
+    "persistent": Key(_path_template),
+    "mode": Key(_choice("sync", "async"), "sync"),
+    "persistent_interval": Key(_int(), 0),   # seconds; 0 = every version, < 0 = never
+    "ec_interval": Key(_int(), 0),           # seconds; 0 = every version, < 0 = never
+    "watchdog_interval": Key(_int(0), 0),
+    "max_versions": Key(_int(0), 0),         # on persistent; 0 = keep all
+    "scratch_versions": Key(_int(0), 0),     # on scratch; 0 = keep all
+    "failure_domain": Key(_text),
+    "chksum": Key(_bool, True),
+    "meta": Key(_path_template),
+    "max_parallelism": Key(_int(1), 2),
+    "axl_type": Key(_choice("default", "native", "AXL_XFER_SYNC", "AXL_XFER_ASYNC_DW",
+                            "AXL_XFER_ASYNC_BBAPI", "AXL_XFER_ASYNC_CPPR", "posix", "pthread")),
+    "log_prefix": Key(_path_template),
+}
+
+
+def module_keys(priority, **extra):
+    """The keys every module section accepts, plus ``extra``."""
+    keys = {"enabled": Key(_bool, None), "priority": Key(_int(), priority), "every": Key(_int(1), 1)}
+    keys.update(extra)
+    return keys
+
+
+# Extension sections. A module registers its section here (see engine/modules/*).
+SECTION_KEYS = {
+    "checksum": module_keys(10, algorithm=Key(_choice("xxh3_128", "xxh3_64"), "xxh3_128")),
+    "flush": module_keys(50, interval=Key(_int(), None)),
+    "versioning": module_keys(90),
+}
+
+
+def _read_ini(path):
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    parser = configparser.ConfigParser(
+        interpolation=None, inline_comment_prefixes=(";", "#"), strict=True,
+        default_section="__no_defaults__")
+    parser.optionxform = str
+    try:
+        parser.read_string(f"[{TOP}]\n" + text, source=str(path))
+    except configparser.Error as exc:
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    return {sec: dict(parser.items(sec)) for sec in parser.sections()}, str(path)
+
+
+def _read_mapping(mapping):
+    raw = {TOP: {}}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            raw[str(key)] = {str(k): v for k, v in value.items()}
+        elif value is not None:
+            raw[TOP][str(key)] = value
+    return raw, "<mapping>"
+
+
+def _apply_env(raw, environ):
+    for key in TOP_KEYS:
+        env = f"VELOC_{key.upper()}"
+        if env in environ:
+            raw[TOP][key] = environ[env]
+    for section, keys in SECTION_KEYS.items():
+        for key in keys:
+            env = f"VELOC_{section.upper()}_{key.upper()}"
+            if env in environ:
+                raw.setdefault(section, {})[key] = environ[env]
+
+
+def _parse_keys(raw_keys, schema, where, source):
+    out = {}
+    for key, value in raw_keys.items():
+        if key not in schema:
+            raise ConfigError(
+                f"unknown config key '{key}' {where} in {source}; accepted keys: {', '.join(sorted(schema))}")
+        out[key] = schema[key].parse(key if where == "at top level" else f"{where[3:]}.{key}", value)
+    for key, spec in schema.items():
+        if key not in out:
+            if spec.required:
+                raise ConfigError(f"config key '{key}' is required {where} in {source} (e.g. {key} = /dev/shm/veloc/{{node}})")
+            out[key] = spec.default
+    return out
+
+
+@dataclass(frozen=True)
+class Config:
+    """Frozen, validated configuration shared by the client, the sync engine and the backend."""
+    values: MappingProxyType
+    sections: MappingProxyType
+    source: str = "<mapping>"
+    raw: MappingProxyType = field(default_factory=lambda: MappingProxyType({}), compare=False)
+
+    def __getattr__(self, key):
+        values = object.__getattribute__(self, "values")
+        if key in values:
+            return values[key]
+        raise AttributeError(key)
+
+    def section(self, name):
+        """Typed keys of extension section ``name`` (defaults filled in)."""
+        return self.sections[name]
+
+    def scratch_dir(self, node, rank=0):
+        """Node-local scratch root with ``{node}``/``{rank}`` filled in."""
+        return Path(self.scratch.format(node=node, rank=rank))
+
+    def persistent_dir(self, node, rank=0):
+        """Persistent root, or ``None`` when no persistent level is configured."""
+        if self.persistent is None:
+            return None
+        return Path(self.persistent.format(node=node, rank=rank))
+
+    def replace(self, **top):
+        """A copy with some top-level keys replaced (validated again)."""
+        merged = {sec: dict(keys) for sec, keys in self.raw.items()}
+        merged.setdefault(TOP, {}).update({k: v for k, v in top.items()})
+        return _build(merged, self.source)
+
+
+def _build(raw, source):
+    top = _parse_keys(raw.get(TOP, {}), TOP_KEYS, "at top level", source)
+    sections = {}
+    for name, keys in raw.items():
+        if name == TOP:
+            continue
+        if name not in SECTION_KEYS:
+            raise ConfigError(f"unknown config section [{name}] in {source}; accepted sections: "
+                              f"{', '.join(sorted(SECTION_KEYS))}")
+    for name, schema in SECTION_KEYS.items():
+        sections[name] = MappingProxyType(_parse_keys(raw.get(name, {}), schema, f"in [{name}]", source))
+    frozen_raw = MappingProxyType({k: MappingProxyType(dict(v)) for k, v in raw.items()})
+    return Config(MappingProxyType(top), MappingProxyType(sections), source, frozen_raw)
+
+
+def load_config(cfg, environ=None):
+    """Build a :class:`Config` from an INI path, a mapping, or a ``Config`` (returned as is).
+
+    Environment overrides (``VELOC_<KEY>``) apply to paths and mappings.
+    """
+    if isinstance(cfg, Config):
+        return cfg
+    if isinstance(cfg, (str, os.PathLike)):
+        raw, source = _read_ini(cfg)
+    elif isinstance(cfg, dict) or hasattr(cfg, "items"):
+        raw, source = _read_mapping(dict(cfg))
+    else:
+        raise ConfigError(f"config must be an INI path, a mapping or a veloc.Config, got {type(cfg).__name__}")
+    raw.setdefault(TOP, {})
+    _apply_env(raw, os.environ if environ is None else environ)
+    return _build(raw, source)
+
+
+def node_id(environ=None):
+    """This process's node identity: ``VELOC_NODE_ID`` if set, else the host name."""
+    environ = os.environ if environ is None else environ
+    return check_node_id(environ.get("VELOC_NODE_ID") or socket.gethostname().split(".")[0])

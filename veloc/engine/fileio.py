@@ -1,0 +1,150 @@
+"""Low-level file operations on the data path, shared by the client and the engine.
+
+Everything here works on buffers (memoryviews) and file descriptors: no Python loop
+touches the data. Used by application ranks (local write, restart read) and by the engine
+in the sync-mode leader or the active backend (copies between levels).
+"""
+import errno
+import os
+import secrets
+
+from ..errors import CheckpointError
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+COPY_CHUNK = 16 << 20
+MAX_IO = 1 << 30  # Linux moves at most ~2 GiB per read/write call
+
+
+def make_dirs(path):
+    """Create ``path`` (and parents) with mode 0700; raise CheckpointError naming it on failure."""
+    try:
+        os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create directory {path}: {exc.strerror}") from exc
+
+
+def fsync_dir(path):
+    """Make a rename or unlink inside directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(path):
+    """A unique hidden temporary name next to ``path`` (same directory, so rename is atomic)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def pwrite_all(fd, view, offset):
+    """Write the whole memoryview at ``offset``, looping over short writes."""
+    view = memoryview(view).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:done + MAX_IO], offset + done)
+
+
+def preadinto_all(fd, view, offset):
+    """Fill the whole writable memoryview from ``offset``; return the number of bytes read."""
+    view = memoryview(view).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:done + MAX_IO]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def atomic_write_bytes(path, data, durable=True):
+    """Commit ``data`` at ``path`` atomically: temp file, fsync, rename, fsync directory."""
+    tmp = temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        pwrite_all(fd, data, 0)
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def copy_file(src, dst, durable=True, on_chunk=None):
+    """Copy ``src`` to ``dst`` atomically (temp + fsync + rename) and return the size.
+
+    Tries ``copy_file_range`` (in-kernel); between tmpfs and disk it fails with EXDEV on
+    some kernels, so falls back to large ``readinto``/``write`` chunks. ``on_chunk(view)``
+    (e.g. a hasher's update) forces the chunked path so every byte is seen once.
+    """
+    tmp = temp_name(dst)
+    size = os.stat(src).st_size
+    with open(src, "rb", buffering=0) as fin:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        try:
+            done = 0
+            if on_chunk is None:
+                done = _copy_in_kernel(fin.fileno(), fd, size)
+            if done < size:
+                _copy_chunks(fin, fd, done, size, on_chunk)
+            if durable:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise
+        os.close(fd)
+    os.replace(tmp, dst)
+    if durable:
+        fsync_dir(dst.parent)
+    return size
+
+
+def _copy_in_kernel(fd_in, fd_out, size):
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(fd_in, fd_out, min(size - done, MAX_IO), done, done)
+            if n == 0:
+                break
+            done += n
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    return done
+
+
+def _copy_chunks(fin, fd_out, start, size, on_chunk):
+    buf = bytearray(min(COPY_CHUNK, max(size - start, 1)))
+    view = memoryview(buf)
+    offset = start
+    while offset < size:
+        n = os.preadv(fin.fileno(), [view[:min(len(buf), size - offset)]], offset)
+        if n == 0:
+            raise CheckpointError(f"{fin.name} shrank while being copied (at byte {offset} of {size})")
+        if on_chunk is not None:
+            on_chunk(view[:n])
+        pwrite_all(fd_out, view[:n], offset)
+        offset += n
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def remove_quietly(path):
+    """Unlink a file if it exists; used by garbage collection and cleanup paths."""
+    _unlink_quietly(path)

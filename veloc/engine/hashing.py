@@ -1,0 +1,41 @@
+"""Content hashes of checkpoint files (native xxh3 from the ``xxhash`` package).
+
+Chosen by measurement on this machine (256 MiB buffer, same run): xxh3_128 17.8 GB/s,
+xxh3_64 17.7 GB/s, crc32c 13.9 GB/s, xxh64 6.4 GB/s, zlib.crc32 2.4 GB/s, against
+``np.copyto`` at 12.3 GB/s. Hashing a file is therefore cheaper than copying it.
+Called by the checksum module (sync leader or backend) and by every read of a file.
+"""
+import mmap
+import os
+
+import xxhash
+
+from ..errors import ConfigError
+
+ALGORITHMS = {"xxh3_128": xxhash.xxh3_128, "xxh3_64": xxhash.xxh3_64}
+DEFAULT_ALGORITHM = "xxh3_128"
+
+
+def hasher(algorithm=DEFAULT_ALGORITHM):
+    """A new streaming hasher (``update(buffer)``, ``hexdigest()``)."""
+    try:
+        return ALGORITHMS[algorithm]()
+    except KeyError:
+        raise ConfigError(f"unknown checksum algorithm {algorithm!r}; accepted: {', '.join(ALGORITHMS)}") from None
+
+
+def digest_buffer(buffer, algorithm=DEFAULT_ALGORITHM):
+    """Hex digest of a bytes-like object (no copy)."""
+    h = hasher(algorithm)
+    h.update(buffer)
+    return h.hexdigest()
+
+
+def digest_file(path, algorithm=DEFAULT_ALGORITHM):
+    """Hex digest of a whole file, hashed straight from a read-only mapping."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return digest_buffer(b"", algorithm)
+        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+            return digest_buffer(mapped, algorithm)

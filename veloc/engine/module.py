@@ -1,0 +1,121 @@
+"""Commands, the engine context, and the module base class.
+
+One engine runs per node: inside the application on the node's leader rank (sync mode)
+or in the active backend (async mode). Modules never know which. A module handles a
+command for one checkpoint version on behalf of all the node's local ranks at once, so
+collective modules (partner, erasure) can act once per node per version.
+"""
+import logging
+from dataclasses import dataclass, field
+
+from .levels import LevelStore, RecyclePool
+
+CHECKPOINT, RESTART, TEST = "CHECKPOINT", "RESTART", "TEST"
+
+
+@dataclass
+class Command:
+    """A request for version ``version`` of ``name`` from the node's ranks ``ranks``."""
+    kind: str
+    name: str
+    version: int
+    ranks: list
+    nranks: int
+    plan: dict = field(default_factory=dict)   # RESTART: {rank: level to restore from}
+
+
+class Peers:
+    """The engines of all nodes of a job (a communicator of node leaders or backends).
+
+    ``comm`` is an mpi4py communicator with one process per node, or ``None`` for a
+    single node. Decisions that nodes must share go through :meth:`agree`.
+    """
+
+    def __init__(self, comm=None):
+        self.comm = comm
+
+    @property
+    def size(self):
+        return 1 if self.comm is None else self.comm.Get_size()
+
+    @property
+    def index(self):
+        return 0 if self.comm is None else self.comm.Get_rank()
+
+    def agree(self, value):
+        """Every node gets node 0's ``value``."""
+        return value if self.comm is None else self.comm.bcast(value, root=0)
+
+    def allgather(self, value):
+        return [value] if self.comm is None else self.comm.allgather(value)
+
+
+class EngineContext:
+    """What modules may use: config, node identity, level stores, peers, a logger."""
+
+    def __init__(self, config, node, peers=None, logger=None):
+        self.config = config
+        self.node = node
+        self.peers = peers or Peers()
+        self.log = logger or logging.getLogger("veloc.engine")
+
+    def scratch(self, rank):
+        return LevelStore("scratch", self.config.scratch_dir(self.node, rank))
+
+    def pool(self, rank):
+        return RecyclePool(self.config.scratch_dir(self.node, rank))
+
+    def persistent(self, rank):
+        root = self.config.persistent_dir(self.node, rank)
+        return None if root is None else LevelStore("persistent", root)
+
+
+class Module:
+    """Base of every pipeline module.
+
+    Subclasses set ``name`` (also their config section) and ``default_priority``, and
+    override the handlers they need. A handler returns ``True`` (done) or ``False``
+    (not my business), or raises. Level modules also set ``level`` and implement
+    :meth:`available`, :meth:`verify` and :meth:`restore`.
+    """
+    name = "module"
+    level = None
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        section = ctx.config.section(self.name) if self.name in ctx.config.sections else {}
+        self.section = section
+        self.priority = section.get("priority", 0)
+        self.every = section.get("every", 1)
+        enabled = section.get("enabled")
+        self.enabled = self.default_enabled() if enabled is None else enabled
+        self._seen = {}
+
+    def default_enabled(self):
+        return True
+
+    def due(self, cmd):
+        """Whether this version is one this module acts on (``every = N`` versions)."""
+        count = self._seen.get(cmd.name, 0)
+        self._seen[cmd.name] = count + 1
+        return count % self.every == 0
+
+    def checkpoint(self, cmd):
+        return False
+
+    def restart(self, cmd):
+        return False
+
+    # Level modules ---------------------------------------------------------------
+    def available(self, name, ranks):
+        """``{rank: set(versions)}`` committed at this level (cheap: no data read)."""
+        return {}
+
+    def verify(self, name, version, ranks):
+        """``{rank: None if intact else reason}`` for this level's copies."""
+        return {rank: f"no {self.level} level" for rank in ranks}
+
+    def restore(self, name, version, ranks):
+        """Bring the ranks' copies from this level back to scratch, verified; ``False``
+        if this module holds no level."""
+        return False

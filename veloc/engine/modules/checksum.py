@@ -1,0 +1,33 @@
+"""Checksum module (priority 10): content digest of every file of the scratch copy.
+
+Runs in the node's engine (sync leader or backend) right after the application ranks
+committed their scratch copies; it re-commits each rank's scratch manifest with the
+digests, which every later copy carries and every read verifies.
+"""
+from ..hashing import digest_file
+from ..module import Module
+
+
+class ChecksumModule(Module):
+    name = "checksum"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.algorithm = self.section["algorithm"]
+
+    def default_enabled(self):
+        return self.ctx.config.chksum
+
+    def checkpoint(self, cmd):
+        for rank in cmd.ranks:
+            store = self.ctx.scratch(rank)
+            manifest = store.read_manifest(cmd.name, cmd.version, rank)
+            if manifest is None:
+                continue
+            vdir = store.version_dir(cmd.name, cmd.version)
+            for entry in manifest.files:
+                entry.digest = digest_file(vdir / entry.name, self.algorithm)
+            manifest.checksum = self.algorithm
+            manifest.record_module(self.name, algorithm=self.algorithm)
+            store.commit_manifest(manifest)
+        return True

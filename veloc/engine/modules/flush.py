@@ -1,0 +1,102 @@
+"""Flush module (priority 50): level 4, persistent storage (POSIX files on a parallel FS).
+
+Runs in the node's engine. On CHECKPOINT it copies each local rank's verified scratch
+files to ``persistent`` and commits a manifest there (atomic: temp + fsync + rename +
+directory fsync). On RESTART it copies them back to scratch, verifying digests on the
+way. Frequency: ``[flush] every = N`` versions and/or ``persistent_interval`` seconds
+(VELOC's key: 0 = every version, < 0 = never); a time-based decision is taken by node 0
+and shared, so every node flushes the same versions.
+"""
+import time
+
+from ...errors import CheckpointError, CorruptCheckpointError
+from ..fileio import copy_file, make_dirs
+from ..hashing import hasher
+from ..module import Module
+from .scratch import verify_copy
+
+
+class FlushModule(Module):
+    name = "flush"
+    level = "persistent"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        interval = self.section.get("interval")
+        self.interval = ctx.config.persistent_interval if interval is None else interval
+        self._last = {}
+
+    def default_enabled(self):
+        return self.ctx.config.persistent is not None and self.ctx.config.persistent_interval >= 0
+
+    def due(self, cmd):
+        if not super().due(cmd):
+            return False
+        if self.interval <= 0:
+            return self.interval == 0
+        now = time.monotonic()
+        last = self._last.get(cmd.name)
+        go = self.ctx.peers.agree(last is None or now - last >= self.interval)
+        if go:
+            self._last[cmd.name] = now
+        return go
+
+    def checkpoint(self, cmd):
+        if not self.due(cmd):
+            return False
+        for rank in cmd.ranks:
+            src = self.ctx.scratch(rank)
+            manifest = src.read_manifest(cmd.name, cmd.version, rank)
+            if manifest is None:
+                raise CheckpointError(f"flush of {cmd.name} v{cmd.version}: rank {rank} has no committed "
+                                      f"scratch copy on node {self.ctx.node}")
+            dst = self.ctx.persistent(rank)
+            copy_verified(manifest, src, dst, "flush")
+            out = manifest.copy_for("persistent")
+            out.record_module(self.name, every=self.every, interval=self.interval)
+            dst.commit_manifest(out)
+        return True
+
+    def available(self, name, ranks):
+        out = {}
+        for rank in ranks:
+            store = self.ctx.persistent(rank)
+            out[rank] = set(store.rank_versions(name, rank)) if store else set()
+        return out
+
+    def verify(self, name, version, ranks):
+        return {rank: verify_copy(self.ctx.persistent(rank), name, version, rank) for rank in ranks}
+
+    def restore(self, name, version, ranks):
+        for rank in ranks:
+            src = self.ctx.persistent(rank)
+            manifest = src.read_manifest(name, version, rank)
+            if manifest is None:
+                raise CorruptCheckpointError(f"no persistent copy of {name} v{version} for rank {rank}")
+            dst = self.ctx.scratch(rank)
+            copy_verified(manifest, src, dst, "restore")
+            dst.commit_manifest(manifest.copy_for("scratch", node=self.ctx.node))
+        return True
+
+
+def copy_verified(manifest, src, dst, what):
+    """Copy every file of ``manifest`` from level ``src`` to level ``dst``, checking digests.
+
+    The digest is computed on the bytes as they are copied, so a copy that would carry
+    corrupted data is refused (the destination is never committed).
+    """
+    sdir = src.version_dir(manifest.name, manifest.version)
+    ddir = dst.version_dir(manifest.name, manifest.version)
+    make_dirs(ddir)
+    for entry in manifest.files:
+        h = hasher(manifest.checksum) if (manifest.checksum and entry.digest) else None
+        try:
+            size = copy_file(sdir / entry.name, ddir / entry.name, durable=dst.durable,
+                             on_chunk=h.update if h else None)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{what}: {sdir / entry.name} is missing") from None
+        except OSError as exc:
+            raise CheckpointError(f"{what}: cannot copy {sdir / entry.name} to {ddir}: {exc.strerror}") from exc
+        if size != entry.size or (h and h.hexdigest() != entry.digest):
+            raise CorruptCheckpointError(f"{what}: {sdir / entry.name} does not match its manifest "
+                                         f"(size or {manifest.checksum} digest); not copied to {dst.level}")

@@ -1,0 +1,41 @@
+"""Level 1: node-local scratch, written by the application ranks themselves.
+
+This module only answers for that level (which versions each local rank holds there,
+and whether they are intact); it never copies. Runs in the node's engine.
+"""
+from ...errors import CorruptCheckpointError
+from ..manifest import verify_files
+from ..module import Module
+
+
+class ScratchLevel(Module):
+    name = "scratch"
+    level = "scratch"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.priority = 0
+
+    def available(self, name, ranks):
+        return {rank: set(self.ctx.scratch(rank).rank_versions(name, rank)) for rank in ranks}
+
+    def verify(self, name, version, ranks):
+        out = {}
+        for rank in ranks:
+            out[rank] = verify_copy(self.ctx.scratch(rank), name, version, rank)
+        return out
+
+    def restore(self, name, version, ranks):
+        return True  # already there: verify() said so
+
+
+def verify_copy(store, name, version, rank):
+    """``None`` if ``rank``'s copy of ``name``/``version`` in ``store`` is intact, else why not."""
+    try:
+        manifest = store.read_manifest(name, version, rank)
+        if manifest is None:
+            return f"no copy of {name} v{version} rank {rank} at {store.level} ({store.root})"
+        verify_files(manifest, store.version_dir(name, version))
+    except CorruptCheckpointError as exc:
+        return str(exc)
+    return None

@@ -1,0 +1,37 @@
+"""Versioning module (priority 90): garbage collection of old versions.
+
+Runs last in the node's engine after each checkpoint. Keeps the newest
+``scratch_versions`` versions of each local rank on scratch and ``max_versions`` on
+persistent (VELOC's keys; 0 = keep all). It never deletes the newest version that is
+complete at a level (every rank's manifest present), so a failed newer checkpoint can
+never cost the last good one. Scratch files go to the recycle pool for reuse.
+"""
+from ..module import Module
+
+
+class VersioningModule(Module):
+    name = "versioning"
+
+    def checkpoint(self, cmd):
+        cfg = self.ctx.config
+        for rank in cmd.ranks:
+            self._collect(self.ctx.scratch(rank), cmd, rank, cfg.scratch_versions, self.ctx.pool(rank))
+            persistent = self.ctx.persistent(rank)
+            if persistent is not None:
+                self._collect(persistent, cmd, rank, cfg.max_versions, None)
+        return True
+
+    def _collect(self, store, cmd, rank, keep, pool):
+        if keep <= 0:
+            return
+        versions = store.versions(cmd.name)
+        mine = sorted((v for v, ranks in versions.items() if rank in ranks), reverse=True)
+        protected = set(mine[:keep])
+        complete = [v for v, ranks in versions.items() if len(ranks) >= cmd.nranks]
+        if store.level == "persistent" and complete:
+            protected.add(max(complete))   # persistent is shared: completeness is visible
+        for version in mine:
+            if version not in protected:
+                self.ctx.log.info("versioning: removing %s v%d rank %d from %s", cmd.name, version, rank,
+                                  store.level)
+                store.remove(cmd.name, version, rank, pool=pool)

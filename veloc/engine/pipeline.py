@@ -1,0 +1,98 @@
+"""The engine: builds the node's modules from the config and runs commands through them.
+
+One ``Engine`` per node, hosted by the sync-mode leader rank or by the active backend.
+CHECKPOINT runs enabled modules in ascending priority; RESTART brings each rank's files
+back to scratch from the level chosen for it (levels visited fastest first, i.e. the
+pipeline in reverse); availability and verification answer ``restart_test``. Every
+engine of a job must call the same methods in the same order, because collective
+modules communicate with the other nodes' engines.
+"""
+import time
+
+from ..errors import CheckpointError, RestartError, VelocError
+from .levels import LEVEL_ORDER
+from .module import CHECKPOINT, EngineContext
+from .modules.checksum import ChecksumModule
+from .modules.flush import FlushModule
+from .modules.scratch import ScratchLevel
+from .modules.versioning import VersioningModule
+
+MODULE_CLASSES = [ScratchLevel, ChecksumModule, FlushModule, VersioningModule]
+
+
+def register_module(cls):
+    """Add a module class to every engine built afterwards (used by optional modules)."""
+    if cls not in MODULE_CLASSES:
+        MODULE_CLASSES.append(cls)
+    return cls
+
+
+class Engine:
+    """The module pipeline of one node."""
+
+    def __init__(self, config, node, peers=None, logger=None):
+        self.ctx = EngineContext(config, node, peers, logger)
+        self.modules = sorted((cls(self.ctx) for cls in MODULE_CLASSES), key=lambda m: m.priority)
+        self.levels = sorted((m for m in self.modules if m.level and m.enabled),
+                             key=lambda m: LEVEL_ORDER.index(m.level))
+        self.timings = []   # (name, version, module, seconds) of recent checkpoints
+
+    @property
+    def log(self):
+        return self.ctx.log
+
+    def describe(self):
+        """Enabled modules in pipeline order, for logs and ``veloc status``."""
+        return [(m.name, m.priority) for m in self.modules if m.enabled]
+
+    def checkpoint(self, cmd):
+        """Run CHECKPOINT for the node's ranks; raises CheckpointError naming node, module, version."""
+        assert cmd.kind == CHECKPOINT
+        for module in self.modules:
+            if not module.enabled:
+                continue
+            start = time.perf_counter()
+            try:
+                did = module.checkpoint(cmd)
+            except VelocError as exc:
+                raise CheckpointError(f"node {self.ctx.node}: module {module.name} failed on "
+                                      f"{cmd.name} v{cmd.version}: {exc}") from exc
+            except OSError as exc:
+                raise CheckpointError(f"node {self.ctx.node}: module {module.name} failed on "
+                                      f"{cmd.name} v{cmd.version}: {exc}") from exc
+            elapsed = time.perf_counter() - start
+            if did:
+                self.timings = (self.timings + [(cmd.name, cmd.version, module.name, elapsed)])[-256:]
+                self.log.info("%s v%d: %s done in %.3f s", cmd.name, cmd.version, module.name, elapsed)
+
+    def available(self, name, ranks, max_version=None):
+        """``{rank: {version: [levels, fastest first]}}`` from manifests only (no data read)."""
+        out = {rank: {} for rank in ranks}
+        for module in self.levels:
+            for rank, versions in module.available(name, ranks).items():
+                for v in versions:
+                    if max_version is None or v <= max_version:
+                        out[rank].setdefault(v, []).append(module.level)
+        return out
+
+    def verify(self, name, version, ranks):
+        """``{rank: (level or None, reasons)}``: the fastest level holding an intact copy."""
+        result = {rank: (None, []) for rank in ranks}
+        for module in self.levels:
+            pending = [r for r in ranks if result[r][0] is None]
+            for rank, reason in module.verify(name, version, pending).items():
+                if reason is None:
+                    result[rank] = (module.level, result[rank][1])
+                else:
+                    result[rank][1].append(reason)
+        return result
+
+    def restore(self, name, version, plan):
+        """Bring each rank's copy to scratch from ``plan[rank]`` (a level name)."""
+        for module in self.levels:
+            ranks = [r for r, level in plan.items() if level == module.level]
+            try:
+                module.restore(name, version, ranks)
+            except VelocError as exc:
+                raise RestartError(f"node {self.ctx.node}: restoring {name} v{version} from "
+                                   f"{module.level} failed: {exc}") from exc

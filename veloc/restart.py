@@ -1,0 +1,148 @@
+"""Restart side of the client: agree on the newest consistent version, then restore it.
+
+Mixed into :class:`veloc.client.Client`; every method runs on each application rank and
+``restart_test``/``restart_begin`` are collective over the client's communicator.
+Unlike VELOC, which takes the maximum version over ranks and then fails if one rank
+lacks it, ``restart_test`` agrees on the newest version that *every* rank can restore
+from *some* level after verifying it, falling back to older versions.
+"""
+import logging
+from dataclasses import dataclass
+
+from .engine.hashing import digest_buffer
+from .engine.rankfile import RankFile
+from .errors import CorruptCheckpointError, RestartError, VelocError
+from .names import check_name, check_version
+
+log = logging.getLogger("veloc.restart")
+
+
+@dataclass(frozen=True)
+class RestartInfo:
+    """Where this rank's data came from: checkpoint ``name``, ``version``, ``level``."""
+    name: str
+    version: int
+    level: str
+
+
+class _Restoring:
+    def __init__(self, name, version, level, manifest, rankfile):
+        self.name, self.version, self.level = name, version, level
+        self.manifest, self.rankfile = manifest, rankfile
+
+
+class RestartMixin:
+    """``restart_test``, ``restart`` and the restart phases."""
+
+    def restart_test(self, name, max_version=None):
+        """Newest version ``<= max_version`` that every rank can restore from some level, or None."""
+        self._check_open()
+        name = check_name(name, error=RestartError)
+        if max_version is not None:
+            max_version = check_version(max_version, error=RestartError)
+        mine = self.host.available(name, max_version)
+        common = set(mine)
+        for other in self.comm.allgather(set(mine)):
+            common &= other
+        self._plans = {}
+        for version in sorted(common, reverse=True):
+            level, reasons = self.host.verify(name, version)
+            if self.host.all_true(level is not None):
+                self._plans[(name, version)] = level
+                return version
+            if level is None:
+                log.warning("rank %d: %s v%d not restorable here (%s); trying an older version",
+                            self.rank, name, version, "; ".join(reasons))
+        return None
+
+    def restart(self, name, version):
+        """``restart_begin`` + ``recover_mem`` + ``restart_end``."""
+        self.restart_begin(name, version)
+        try:
+            self.recover_mem()
+        except BaseException:
+            self.restart_end(success=False)
+            raise
+        self.restart_end(success=True)
+
+    def restart_begin(self, name, version):
+        """Collective: bring this rank's copy of ``version`` to scratch from its fastest intact level."""
+        self._check_open()
+        name = check_name(name, error=RestartError)
+        version = check_version(version, error=RestartError)
+        if self._pending is not None or self._restoring is not None:
+            raise RestartError("restart_begin called while a checkpoint or restart is open")
+        self.checkpoint_wait()
+        level = getattr(self, "_plans", {}).get((name, version))
+        reasons = []
+        if level is None:
+            level, reasons = self.host.verify(name, version)
+        if not self.host.all_true(level is not None):
+            detail = "; ".join(reasons) if reasons else "another rank cannot restore it"
+            raise RestartError(f"cannot restart {name!r} v{version} on rank {self.rank}: {detail}. "
+                               f"Use restart_test({name!r}) to find a version every rank can restore")
+        self.host.restore(name, version, level)
+        try:
+            manifest = self.scratch.read_manifest(name, version, self.rank)
+            if manifest is None:
+                raise CorruptCheckpointError(f"rank {self.rank}: {name} v{version} vanished from scratch")
+            entry = manifest.file("regions")
+            rankfile = RankFile(self.scratch.version_dir(name, version) / entry.name) if entry else None
+        except VelocError as exc:
+            raise RestartError(f"rank {self.rank}: cannot open {name} v{version}: {exc}") from exc
+        if rankfile is not None and entry.digest and manifest.checksum:
+            if rankfile.digest(manifest.checksum) != entry.digest:
+                rankfile.close()
+                raise CorruptCheckpointError(f"{rankfile.path}: {manifest.checksum} mismatch on read")
+        self._restoring = _Restoring(name, version, level, manifest, rankfile)
+
+    def recover_size(self, region_id):
+        """Size in bytes of region ``region_id`` in the version being restored."""
+        info = self._region_info(region_id)
+        return info.nbytes
+
+    def recover_mem(self, ids=None):
+        """Restore protected regions (all, or ``ids``) in place; pickled ones into ``recovered``."""
+        state = self._require_restoring("recover_mem")
+        wanted = list(self.regions) if ids is None else list(ids)
+        unknown = [i for i in wanted if i not in self.regions]
+        if unknown:
+            raise RestartError(f"cannot recover {unknown!r}: protect them first (protected: {list(self.regions)})")
+        pairs = []
+        for region_id in wanted:     # validate everything before touching any array
+            info = self._region_info(region_id)
+            self.regions[region_id].check_restorable(info, state.rankfile.path)
+            pairs.append((self.regions[region_id], info))
+        for region, info in pairs:
+            region.restore(state.rankfile, info, self.recovered)
+
+    def restart_end(self, success=True):
+        """Close the restored version; record ``last_restart`` when ``success``."""
+        state = self._require_restoring("restart_end")
+        self._restoring = None
+        if state.rankfile is not None:
+            state.rankfile.close()
+        if success:
+            self.last_restart = RestartInfo(state.name, state.version, state.level)
+
+    # -- helpers --------------------------------------------------------------------
+    def _require_restoring(self, what):
+        self._check_open()
+        if self._restoring is None:
+            raise RestartError(f"{what} called without restart_begin")
+        return self._restoring
+
+    def _region_info(self, region_id):
+        state = self._require_restoring("recover_size")
+        info = state.rankfile.region(region_id) if state.rankfile is not None else None
+        if info is None:
+            raise RestartError(f"region {region_id!r} is not in {state.name} v{state.version} "
+                               f"of rank {self.rank}")
+        return info
+
+    def _restored_file(self, base):
+        state = self._restoring
+        entry = state.manifest.file("routed", original=base)
+        if entry is None:
+            raise RestartError(f"no routed file {base!r} in {state.name} v{state.version} of rank {self.rank}")
+        return str(self.scratch.version_dir(state.name, state.version) / entry.name)

@@ -1,0 +1,97 @@
+"""Sync mode: the engine runs inside the application, on one leader rank per node.
+
+Every rank of the client's communicator calls these methods collectively. Ranks are
+grouped into nodes by node identity (``VELOC_NODE_ID`` or host name, gathered over the
+communicator, so virtual nodes on one machine are separate nodes); the lowest rank of
+each node is its leader and hosts the node's :class:`Engine`; the leaders form the
+communicator that cross-node modules use. Errors are shared, so every rank raises the
+same exception and no rank is left waiting in a collective.
+"""
+import traceback
+
+from mpi4py import MPI
+
+from .engine.module import CHECKPOINT, Command, Peers
+from .engine.pipeline import Engine
+from .errors import CheckpointError, RestartError, VelocError
+
+
+class SyncHost:
+    """The node-local engine host of one application rank (sync mode)."""
+
+    def __init__(self, config, comm, rank, node, logger):
+        self.comm = comm
+        self.rank = rank
+        self.node = node
+        self.nranks = comm.Get_size()
+        nodes = comm.allgather(node)
+        color = sorted(set(nodes)).index(node)
+        self.node_comm = comm.Split(color, comm.Get_rank())
+        self.is_leader = self.node_comm.Get_rank() == 0
+        self.leader_comm = comm.Split(0 if self.is_leader else MPI.UNDEFINED, comm.Get_rank())
+        self.local_ranks = self.node_comm.allgather(rank)
+        self.engine = None
+        if self.is_leader:
+            peers = Peers(self.leader_comm if self.leader_comm.Get_size() > 1 else None)
+            self.engine = Engine(config, node, peers, logger)
+
+    def _on_leaders(self, action, error_cls):
+        """Run ``action(engine)`` on every leader; return its result to all local ranks.
+
+        Raises ``error_cls`` on every rank of the job if any leader failed.
+        """
+        result, error = None, None
+        if self.is_leader:
+            try:
+                result = action(self.engine)
+            except VelocError as exc:
+                error = str(exc)
+            except Exception as exc:   # a bug must not leave the other ranks waiting
+                error = f"node {self.node}: internal error: {exc!r}\n{traceback.format_exc()}"
+            errors = [e for e in self.leader_comm.allgather(error) if e]
+            error = errors[0] if errors else None
+        result, error = self.node_comm.bcast((result, error), root=0)
+        if error:
+            raise error_cls(error)
+        return result
+
+    def all_true(self, flag):
+        return self.comm.allreduce(bool(flag), op=MPI.LAND)
+
+    def checkpoint(self, name, version):
+        cmd = Command(CHECKPOINT, name, version, self.local_ranks, self.nranks)
+        self._on_leaders(lambda engine: engine.checkpoint(cmd), CheckpointError)
+
+    def discard(self, name, version):
+        """Remove every local rank's copy of a version at every level (``success=False``)."""
+        def drop(engine):
+            for rank in self.local_ranks:
+                for store in (engine.ctx.scratch(rank), engine.ctx.persistent(rank)):
+                    if store is not None:
+                        store.remove(name, version, rank)
+        self._on_leaders(drop, CheckpointError)
+
+    def available(self, name, max_version):
+        """This rank's ``{version: [levels]}``."""
+        table = self._on_leaders(lambda engine: engine.available(name, self.local_ranks, max_version),
+                                 RestartError)
+        return table[self.rank]
+
+    def verify(self, name, version):
+        """This rank's ``(fastest intact level or None, reasons)``."""
+        table = self._on_leaders(lambda engine: engine.verify(name, version, self.local_ranks), RestartError)
+        return table[self.rank]
+
+    def restore(self, name, version, level):
+        """Bring this rank's copy to scratch from ``level`` (collective)."""
+        plan = self.node_comm.gather((self.rank, level), root=0)
+        self._on_leaders(lambda engine: engine.restore(name, version, dict(plan)), RestartError)
+
+    def drain(self):
+        """Nothing runs in the background in sync mode."""
+        return True
+
+    def close(self):
+        for comm in (self.leader_comm, self.node_comm):
+            if comm != MPI.COMM_NULL:
+                comm.Free()
