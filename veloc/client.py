@@ -56,10 +56,10 @@ class Client(RestartMixin):
         from .engine.levels import LevelStore
         root = self.config.scratch_dir(self.node, self.rank)
         try:
-            os.makedirs(root, mode=0o700, exist_ok=True)
-        except OSError as exc:
+            make_dirs(root)
+        except CheckpointError as exc:
             raise ConfigError(f"scratch directory {root} (config key 'scratch') cannot be created: "
-                              f"{exc.strerror}") from None
+                              f"{exc.__cause__.strerror}") from None
         if not os.access(root, os.W_OK | os.X_OK):
             raise ConfigError(f"scratch directory {root} (config key 'scratch') is not writable")
         return LevelStore("scratch", root)

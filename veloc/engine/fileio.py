@@ -17,9 +17,13 @@ MAX_IO = 1 << 30  # Linux moves at most ~2 GiB per read/write call
 
 
 def make_dirs(path):
-    """Create ``path`` (and parents) with mode 0700; raise CheckpointError naming it on failure."""
+    """Create ``path`` and any missing parents with mode 0700; raise CheckpointError naming it."""
     try:
-        os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+        if not os.path.isdir(path):
+            parent = os.path.dirname(os.path.abspath(path))
+            if parent != path and not os.path.isdir(parent):
+                make_dirs(parent)
+            os.makedirs(path, mode=DIR_MODE, exist_ok=True)
     except OSError as exc:
         raise CheckpointError(f"cannot create directory {path}: {exc.strerror}") from exc
 
