@@ -159,7 +159,8 @@ def _parse_keys(raw_keys, schema, where, source):
         if key not in schema:
             raise ConfigError(
                 f"unknown config key '{key}' {where} in {source}; accepted keys: {', '.join(sorted(schema))}")
-        out[key] = schema[key].parse(key if where == "at top level" else f"{where[3:]}.{key}", value)
+        label = key if where == "at top level" else f"{where[4:-1]}.{key}"
+        out[key] = schema[key].parse(label, value)
     for key, spec in schema.items():
         if key not in out:
             if spec.required:

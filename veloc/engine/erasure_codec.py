@@ -2,16 +2,21 @@
 
 # BENCHMARK-PLACEHOLDER
 
-Who calls what: the ``[erasure]`` module (veloc/engine/modules) runs, per checkpoint
-version, in the sync-mode leader rank or in the active backend process. It gathers one
-block per member of an encoding group (one node each, distinct failure domains) and calls
-``make_codec(scheme, k, m).encode(blocks)`` to get the m parity blocks it stores as files;
-at restart it calls ``codec.decode({index: buffer}, block_len)`` with whatever survived.
-Block i < k is group member i's data; block k + j is parity j. Nothing here does I/O or MPI.
-
-All work runs in native code, one stripe at a time, so extra memory stays bounded (a few
-stripes, independent of the block size) no matter how large the blocks are.
+Who calls what: the ``[erasure]`` module runs, per checkpoint version, in the sync-mode
+leader rank or in the active backend process. It gathers one block per member of an
+encoding group (one node each, distinct failure domains), calls
+``make_codec(scheme, k, m).encode(blocks)`` and stores the m parity blocks as files; at
+restart it calls ``codec.decode({index: buffer}, block_len)`` with whatever survived.
+Block i < k is member i's data, block k + j is parity j. No I/O or MPI happens here.
+Parity bytes depend on the code: record ``codec.backend`` (or ``codec.code``: backends
+with equal ``code`` make identical parity) with the version and decode with a match.
+Work runs in native code one stripe at a time: extra memory is a few stripes at most.
 """
+import ctypes
+import ctypes.util
+import glob
+import os
+
 import numpy as np
 
 from veloc.errors import CheckpointError, ConfigError, RestartError
@@ -21,7 +26,7 @@ _MIB = 1 << 20
 
 
 class ErasureDecodeError(RestartError):
-    """Too few blocks survived, or the surviving blocks have the wrong length."""
+    """Too few blocks survived, or surviving blocks have the wrong length."""
 
 
 class ErasureEncodeError(CheckpointError):
@@ -29,16 +34,16 @@ class ErasureEncodeError(CheckpointError):
 
 
 def _as_u8(buf):
-    """A flat uint8 view of a bytes-like object or numpy array (copies only if non-contiguous)."""
+    """Flat uint8 view of a bytes-like object or numpy array (copies only if non-contiguous)."""
     if isinstance(buf, np.ndarray):
         return np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
     return np.frombuffer(buf, dtype=np.uint8)
 
 
 def pad_to(buf, length):
-    """``buf`` as uint8 zero-padded to ``length`` bytes (a view of it when no padding is needed).
+    """``buf`` as uint8, zero-padded to ``length`` bytes (a view of it if already that long).
 
-    Used by the erasure module to bring group members' files to one common block length.
+    The erasure module uses it to bring group members' files to one block length.
     """
     a = _as_u8(buf)
     if a.size > length:
@@ -54,19 +59,17 @@ class ErasureCodec:
     """k data blocks -> m parity blocks, and back from any k of the k + m.
 
     ``encode(data_blocks, out=None)``: k equal-length buffers -> m uint8 parity arrays of
-    ``parity_len(block_len)`` bytes (written into ``out`` when given, to recycle buffers).
-    ``parity_len(n)`` is ``n`` for every backend except ``pyeclib:liberasurecode_rs_vand``
-    (16-bit symbols), where it is ``n`` rounded up to even; callers store parity as files
-    of exactly that length. ``decode(available, block_len)``: returns all k data blocks
-    (present ones as views of the given buffers, lost ones rebuilt, bit-exact).
-    Instances keep no per-call state, but use one codec per thread: the native libraries
-    do not promise thread safety.
+    ``parity_len(block_len)`` bytes, written into ``out`` when given (recycled buffers).
+    ``parity_len(n) == n`` for every backend except ``pyeclib:liberasurecode_rs_vand``
+    (16-bit symbols: n rounded up to even). ``decode(available, block_len)``: all k data
+    blocks, present ones as views of the given buffers, lost ones rebuilt bit-exact.
+    Instances keep no per-call state, but use one per thread: the native libraries do
+    not all promise thread safety.
     """
 
-    scheme = ""
-    backend = ""
-    unit = 1           # parity is computed over blocks zero-padded to a multiple of this
-    stripe = 4 * _MIB  # bytes of each block processed per native call
+    scheme = backend = code = ""
+    unit = 1           # parity is computed over stripes zero-padded to a multiple of this
+    stripe = 4 * _MIB  # bytes of each block handled per native call
 
     def __init__(self, k, m, stripe=None):
         self.k, self.m = k, m
@@ -89,60 +92,57 @@ class ErasureCodec:
             yield s, ln, -(-ln // self.unit) * self.unit
 
     def encode(self, data_blocks, out=None):
-        """Return the m parity blocks of ``data_blocks`` (k equal-length bytes-like buffers)."""
+        """The m parity blocks of ``data_blocks`` (k equal-length bytes-like buffers)."""
         blocks = [_as_u8(b) for b in data_blocks]
-        if len(blocks) != self.k:
-            raise ErasureEncodeError(f"{self!r}: encode needs {self.k} data blocks, got {len(blocks)}")
-        n = blocks[0].size if blocks else 0
         sizes = sorted({b.size for b in blocks})
-        if len(sizes) > 1:
-            raise ErasureEncodeError(
-                f"{self!r}: data blocks must have equal lengths, got {sizes}; pad them with pad_to()")
-        plen = self.parity_len(n)
+        if len(blocks) != self.k or len(sizes) > 1:
+            raise ErasureEncodeError(f"{self!r}: encode needs {self.k} data blocks of equal length, got "
+                                     f"{len(blocks)} of lengths {sizes}; pad them with pad_to()")
+        plen = self.parity_len(sizes[0])
         if out is None:
             out = [np.empty(plen, dtype=np.uint8) for _ in range(self.m)]
-        elif (len(out) != self.m or any(not isinstance(o, np.ndarray) or o.dtype != np.uint8
-                                        or o.shape != (plen,) or not o.flags.writeable
-                                        or not o.flags.c_contiguous for o in out)):
-            raise ErasureEncodeError(
-                f"{self!r}: out must be {self.m} writable contiguous uint8 arrays of {plen} bytes")
-        self._encode(blocks, out, n)
+        elif len(out) != self.m or not all(
+                isinstance(o, np.ndarray) and o.dtype == np.uint8 and o.shape == (plen,)
+                and o.flags.writeable and o.flags.c_contiguous for o in out):
+            raise ErasureEncodeError(f"{self!r}: out must be {self.m} writable contiguous uint8 "
+                                     f"arrays of {plen} bytes")
+        if sizes[0]:
+            self._encode(blocks, out, sizes[0])
         return out
 
     def decode(self, available, block_len):
-        """Return all k data blocks from ``available`` (index -> buffer; None = lost)."""
+        """All k data blocks, from ``available`` (index -> buffer; a None buffer counts as lost)."""
         k, m = self.k, self.m
         bufs = {}
         for idx, buf in available.items():
             if buf is None:
                 continue
-            if not isinstance(idx, (int, np.integer)) or not 0 <= idx < k + m:
-                raise ErasureDecodeError(f"{self!r}: block index {idx!r} outside 0..{k + m - 1}")
+            if isinstance(idx, bool) or not isinstance(idx, (int, np.integer)) or not 0 <= idx < k + m:
+                raise ErasureDecodeError(f"{self!r}: block index {idx!r} is outside 0..{k + m - 1}")
             a = _as_u8(buf)
             want = block_len if idx < k else self.parity_len(block_len)
             if a.size != want:
-                kind = "data" if idx < k else "parity"
                 raise ErasureDecodeError(
-                    f"{self!r}: {kind} block {idx} has {a.size} bytes, expected {want} "
-                    f"(block_len={block_len}); the stored blocks disagree")
+                    f"{self!r}: {'data' if idx < k else 'parity'} block {idx} has {a.size} bytes, "
+                    f"expected {want} for block_len={block_len}: the stored blocks disagree")
             bufs[int(idx)] = a
         if len(bufs) < k:
             raise ErasureDecodeError(
-                f"{self!r}: only {len(bufs)} of {k + m} blocks available ({sorted(bufs)}), need {k}: "
+                f"{self!r}: only {len(bufs)} of {k + m} blocks available {sorted(bufs)}, need {k}: "
                 f"more than {m} group members lost this version; restore it from another level")
         result = [bufs.get(i) for i in range(k)]
         missing = [i for i in range(k) if i not in bufs]
-        if missing:
-            for i in missing:
-                result[i] = np.empty(block_len, dtype=np.uint8)
+        for i in missing:
+            result[i] = np.empty(block_len, dtype=np.uint8)
+        if missing and block_len:
             self._rebuild(bufs, missing, block_len, result)
         return result
 
 
 class XorCodec(ErasureCodec):
-    """Single parity: p = d0 ^ d1 ^ ... ^ d(k-1), with numpy ufuncs on cache-sized stripes."""
+    """Single parity p = d0 ^ d1 ^ ... ^ d(k-1): numpy ufuncs on cache-sized stripes."""
 
-    scheme, backend, stripe = "xor", "numpy-xor", 256 << 10
+    scheme, backend, code, stripe = "xor", "numpy-xor", "xor", 256 << 10
 
     def _xor_into(self, srcs, dst, n):
         for s, ln, _ in self._stripes(n):
@@ -155,57 +155,112 @@ class XorCodec(ErasureCodec):
         self._xor_into(blocks, out[0], n)
 
     def _rebuild(self, bufs, missing, n, result):
-        (lost,) = missing  # decode() guarantees k of k + 1 present
-        self._xor_into([bufs[i] for i in sorted(bufs)], result[lost], n)
+        self._xor_into([bufs[i] for i in sorted(bufs)], result[missing[0]], n)  # k of k+1 present
+
+
+class IsalCodec(ErasureCodec):
+    """Reed-Solomon (GF(2^8) Cauchy, systematic): ISA-L's ``ec_encode_data`` through ctypes.
+
+    No framing and no copies: ISA-L streams from the k blocks straight into the outputs,
+    with the GIL released. Uses a system ``libisal``, else the copy in pyeclib's wheel.
+    Same matrix as ``pyeclib:isa_l_rs_cauchy``, so each decodes what the other encoded.
+    """
+
+    scheme, backend, code, stripe = "rs", "isal", "rs-isal-cauchy", 4 * _MIB
+
+    def __init__(self, k, m, stripe=None):
+        self._lib = _load_isal()
+        self._matrix = np.zeros((k + m, k), dtype=np.uint8)
+        self._lib.gf_gen_cauchy1_matrix(self._matrix.ctypes.data, k + m, k)
+        self._enc_tables = self._tables(self._matrix[k:])
+        super().__init__(k, m, stripe)
+
+    def _tables(self, rows):
+        rows = np.ascontiguousarray(rows)
+        tables = np.empty(32 * rows.size, dtype=np.uint8)
+        self._lib.ec_init_tables(rows.shape[1], rows.shape[0], rows.ctypes.data, tables.ctypes.data)
+        return tables
+
+    def _run(self, tables, srcs, dsts, n):
+        src_t, dst_t = ctypes.c_void_p * len(srcs), ctypes.c_void_p * len(dsts)
+        for s, ln, _ in self._stripes(n):
+            self._lib.ec_encode_data(ln, len(srcs), len(dsts), tables.ctypes.data,
+                                     src_t(*[b.ctypes.data + s for b in srcs]),
+                                     dst_t(*[o.ctypes.data + s for o in dsts]))
+
+    def _encode(self, blocks, out, n):
+        self._run(self._enc_tables, blocks, out, n)
+
+    def _rebuild(self, bufs, missing, n, result):
+        use = sorted(bufs)[:self.k]
+        inv = np.empty((self.k, self.k), dtype=np.uint8)
+        sub = np.ascontiguousarray(self._matrix[use])  # gf_invert_matrix overwrites its input
+        if self._lib.gf_invert_matrix(sub.ctypes.data, inv.ctypes.data, self.k) != 0:
+            raise ErasureDecodeError(f"{self!r}: decode matrix for blocks {use} is singular")
+        self._run(self._tables(inv[missing]), [bufs[i] for i in use], [result[i] for i in missing], n)
+
+
+def _load_isal():
+    """ctypes handle on libisal: the system one, else the one bundled in pyeclib's wheel."""
+    path = ctypes.util.find_library("isal")
+    if path is None:
+        import pyeclib
+        libs = os.path.join(os.path.dirname(os.path.dirname(pyeclib.__file__)), "pyeclib.libs")
+        path = (sorted(glob.glob(os.path.join(libs, "libisal*.so*"))) or [None])[0]
+        if path is None:
+            raise ImportError("libisal not found: install isa-l or pyeclib")
+    lib = ctypes.CDLL(path)
+    p, i = ctypes.c_void_p, ctypes.c_int
+    for name, args, res in (("gf_gen_cauchy1_matrix", (p, i, i), None), ("ec_init_tables", (i, i, p, p), None),
+                            ("gf_invert_matrix", (p, p, i), i), ("ec_encode_data", (i, i, i, p, p, p), None)):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
 
 
 class PyeclibCodec(ErasureCodec):
-    """Reed-Solomon through pyeclib/liberasurecode (ISA-L or its own rs_vand).
+    """Reed-Solomon through pyeclib/liberasurecode (``ec_type``: an ISA-L one or rs_vand).
 
-    liberasurecode frames each fragment as ``header + payload``. Encoding k stripes laid
-    end to end, each a multiple of ``unit`` bytes, makes payload i exactly stripe i, so
-    parity payloads are stored without headers. Headers do not depend on the payload
-    (no checksum is requested), so decode borrows the ones the library made for a zero
-    stripe of the same length. Fragments given to the library are always ``bytes``
-    (a bytearray makes liberasurecode abort the process).
+    liberasurecode frames fragments as ``header + payload``. Encoding the k stripes laid
+    end to end (each a multiple of ``unit`` bytes) makes payload i exactly stripe i, so
+    parity payloads are stored without headers. Headers do not depend on the payload (no
+    checksum requested), so decode borrows those the library made for a zero stripe of
+    the same length. Fragments passed in are always ``bytes``: liberasurecode aborts the
+    whole process on a bytearray.
     """
 
-    scheme, stripe = "rs", 32 << 10  # fragments stay under glibc's mmap threshold
+    scheme, stripe = "rs", 32 << 10  # fragments stay under glibc's mmap threshold (measured)
 
     def __init__(self, k, m, ec_type, stripe=None):
         from pyeclib.ec_iface import ECDriver
-        self.ec_type, self.backend = ec_type, "pyeclib:" + ec_type
-        self._drv = ECDriver(k=k, m=m, ec_type=ec_type)
-        self.k, self.m = k, m
+        self.backend, self.code = "pyeclib:" + ec_type, "rs-" + ec_type.replace("_", "-")
+        if ec_type == "isa_l_rs_cauchy":
+            self.code = IsalCodec.code
+        self.k, self._drv, self._hdrs = k, ECDriver(k=k, m=m, ec_type=ec_type), {}
         self.unit, self._hdr = self._probe_framing()
-        self._headers_by_len = {}
         super().__init__(k, m, stripe)
 
     def _probe_framing(self):
-        """Smallest unit u with payload == stripe for stripes of 3u and 5u bytes; header size."""
+        """Smallest unit u whose stripes of 3u and 5u bytes come back as exact payloads; header size."""
         for u in (1 << e for e in range(13)):
             lens = []
             for n in (3 * u, 5 * u):
                 data = np.arange(self.k * n, dtype=np.uint64).astype(np.uint8)
                 frags = self._drv.encode(data)
                 lens.append(len(frags[0]))
-                if not all(frags[i][len(frags[i]) - n:] == data[i * n:(i + 1) * n].tobytes()
-                           for i in range(self.k)):
+                if any(f[len(f) - n:] != data[i * n:(i + 1) * n].tobytes() for i, f in enumerate(frags[:self.k])):
                     break
             else:
                 if lens[1] - lens[0] == 2 * u:
                     return u, lens[0] - 3 * u
-        raise ConfigError(f"pyeclib backend {self.ec_type}: unsupported fragment layout")
+        raise ImportError(f"{self.backend}: fragment layout not understood")
 
     def _headers(self, plen):
-        hdrs = self._headers_by_len.get(plen)
-        if hdrs is None:
-            frags = self._drv.encode(np.zeros(self.k * plen, dtype=np.uint8))
-            hdrs = [f[:self._hdr] for f in frags]
-            if len(self._headers_by_len) > 8:
-                self._headers_by_len.clear()
-            self._headers_by_len[plen] = hdrs
-        return hdrs
+        if plen not in self._hdrs:
+            if len(self._hdrs) > 8:
+                self._hdrs.clear()
+            self._hdrs[plen] = [f[:self._hdr] for f in self._drv.encode(np.zeros(self.k * plen, np.uint8))]
+        return self._hdrs[plen]
 
     def _encode(self, blocks, out, n):
         k, hdr = self.k, self._hdr
@@ -216,30 +271,28 @@ class PyeclibCodec(ErasureCodec):
                 st.fill(0)
             for i, b in enumerate(blocks):
                 st[i * pl:i * pl + ln] = b[s:s + ln]
-            frags = self._drv.encode(st)
+            frags = self._drv.encode(st)  # takes a numpy array, not a memoryview
             for j, o in enumerate(out):
                 o[s:s + pl] = np.frombuffer(frags[k + j], dtype=np.uint8, count=pl, offset=hdr)
 
     def _rebuild(self, bufs, missing, n, result):
-        k, hdr = self.k, self._hdr
-        use = sorted(bufs)[:k]
+        k, hdr, use = self.k, self._hdr, sorted(bufs)[:self.k]
         for s, ln, pl in self._stripes(n):
-            hdrs = self._headers(pl)
-            pad = bytes(pl - ln)
+            hdrs, pad = self._headers(pl), bytes(pl - ln)
             frags = [b"".join((hdrs[i], bufs[i][s:s + ln], pad) if i < k else (hdrs[i], bufs[i][s:s + pl]))
                      for i in use]
             try:
                 rebuilt = self._drv.reconstruct(frags, list(missing))
-            except Exception as exc:  # pyeclib raises its own ECDriverError family
+            except Exception as exc:  # pyeclib's ECDriverError family
                 raise ErasureDecodeError(f"{self!r}: reconstruct of {missing} failed: {exc}") from exc
             for i, f in zip(missing, rebuilt):
                 result[i][s:s + ln] = np.frombuffer(f, dtype=np.uint8, count=ln, offset=hdr)
 
 
 class ZfecCodec(ErasureCodec):
-    """Reed-Solomon (GF(2^8) Vandermonde, systematic) through zfec; no framing, any length."""
+    """Reed-Solomon (GF(2^8) Vandermonde, systematic) through zfec: no framing, any length."""
 
-    scheme, backend, stripe = "rs", "zfec", 256 << 10
+    scheme, backend, code, stripe = "rs", "zfec", "rs-zfec", _MIB
 
     def __init__(self, k, m, stripe=None):
         import zfec
@@ -249,80 +302,69 @@ class ZfecCodec(ErasureCodec):
     def _encode(self, blocks, out, n):
         want = tuple(range(self.k, self.k + self.m))
         for s, ln, _ in self._stripes(n):
-            par = self._enc.encode(tuple(b[s:s + ln] for b in blocks), want)
-            for o, p in zip(out, par):
+            for o, p in zip(out, self._enc.encode(tuple(b[s:s + ln] for b in blocks), want)):
                 o[s:s + ln] = np.frombuffer(p, dtype=np.uint8)
 
     def _rebuild(self, bufs, missing, n, result):
         use = tuple(sorted(bufs)[:self.k])
         for s, ln, _ in self._stripes(n):
-            prim = self._dec.decode(tuple(bufs[i][s:s + ln] for i in use), use)
+            primary = self._dec.decode(tuple(bufs[i][s:s + ln] for i in use), use)
             for i in missing:
-                result[i][s:s + ln] = np.frombuffer(prim[i], dtype=np.uint8)
+                result[i][s:s + ln] = np.frombuffer(primary[i], dtype=np.uint8)
 
 
-# Automatic choice for "rs", fastest first (see the benchmark block at the top). Not in it:
-# pyeclib:isa_l_rs_vand, which cannot decode some loss patterns (e.g. 20 of 3003 with k=8, m=6).
-RS_PREFERENCE = ("pyeclib:isa_l_rs_cauchy", "pyeclib:isa_l_rs_vand_inv", "zfec",
+# Automatic choice for "rs", fastest first by the benchmark above. Left out:
+# pyeclib:isa_l_rs_vand, which cannot decode some loss patterns (20 of 3003 with k=8, m=6).
+RS_PREFERENCE = ("isal", "pyeclib:isa_l_rs_cauchy", "pyeclib:isa_l_rs_vand_inv", "zfec",
                  "pyeclib:liberasurecode_rs_vand")
-_RS_ALL = RS_PREFERENCE + ("pyeclib:isa_l_rs_vand",)
+BACKENDS = {"xor": ("numpy-xor",), "rs": RS_PREFERENCE + ("pyeclib:isa_l_rs_vand",)}
 
 
 def _build(backend, k, m, stripe=None):
-    if backend == "numpy-xor":
-        return XorCodec(k, m, stripe)
-    if backend == "zfec":
-        return ZfecCodec(k, m, stripe)
-    return PyeclibCodec(k, m, backend.split(":", 1)[1], stripe)
+    if backend.startswith("pyeclib:"):
+        return PyeclibCodec(k, m, backend.split(":", 1)[1], stripe)
+    return {"numpy-xor": XorCodec, "isal": IsalCodec, "zfec": ZfecCodec}[backend](k, m, stripe)
 
 
 def available_backends(scheme):
-    """Backends of ``scheme`` whose library imports and initialises here (preferred first)."""
-    if scheme == "xor":
-        return ["numpy-xor"]
+    """Backends of ``scheme`` whose library loads here, automatic preference order first."""
     found = []
-    for name in _RS_ALL:
+    for name in BACKENDS[scheme]:
         try:
-            _build(name, 4, 2)
-        except Exception:  # ImportError, ECBackendInstanceNotAvailable, ...
-            continue
-        found.append(name)
+            _build(name, 4, 1 if scheme == "xor" else 2)
+            found.append(name)
+        except Exception:  # ImportError, OSError, pyeclib's ECBackendInstanceNotAvailable, ...
+            pass
     return found
 
 
 def make_codec(scheme, k, m=1, backend=None, stripe=None):
     """Codec for an erasure group of k data blocks and m parity blocks.
 
-    scheme "xor" (m must be 1) or "rs" (m >= 1, k + m <= 256). ``backend`` None picks the
-    fastest available one (RS_PREFERENCE, by the benchmark); naming one forces it.
-    ``stripe`` overrides the per-call stripe size (benchmarks). Called by the erasure
-    module when it is built from its config section; raises ConfigError naming the bad value.
+    ``scheme`` "xor" (m must be 1) or "rs" (m >= 1, k + m <= 256). ``backend`` None picks
+    the fastest one that loads here (RS_PREFERENCE); a name forces it (use the one recorded
+    for a version when decoding it). ``stripe`` overrides the bytes per native call. Called
+    by the erasure module when built from its config section; raises ConfigError.
     """
     if scheme not in SCHEMES:
-        raise ConfigError(f"erasure scheme={scheme!r} is not one of {', '.join(SCHEMES)}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
-        raise ConfigError(f"erasure k={k!r}: the group size must be an integer >= 2")
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-        raise ConfigError(f"erasure m={m!r}: the parity count must be an integer >= 1")
+        raise ConfigError(f"erasure scheme={scheme!r} is not one of: {', '.join(SCHEMES)}")
+    for name, value, low in (("k", k, 2), ("m", m, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ConfigError(f"erasure {name}={value!r} must be an integer >= {low}")
     if scheme == "xor" and m != 1:
         raise ConfigError(f"erasure m={m}: scheme 'xor' has exactly 1 parity block; use scheme 'rs' for m > 1")
-    if scheme == "rs" and k + m > 256:
-        raise ConfigError(f"erasure k={k}, m={m}: Reed-Solomon over GF(2^8) needs k + m <= 256")
-    k, m = int(k), int(m)
-    known = ("numpy-xor",) if scheme == "xor" else _RS_ALL
-    if backend is not None and backend not in known:
-        raise ConfigError(f"erasure backend={backend!r} is not one of {', '.join(known)} for scheme {scheme!r}")
+    if k + m > 256:
+        raise ConfigError(f"erasure k={k}, m={m}: codes over GF(2^8) need k + m <= 256")
+    if backend is not None and backend not in BACKENDS[scheme]:
+        raise ConfigError(f"erasure backend={backend!r} is not one of: {', '.join(BACKENDS[scheme])} "
+                          f"(scheme {scheme!r})")
     errors = []
-    for name in ([backend] if backend else known[:len(RS_PREFERENCE)] if scheme == "rs" else known):
+    for name in [backend] if backend else BACKENDS[scheme][:len(RS_PREFERENCE)]:
         try:
-            return _build(name, k, m, stripe)
+            return _build(name, int(k), int(m), stripe)
         except ConfigError:
             raise
         except Exception as exc:
             errors.append(f"{name}: {type(exc).__name__}: {exc}")
     raise ConfigError(f"erasure scheme {scheme!r} k={k} m={m}: no usable backend here "
                       f"(pip install pyeclib or zfec): {'; '.join(errors)}")
-
-
-__all__ = ["ErasureCodec", "ErasureDecodeError", "ErasureEncodeError", "XorCodec", "PyeclibCodec",
-           "ZfecCodec", "RS_PREFERENCE", "available_backends", "make_codec", "pad_to"]

@@ -1,0 +1,225 @@
+"""End-to-end: crash ``examples/heat.py``, damage its checkpoints, restart, compare.
+
+Every test drives real ``mpiexec`` runs (4 ranks on 2 virtual nodes, ``n0`` = ranks 0-1
+and ``n1`` = ranks 2-3, told apart by ``VELOC_NODE_ID``) of the heat-diffusion example
+in sync mode. A run that checkpoints every ``EVERY`` iterations is killed after
+iteration ``FAIL_AT`` (rank 3 SIGKILLs itself once every rank has finished that
+iteration and its checkpoint), the test then removes or corrupts files the way a lost
+node or a bad disk would, restarts the job, and checks
+
+* which version the job restarted from and from which level each rank read it (the
+  ``veloc: restarted from version V (levels: ...)`` line printed by rank 0), and
+* that the final grid equals the one of an uninterrupted run bit for bit.
+
+On-disk layout relied on (DESIGN.md §5): ``{scratch}/{name}/v{version}/r{rank}.vck``
+plus ``r{rank}.manifest.json`` next to it, and the same below ``{persistent}``.
+"""
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_mpi
+
+pytestmark = pytest.mark.e2e
+
+HEAT = REPO / "examples" / "heat.py"
+NODES = ["n0", "n0", "n1", "n1"]          # rank -> virtual node
+STEPS, EVERY, FAIL_AT, FAIL_RANK = 40, 10, 30, 3
+GRID = ["--rows", 50, "--cols", 40, "--steps", STEPS]
+RESTART_LINE = re.compile(r"^veloc: restarted from version (\d+) \(levels: ([^)]*)\)$", re.M)
+TIMEOUT = 90                              # seconds per mpiexec run
+
+
+# --------------------------------------------------------------------------- helpers
+
+def write_config(dirs, persistent=True, **extra):
+    """A sync-mode INI in the test's tmp folder; scratch is per virtual node."""
+    lines = [f"scratch = {dirs['scratch']}/{{node}}", "mode = sync"]
+    if persistent:
+        lines += [f"persistent = {dirs['persistent']}", "persistent_interval = 0"]
+    lines += [f"{key} = {value}" for key, value in extra.items()]
+    path = dirs["tmp"] / "veloc.ini"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def heat(cfg, *args, check=True):
+    """One checkpointing run of heat.py on the 4 ranks / 2 virtual nodes."""
+    return run_mpi([HEAT, *GRID, "--config", cfg, "--every", EVERY, *args], nodes=NODES,
+                   check=check, timeout=TIMEOUT)
+
+
+def crash(cfg, out):
+    """Run until rank FAIL_RANK dies after iteration FAIL_AT; assert it really died."""
+    proc = heat(cfg, "--fail-at", FAIL_AT, "--fail-rank", FAIL_RANK, "--out", out, check=False)
+    assert proc.returncode != 0, f"the run was supposed to crash:\n{proc.stdout}\n{proc.stderr}"
+    assert f"rank {FAIL_RANK} failing after iteration {FAIL_AT}" in proc.stderr, proc.stderr
+    assert not Path(out).exists(), "the crashed run must not reach the end"
+    return proc
+
+
+def restart(cfg, out):
+    """Run to completion; return ``(version, {level: count})`` from the restart line."""
+    proc = heat(cfg, "--out", out)
+    match = RESTART_LINE.search(proc.stdout)
+    assert match, f"no restart line in:\n{proc.stdout}\n{proc.stderr}"
+    assert len(RESTART_LINE.findall(proc.stdout)) == 1, proc.stdout
+    levels = {}
+    for item in match.group(2).split(", "):
+        level, count = item.split("=")
+        levels[level] = int(count)
+    assert sum(levels.values()) == len(NODES), match.group(0)
+    assert f"heat: done at iteration {STEPS} " in proc.stdout, proc.stdout
+    return int(match.group(1)), levels
+
+
+def assert_bit_exact(out, reference):
+    """The final grid equals the uninterrupted run's, bit for bit."""
+    got, want = np.load(out), np.load(reference)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert got.tobytes() == want.tobytes(), f"max abs diff {np.abs(got - want).max()}"
+
+
+def version_dir(root, version):
+    """``{root}/heat/v{version}``: a level's folder for one version."""
+    return Path(root) / "heat" / f"v{version}"
+
+
+def rank_files(root, version, rank):
+    """The files of ``rank`` for ``version`` below a level's root (data and manifest)."""
+    return sorted(version_dir(root, version).glob(f"r{rank}.*"))
+
+
+def scratch_of(dirs, rank):
+    """Scratch root of the virtual node that ``rank`` runs on."""
+    return dirs["scratch"] / NODES[rank]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Final grid of an uninterrupted run without checkpoints (same ranks and grid)."""
+    out = tmp_path_factory.mktemp("reference") / "reference.npy"
+    run_mpi([HEAT, *GRID, "--no-checkpoint", "--out", out], n=len(NODES), timeout=TIMEOUT)
+    return out
+
+
+# --------------------------------------------------------------------------- tests
+
+@pytest.mark.timeout(240)
+def test_reference_does_not_depend_on_rank_count(reference, tmp_path):
+    """Sanity of the example itself: 1 rank and 4 ranks compute the same grid."""
+    out = tmp_path / "one.npy"
+    run_mpi([HEAT, *GRID, "--no-checkpoint", "--out", out], n=1, timeout=TIMEOUT)
+    assert_bit_exact(out, reference)
+
+
+@pytest.mark.timeout(240)
+def test_no_checkpoint_starts_fresh_then_restarts_at_the_end(dirs, reference):
+    """Without any checkpoint the job starts from the initial state; a second run of a
+    finished job restores the last version and has nothing left to compute."""
+    cfg = write_config(dirs)
+    out = dirs["tmp"] / "fresh.npy"
+    proc = heat(cfg, "--out", out)
+    assert "heat: no checkpoint found, starting from the initial state" in proc.stdout
+    assert not RESTART_LINE.search(proc.stdout), proc.stdout
+    assert f"heat: done at iteration {STEPS} ({STEPS} iterations in this run" in proc.stdout
+    assert_bit_exact(out, reference)
+    for rank in range(len(NODES)):
+        assert rank_files(scratch_of(dirs, rank), STEPS, rank), f"rank {rank}: no scratch copy"
+
+    out.unlink()
+    version, levels = restart(cfg, out)
+    assert (version, levels) == (STEPS, {"scratch": 4})
+    assert_bit_exact(out, reference)
+
+
+@pytest.mark.timeout(240)
+def test_restart_from_scratch_without_persistent(dirs, reference):
+    """No persistent level at all: every rank restores the newest version from scratch."""
+    cfg = write_config(dirs, persistent=False)
+    out = dirs["tmp"] / "out.npy"
+    crash(cfg, out)
+    version, levels = restart(cfg, out)
+    assert (version, levels) == (FAIL_AT, {"scratch": 4})
+    assert_bit_exact(out, reference)
+
+
+@pytest.mark.timeout(240)
+def test_restart_from_persistent_after_losing_all_scratch(dirs, reference):
+    """Every node lost its scratch: every rank restores from persistent storage."""
+    cfg = write_config(dirs)
+    out = dirs["tmp"] / "out.npy"
+    crash(cfg, out)
+    for node in set(NODES):
+        shutil.rmtree(dirs["scratch"] / node)
+    version, levels = restart(cfg, out)
+    assert (version, levels) == (FAIL_AT, {"persistent": 4})
+    assert_bit_exact(out, reference)
+
+
+@pytest.mark.timeout(240)
+def test_lost_node_restores_from_persistent_others_from_scratch(dirs, reference):
+    """Node n1 lost its scratch: its 2 ranks read persistent, n0's ranks read scratch."""
+    cfg = write_config(dirs)
+    out = dirs["tmp"] / "out.npy"
+    crash(cfg, out)
+    shutil.rmtree(dirs["scratch"] / "n1")
+    version, levels = restart(cfg, out)
+    assert (version, levels) == (FAIL_AT, {"scratch": 2, "persistent": 2})
+    assert_bit_exact(out, reference)
+
+
+def flip_bytes(path):
+    """Corrupt a file in place (same size): invert 16 bytes in the middle of it."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.timeout(240)
+def test_corrupt_scratch_file_falls_back_to_persistent_copy(dirs, reference):
+    """Rank 0's newest file on scratch is corrupt: rank 0 reads the persistent copy of the
+    same version, the other ranks still read scratch."""
+    cfg = write_config(dirs)
+    out = dirs["tmp"] / "out.npy"
+    crash(cfg, out)
+    data = version_dir(scratch_of(dirs, 0), FAIL_AT) / "r0.vck"
+    assert data.is_file(), f"layout changed? {sorted(data.parent.parent.rglob('*'))}"
+    flip_bytes(data)
+    version, levels = restart(cfg, out)
+    assert (version, levels) == (FAIL_AT, {"scratch": 3, "persistent": 1})
+    assert_bit_exact(out, reference)
+
+
+@pytest.mark.timeout(240)
+def test_corrupt_scratch_file_without_persistent_falls_back_to_older_version(dirs, reference):
+    """Rank 0's newest file is corrupt and there is no other copy: everybody agrees on the
+    previous version, which is still on scratch."""
+    cfg = write_config(dirs, persistent=False)
+    out = dirs["tmp"] / "out.npy"
+    crash(cfg, out)
+    data = version_dir(scratch_of(dirs, 0), FAIL_AT) / "r0.vck"
+    assert data.is_file(), f"layout changed? {sorted(data.parent.parent.rglob('*'))}"
+    flip_bytes(data)
+    version, levels = restart(cfg, out)
+    assert (version, levels) == (FAIL_AT - EVERY, {"scratch": 4})
+    assert_bit_exact(out, reference)
+
+
+@pytest.mark.timeout(240)
+def test_newest_version_missing_for_one_rank_everywhere(dirs, reference):
+    """Rank 1 lost the newest version on every level: all ranks agree on the older one."""
+    cfg = write_config(dirs)
+    out = dirs["tmp"] / "out.npy"
+    crash(cfg, out)
+    doomed = rank_files(scratch_of(dirs, 1), FAIL_AT, 1) + rank_files(dirs["persistent"], FAIL_AT, 1)
+    assert len(doomed) >= 2, f"layout changed? {sorted(dirs['persistent'].rglob('*'))}"
+    for path in doomed:
+        path.unlink()
+    version, levels = restart(cfg, out)
+    assert (version, levels) == (FAIL_AT - EVERY, {"scratch": 4})
+    assert_bit_exact(out, reference)
