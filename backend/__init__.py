@@ -1,0 +1,12 @@
+"""The active backend of veloc (installed as ``veloc_backend``; console scripts
+``veloc-backend`` and ``veloc-run``).
+
+One backend process per node and job runs the engine's module pipeline in the
+background for the node's application ranks in async mode. Modules:
+
+- :mod:`.main` — the daemon: arguments, logging, request handling, main loop.
+- :mod:`.server` — the Unix-socket server (peer-credential check, framing errors).
+- :mod:`.workqueue` — journaled queue, per-version aggregation, bounded worker pool.
+- :mod:`.journal` — the crash-safe journal of accepted work on scratch.
+- :mod:`.lifecycle` — locks, stale-file cleanup, ``ensure_backend`` for clients.
+"""

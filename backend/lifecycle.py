@@ -1,0 +1,258 @@
+"""Starting, finding and cleaning up the node's backend: exactly one per (job, node).
+
+Called from two sides. Application ranks (async mode), ``veloc drain``/``veloc status``
+and ``veloc-run`` call :func:`ensure_backend` / :func:`connect`; the backend itself
+(``veloc_backend.main``) calls :func:`acquire_lock` on its lock file and
+:func:`cleanup_stale` before binding its socket.
+
+Liveness is the backend's ``flock`` on ``backend.lock``, held for its whole life and
+dropped by the kernel however it dies, so a leftover socket, pid or lock file never
+blocks the next job. Clients that find no live backend serialize on ``spawn.lock``;
+the winner starts one, the others find it answering. Lock files are unlinked by their
+holder; :func:`try_lock` re-checks the inode after locking so an unlink never lets two
+processes hold "the" lock.
+"""
+import errno
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from veloc import ipc
+from veloc.errors import BackendError
+
+# Variables a rank inherits from its MPI launcher: a backend started by a rank must not
+# believe it is part of the application's MPI job.
+_MPI_ENV_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "MPICH_INTERFACE", "OMPI_",
+                     "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "I_MPI_", "SLURM_STEP", "PALS_")
+
+
+# ---------------------------------------------------------------- locks
+
+def try_lock(path):
+    """Exclusively ``flock`` the file at ``path`` without blocking; fd or ``None``."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)       # its holder unlinked it between our open and our lock: retry
+
+
+def acquire_lock(path, timeout):
+    """``flock`` ``path``, polling up to ``timeout`` seconds; fd or ``None``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        fd = try_lock(path)
+        if fd is not None or time.monotonic() >= deadline:
+            return fd
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def release_lock(fd, path, unlink=True):
+    """Drop a lock taken with :func:`try_lock`, unlinking its file first by default."""
+    if unlink:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    os.close(fd)
+
+
+def backend_alive(ep):
+    """True if some process holds the backend lock of endpoint ``ep``."""
+    if not ep.lock.exists():
+        return False
+    fd = try_lock(ep.lock)
+    if fd is None:
+        return True
+    release_lock(fd, ep.lock, unlink=True)   # stale lock file: nobody holds it
+    return False
+
+
+def cleanup_stale(ep):
+    """Remove the socket and pid files of a dead backend. Caller ensured none is alive
+    (holds ``ep.lock``, or found it free while holding ``ep.spawn_lock``)."""
+    for path in (ep.socket, ep.pid):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def read_pid(ep):
+    """The pid in the backend's pid file, or ``None``."""
+    try:
+        return int(ep.pid.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def write_pid(ep):
+    """Atomically write this process's pid (called by the backend once it listens)."""
+    tmp = ep.pid.with_name(ep.pid.name + f".{os.getpid()}")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, ep.pid)
+
+
+# ---------------------------------------------------------------- configuration
+
+def resolve(cfg, env=None):
+    """``(config, node, endpoint)`` of this process's node backend for config ``cfg``."""
+    from veloc.config import load_config, node_id
+    env = os.environ if env is None else env
+    config = load_config(cfg, env)
+    node = node_id(env)
+    return config, node, ipc.endpoint_for(scratch_base(config, node), node, env=env)
+
+
+def scratch_base(config, node):
+    """The node's scratch folder for the whole job: the scratch path with ``{node}``
+    filled in, cut before the first component that depends on ``{rank}``."""
+    parts = []
+    for part in Path(config.scratch).parts:
+        if "{rank" in part:
+            break
+        parts.append(part.replace("{node}", node))
+    return Path(*parts) if parts else Path(".")
+
+
+def log_path(config, node, ep):
+    """The backend's log file: in ``log_prefix`` if set, else next to scratch."""
+    if config.log_prefix:
+        folder = Path(config.log_prefix.replace("{node}", node).replace("{rank}", "0"))
+    else:
+        folder = scratch_base(config, node).resolve().parent
+    return folder / f"veloc-backend-{node}-{ep.key[:8]}.log"
+
+
+def journal_path(config, node):
+    """The queue journal, on the node's scratch."""
+    return scratch_base(config, node) / ".veloc-backend" / f"{node}.journal"
+
+
+# ---------------------------------------------------------------- client side
+
+def ping(ep, timeout=2.0):
+    """The backend's ping reply, or ``None`` if it does not answer within ``timeout``."""
+    if not ep.socket.exists():
+        return None
+    try:
+        with ipc.BackendConnection(ep.socket, timeout) as conn:
+            return conn.request({"op": "ping"})
+    except BackendError:
+        return None
+
+
+def backend_env(env):
+    """The environment for a spawned backend: ``env`` without MPI launcher variables,
+    with the source tree importable when running from a checkout."""
+    out = {k: v for k, v in env.items() if not k.startswith(_MPI_ENV_PREFIXES)}
+    if __package__ != "veloc_backend":        # running from a source checkout
+        root = str(Path(__file__).resolve().parent.parent)
+        out["PYTHONPATH"] = os.pathsep.join(filter(None, [root, out.get("PYTHONPATH")]))
+    out.setdefault("PYTHONUNBUFFERED", "1")
+    return out
+
+
+def backend_command(cfg_path, extra_args=()):
+    """argv that starts a backend for ``cfg_path`` with this interpreter."""
+    return [sys.executable, "-m", f"{__package__}.main", os.path.abspath(cfg_path), *extra_args]
+
+
+def spawn(cfg_path, env, log_file, extra_args=()):
+    """Start a detached backend (own session, stdio to its log); returns the Popen."""
+    log_file = Path(log_file)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        return subprocess.Popen(backend_command(cfg_path, extra_args), env=backend_env(env),
+                                stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                start_new_session=True, close_fds=True, cwd="/")
+    finally:
+        os.close(fd)
+
+
+def _log_tail(path, n=20):
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(lines[-n:])
+
+
+def wait_ready(ep, deadline, proc=None, log_file=None):
+    """Poll until the backend at ``ep`` answers a ping; BackendError at ``deadline`` or
+    if ``proc`` (the backend we started) exits first."""
+    while True:
+        reply = ping(ep, timeout=max(0.2, min(2.0, deadline - time.monotonic())))
+        if reply is not None:
+            return reply
+        if proc is not None and proc.poll() is not None:
+            if proc.returncode == 3 and backend_alive(ep):
+                proc = None     # lost a start race to a backend started by other means
+            else:
+                raise BackendError(
+                    f"veloc backend for node {ep.node_id} exited with code {proc.returncode} "
+                    f"during start-up; log {log_file}:\n{_log_tail(log_file)}")
+        if time.monotonic() >= deadline:
+            pid = read_pid(ep)
+            raise BackendError(
+                f"veloc backend for node {ep.node_id} (pid {pid}) does not answer on "
+                f"{ep.socket} within the start-up timeout: it is hung or still starting; "
+                f"check {log_file or 'its log'}, kill it, and try again")
+        time.sleep(0.05)
+
+
+def ensure_backend(cfg_path, env=None, timeout=30.0, extra_args=()):
+    """Return the :class:`~veloc.ipc.Endpoint` of a live backend for this node, starting
+    one if there is none. Called by every rank in async mode; however many race, one
+    backend starts. Raises :class:`BackendError` within about ``timeout`` seconds."""
+    env = dict(os.environ if env is None else env)
+    config, node, ep = resolve(cfg_path, env)
+    if ping(ep) is not None:
+        return ep
+    deadline = time.monotonic() + timeout
+    fd = acquire_lock(ep.spawn_lock, timeout)
+    if fd is None:
+        raise BackendError(f"could not take {ep.spawn_lock} within {timeout:g} s: another "
+                           "process is stuck starting the backend; remove the file if not")
+    try:
+        if ping(ep) is not None:
+            return ep
+        log_file = log_path(config, node, ep)
+        proc = None
+        if not backend_alive(ep):
+            cleanup_stale(ep)
+            proc = spawn(cfg_path, env, log_file, extra_args)
+        wait_ready(ep, deadline, proc, log_file)
+        return ep
+    finally:
+        release_lock(fd, ep.spawn_lock, unlink=True)
+
+
+def connect(cfg_path, env=None, timeout=30.0, start=True):
+    """A :class:`~veloc.ipc.BackendConnection` to this node's backend (started if needed
+    and ``start``); raises BackendError if there is none."""
+    if start:
+        ep = ensure_backend(cfg_path, env, timeout)
+    else:
+        ep = resolve(cfg_path, env)[2]
+        if ping(ep) is None:
+            raise BackendError(f"no veloc backend answers for node {ep.node_id} at {ep.socket}; "
+                               "start one with veloc-backend CFG or veloc-run")
+    return ipc.BackendConnection(ep.socket, timeout)

@@ -1,0 +1,232 @@
+"""``veloc-backend CFG``: the active backend daemon of one node for one job.
+
+Started by the first application rank of a node that finds none (through
+``veloc_backend.lifecycle.ensure_backend``), by ``veloc-run``, or by hand / under
+``mpiexec -ppn 1``. It takes the node's backend lock (exiting with code 3 if another
+backend holds it), lowers its CPU priority, replays its journal, starts a bounded worker
+pool, serves the node's ranks on its Unix socket, and logs every batch with the timing
+of each module to its log file. It stops on SIGTERM/SIGINT, on a ``shutdown`` request
+(optionally after draining), or after ``--idle-exit`` seconds with neither clients nor
+work; queued work it did not finish stays journaled for the next backend.
+
+Work is done by an *executor* (``run(batch) -> dict``), built by the factory named by
+``--executor MODULE:CALLABLE`` and called as ``factory(config, node, logger)``; the
+default runs the engine's module pipeline (:mod:`veloc_backend.executor`).
+"""
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from veloc.errors import BackendError, VelocError
+
+from . import lifecycle
+from .journal import Journal
+from .server import SocketServer
+from .workqueue import WorkQueue
+
+log = logging.getLogger("veloc.backend")
+DEFAULT_EXECUTOR = f"{__package__}.executor:EngineExecutor"
+EXIT_ALREADY_RUNNING = 3
+_ITEM_TYPES = {"group": str, "group_size": int, "order": str, "key": str}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="veloc-backend", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="the job's INI file (VELOC_* variables override it)")
+    p.add_argument("--nice", type=int, default=10, help="CPU priority decrement (default 10)")
+    p.add_argument("--idle-exit", type=float, default=0.0, metavar="S",
+                   help="exit after S seconds with no client and no work (0 = never)")
+    p.add_argument("--orphan-grace", type=float, default=5.0, metavar="S",
+                   help="run checkpoint groups still missing ranks S seconds after the "
+                        "last client disconnected (their ranks died)")
+    p.add_argument("--aggregate-timeout", type=float, default=600.0, metavar="S",
+                   help="run groups still missing ranks after S seconds anyway")
+    p.add_argument("--stop-timeout", type=float, default=60.0, metavar="S",
+                   help="on stop, wait up to S seconds for running work")
+    p.add_argument("--executor", default=DEFAULT_EXECUTOR, metavar="MODULE:CALLABLE",
+                   help="factory(config, node, logger) of the work executor")
+    return p.parse_args(argv)
+
+
+def setup_logging(log_file, node):
+    """Log to ``log_file`` (appending) with timestamps, pid and node."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s [{node} pid %(process)d %(threadName)s] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    os.chmod(log_file, 0o600)
+
+
+def load_executor(spec, config, node):
+    """Build the executor named ``MODULE:CALLABLE``."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise BackendError(f"--executor {spec!r}: expected MODULE:CALLABLE")
+    factory = getattr(importlib.import_module(module_name), attr)
+    return factory(config, node, logging.getLogger("veloc.engine"))
+
+
+class Backend:
+    """Request handler and main loop; one per process."""
+
+    def __init__(self, config, node, ep, queue, opts):
+        self.config, self.node, self.ep, self.queue, self.opts = config, node, ep, queue, opts
+        self.server = None
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._drain_then_stop = False
+
+    # ------------------------------------------------------------ requests
+    def handle(self, msg):
+        """``handler(msg) -> reply`` for the socket server (runs on connection threads)."""
+        op = msg["op"]
+        if op == "ping":
+            return {"pid": os.getpid(), "node": self.node, "key": self.ep.key}
+        if op == "status":
+            return {"pid": os.getpid(), "node": self.node, "key": self.ep.key,
+                    "uptime": round(time.time() - self.started, 3), "socket": str(self.ep.socket),
+                    "log": str(self.opts.log_file), "clients": self.server.connections,
+                    "stopping": self._stop.is_set() or self._drain_then_stop,
+                    **self.queue.status()}
+        if op == "submit":
+            rid, group = self.queue.submit(_checked_item(msg.get("item")))
+            return {"id": rid, "group": group, "duplicate": rid is None}
+        if op == "wait":
+            groups = msg.get("groups")
+            if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+                raise ValueError("'wait' needs 'groups': a list of strings")
+            results = self.queue.wait_groups(groups, _timeout(msg))
+            return {"results": results, "missing": [g for g in groups if g not in results]}
+        if op == "drain":
+            drained = self.queue.drain(_timeout(msg))
+            return {"drained": drained, "pending": self.queue.busy(),
+                    "failures": self.queue.failures[-16:]}
+        if op == "shutdown":
+            drain = bool(msg.get("drain", False))
+            log.info("shutdown requested%s", " after draining" if drain else "")
+            return {"stopping": True, "_then": lambda: self.request_stop(drain)}
+        raise ValueError(f"op {op!r} is not handled by this backend")
+
+    def request_stop(self, drain=False):
+        """Stop now (SIGTERM, shutdown) or once the queue is empty (``drain``)."""
+        if drain:
+            self._drain_then_stop = True
+        else:
+            self._stop.set()
+
+    # ------------------------------------------------------------ main loop
+    def serve(self):
+        """Serve until asked to stop; the caller cleans up."""
+        self.server = SocketServer(self.ep.socket, self.handle).start()
+        lifecycle.write_pid(self.ep)
+        log.info("backend ready: node %s, socket %s, %d worker(s), executor %s",
+                 self.node, self.ep.socket, self.queue.nworkers, self.opts.executor)
+        last_active = last_client = time.monotonic()
+        while not self._stop.wait(0.2):
+            now = time.monotonic()
+            busy = self.queue.busy()
+            if self.server.connections:
+                last_client = now
+            elif now - last_client >= self.opts.orphan_grace:
+                self.queue.release_incomplete(reason="no client connected")
+            self.queue.release_incomplete(self.opts.aggregate_timeout, "aggregation timeout")
+            if busy or self.server.connections:
+                last_active = now
+            if self._drain_then_stop and not busy:
+                log.info("queue drained; stopping")
+                break
+            if self.opts.idle_exit and now - last_active >= self.opts.idle_exit:
+                log.info("idle for %.0f s; stopping", now - last_active)
+                break
+
+    def close(self):
+        """Stop serving and working; queued work stays in the journal."""
+        if self.server is not None:
+            self.server.close()
+        if not self.queue.stop(self.opts.stop_timeout):
+            log.warning("work still running after %.0f s; leaving it to the next backend "
+                        "(it is journaled)", self.opts.stop_timeout)
+        close = getattr(self.queue.executor, "close", None)
+        if close is not None:
+            close()
+        self.queue.journal.close()
+
+
+def _timeout(msg):
+    t = msg.get("timeout")
+    if t is None:
+        return None
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0:
+        raise ValueError(f"'timeout' must be a non-negative number of seconds, got {t!r}")
+    return float(t)
+
+
+def _checked_item(item):
+    if not isinstance(item, dict):
+        raise ValueError(f"'submit' needs 'item': an object, got {type(item).__name__}")
+    for key, typ in _ITEM_TYPES.items():
+        if key in item and (not isinstance(item[key], typ) or isinstance(item[key], bool)):
+            raise ValueError(f"item field {key!r} must be {typ.__name__}, got {item[key]!r}")
+    if not 1 <= item.get("group_size", 1) <= 1 << 20:
+        raise ValueError(f"item field 'group_size' out of range: {item['group_size']}")
+    return item
+
+
+def run(argv=None):
+    """Run a backend; returns the process exit code."""
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config, node, ep = lifecycle.resolve(opts.config)
+    except VelocError as exc:
+        print(f"veloc-backend: {exc}", file=sys.stderr)
+        return 2
+    opts.log_file = lifecycle.log_path(config, node, ep)
+    setup_logging(opts.log_file, node)
+    lock = lifecycle.acquire_lock(ep.lock, timeout=3.0)
+    if lock is None:
+        log.error("another backend (pid %s) already serves node %s at %s; exiting",
+                  lifecycle.read_pid(ep), node, ep.socket)
+        return EXIT_ALREADY_RUNNING
+    backend = None
+    try:
+        lifecycle.cleanup_stale(ep)
+        try:
+            os.nice(opts.nice)
+        except OSError as exc:
+            log.warning("cannot lower CPU priority by %d: %s", opts.nice, exc)
+        executor = load_executor(opts.executor, config, node)
+        journal = Journal(lifecycle.journal_path(config, node))
+        queue = WorkQueue(journal, executor, workers=config.max_parallelism).start()
+        backend = Backend(config, node, ep, queue, opts)
+        signal.signal(signal.SIGTERM, lambda *_: backend.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: backend.request_stop())
+        backend.serve()
+        return 0
+    except Exception:
+        log.exception("backend failed")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if backend is not None:
+            backend.close()
+        lifecycle.cleanup_stale(ep)
+        lifecycle.release_lock(lock, ep.lock, unlink=True)
+        log.info("backend stopped")
+        logging.shutdown()
+
+
+def main(argv=None):
+    """Console-script entry point of ``veloc-backend``."""
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()

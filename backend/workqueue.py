@@ -1,0 +1,257 @@
+"""The backend's journaled work queue and its worker pool (inside ``veloc-backend`` only).
+
+Clients (application ranks) submit *items* through the socket handler; each is
+journaled before it is acknowledged. Items naming the same ``group`` (e.g. one
+checkpoint version) are held until ``group_size`` of them have arrived, so collective
+work runs once per node per version with every local rank's command at hand; they then
+form one :class:`Batch` for the executor. Batches with the same ``order`` key run one at
+a time in arrival order; different keys run in parallel on up to ``workers`` threads.
+
+The executor is anything with ``run(batch) -> dict | None`` (a dict may carry
+``"timings": {module: seconds}``; raising marks the batch failed) and optionally
+``close()``. Results are kept per group for ``wait``/``status``; failures are also kept
+in order so a client can raise the first one.
+"""
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+log = logging.getLogger("veloc.backend.queue")
+
+
+@dataclass
+class Batch:
+    """Items of one group, handed to the executor together."""
+    group: str
+    ids: list
+    items: list
+    complete: bool = True      # False: released before all group_size members arrived
+
+
+class WorkQueue:
+    """Journal-backed queue; call :meth:`start` to run workers, :meth:`stop` to end them."""
+
+    def __init__(self, journal, executor, workers=1, keep_results=4096):
+        self.journal = journal
+        self.executor = executor
+        self.nworkers = max(1, int(workers))
+        self.keep_results = keep_results
+        self._cond = threading.Condition()
+        self._groups = OrderedDict()   # group -> {"ids", "items", "size", "since"}
+        self._ready = []               # Batches waiting for a worker
+        self._running = {}             # group -> (order key, started at)
+        self._busy_orders = set()
+        self._keys = OrderedDict()     # client dedup key -> group
+        self.results = OrderedDict()   # group -> result dict
+        self.failures = []             # result dicts of failed groups, in finishing order
+        self.counts = {"submitted": 0, "done": 0, "failed": 0, "replayed": 0}
+        self._stopping = False
+        self._threads = []
+        with self._cond:
+            for rid, item in journal.pending():
+                self._enqueue(rid, item)
+                self.counts["replayed"] += 1
+        if self.counts["replayed"]:
+            log.info("resuming %d unfinished item(s) from journal %s",
+                     self.counts["replayed"], journal.path)
+
+    # ------------------------------------------------------------ submission
+    def submit(self, item):
+        """Journal ``item`` and queue it; returns ``(id or None, group)``.
+
+        A repeated ``key`` (a client retrying after a broken connection) is accepted
+        without queueing the item twice.
+        """
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("backend is stopping; submit refused")
+            key = item.get("key")
+            if key is not None and key in self._keys:
+                return None, self._keys[key]
+            rid = self.journal.add(item)
+            group = self._enqueue(rid, item)
+            self.counts["submitted"] += 1
+            if key is not None:
+                self._keys[key] = group
+                while len(self._keys) > self.keep_results:
+                    self._keys.popitem(last=False)
+            return rid, group
+
+    def _enqueue(self, rid, item):
+        group = _group_of(item, rid)
+        size = int(item.get("group_size", 1))
+        self.results.pop(group, None)      # a resubmitted group starts over
+        g = self._groups.setdefault(group, {"ids": [], "items": [], "size": size,
+                                            "since": time.monotonic()})
+        g["ids"].append(rid)
+        g["items"].append(item)
+        if len(g["items"]) >= g["size"]:
+            self._release(group, complete=True)
+        return group
+
+    def _release(self, group, complete):
+        g = self._groups.pop(group)
+        self._ready.append(Batch(group, g["ids"], g["items"], complete))
+        self._cond.notify_all()
+
+    def release_incomplete(self, older_than=0.0, reason=""):
+        """Hand groups still missing members to the executor as incomplete batches
+        (their ranks died, or waited ``older_than`` seconds). Returns how many."""
+        now = time.monotonic()
+        with self._cond:
+            stale = [k for k, g in self._groups.items() if now - g["since"] >= older_than]
+            for group in stale:
+                g = self._groups[group]
+                log.warning("group %s: releasing with %d of %d item(s)%s", group,
+                            len(g["items"]), g["size"], f" ({reason})" if reason else "")
+                self._release(group, complete=False)
+            return len(stale)
+
+    # ------------------------------------------------------------ workers
+    def start(self):
+        """Start the worker threads; returns self."""
+        for i in range(self.nworkers):
+            t = threading.Thread(target=self._work, name=f"veloc-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _next_batch(self):
+        for i, batch in enumerate(self._ready):
+            order = _order_of(batch)
+            if order is None or order not in self._busy_orders:
+                del self._ready[i]
+                return batch, order
+        return None, None
+
+    def _work(self):
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopping:
+                        return
+                    batch, order = self._next_batch()
+                    if batch is not None:
+                        break
+                    self._cond.wait()
+                self._running[batch.group] = (order, time.monotonic())
+                if order is not None:
+                    self._busy_orders.add(order)
+            self._run(batch, order)
+
+    def _run(self, batch, order):
+        start = time.perf_counter()
+        ok, error, info = True, None, {}
+        try:
+            info = self.executor.run(batch) or {}
+        except Exception as exc:          # reported to clients, never kills the worker
+            ok, error = False, f"{type(exc).__name__}: {exc}"
+            info = dict(getattr(exc, "veloc_info", None) or {})
+            log.error("group %s failed after %.3f s: %s", batch.group,
+                      time.perf_counter() - start, error,
+                      exc_info=not isinstance(exc, (OSError, RuntimeError)) or None)
+        elapsed = time.perf_counter() - start
+        timings = info.get("timings") or {}
+        if ok:
+            log.info("group %s done: %d item(s) in %.3f s%s%s", batch.group, len(batch.items),
+                     elapsed, "" if batch.complete else " (incomplete)",
+                     "".join(f" {m}={s:.3f}s" for m, s in timings.items()))
+        result = {"group": batch.group, "ok": ok, "error": error, "seconds": round(elapsed, 6),
+                  "items": len(batch.items), "complete": batch.complete, "timings": timings,
+                  "finished": time.time()}
+        for k in ("node", "module", "name", "version"):
+            if k in info:
+                result[k] = info[k]
+        try:
+            self.journal.done(batch.ids, ok=ok, error=error)
+        except OSError as exc:         # scratch gone: the work is done, only the record is lost
+            log.error("cannot journal completion of %s: %s", batch.group, exc)
+        with self._cond:
+            self._running.pop(batch.group, None)
+            self._busy_orders.discard(order)
+            self.results[batch.group] = result
+            while len(self.results) > self.keep_results:
+                self.results.popitem(last=False)
+            self.counts["done" if ok else "failed"] += 1
+            if not ok:
+                self.failures = (self.failures + [result])[-self.keep_results:]
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------ queries
+    def busy(self):
+        """Number of groups not finished yet (waiting for members, queued or running)."""
+        with self._cond:
+            return self._busy_locked()
+
+    def _pending_locked(self, group):
+        return (group in self._groups or group in self._running
+                or any(b.group == group for b in self._ready))
+
+    def _busy_locked(self):
+        return len(self._groups) + len(self._ready) + len(self._running)
+
+    def wait_groups(self, groups, timeout=None):
+        """Block until every group in ``groups`` that is pending has a result; returns
+        ``{group: result}`` for the finished ones. Groups this backend never saw (or has
+        forgotten) are not waited for; the caller sees them missing from the answer."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                missing = [g for g in groups if g not in self.results and self._pending_locked(g)]
+                if not missing or self._stopping:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(left)
+            return {g: self.results[g] for g in groups if g in self.results}
+
+    def drain(self, timeout=None):
+        """Block until nothing is pending; True if drained, False on timeout/stop."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._busy_locked():
+                left = None if deadline is None else deadline - time.monotonic()
+                if self._stopping or (left is not None and left <= 0):
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def status(self):
+        """JSON-ready snapshot of the queue for ``veloc status``."""
+        now = time.monotonic()
+        with self._cond:
+            return {
+                "waiting": {g: {"have": len(v["items"]), "need": v["size"],
+                                "age": round(now - v["since"], 3)} for g, v in self._groups.items()},
+                "queued": [b.group for b in self._ready],
+                "running": {g: round(now - t, 3) for g, (_, t) in self._running.items()},
+                "pending": self._busy_locked(),
+                "journaled": len(self.journal),
+                "counts": dict(self.counts),
+                "failures": self.failures[-16:],
+            }
+
+    # ------------------------------------------------------------ shutdown
+    def stop(self, timeout=None):
+        """Stop after the batches now running; queued items stay in the journal."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+        return not any(t.is_alive() for t in self._threads)
+
+
+def _group_of(item, rid=None):
+    group = item.get("group")
+    if group is None:
+        return f"item-{rid}" if rid is not None else None
+    return str(group)
+
+
+def _order_of(batch):
+    order = batch.items[0].get("order")
+    return None if order is None else str(order)
