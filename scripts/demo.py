@@ -183,7 +183,8 @@ def demo(args, work):
     stdout = run_heat([*grid, "--config", config, "--every", args.every, "--out", out])
     match = RESTART_LINE.search(stdout)
     if not match:
-        raise DemoFailure("the restarted run did not restart from a checkpoint")
+        raise DemoFailure("the restarted run found no checkpoint that every rank could restore "
+                          "(does the config have a persistent level, or partner/erasure?)")
     print(f"      restarted from version {match.group(1)}, levels: {match.group(2)}")
 
     print("[5/5] comparing the final grid with the reference, bit for bit")

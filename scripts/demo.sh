@@ -18,7 +18,7 @@ WANT="$(cksum < pyproject.toml)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] \
         || ! "$PY" -c "import veloc, mpi4py, numpy" 2>/dev/null; then
     echo "demo.sh: installing veloc and its test dependencies into $VENV (quietly)"
-    "$PY" -m pip install --quiet --disable-pip-version-check -e '.[test]'
+    "$PY" -m pip install -qq --disable-pip-version-check -e '.[test]'
     echo "$WANT" > "$STAMP"
 fi
 

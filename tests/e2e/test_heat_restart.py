@@ -211,6 +211,22 @@ def test_corrupt_scratch_file_without_persistent_falls_back_to_older_version(dir
 
 
 @pytest.mark.timeout(240)
+def test_corrupt_manifest_falls_back_to_older_version(dirs, reference):
+    """Rank 0's newest manifest on scratch is garbage (e.g. a torn write on a bad disk):
+    the job restarts from the previous version, and checkpointing the newest version
+    number again must overwrite the bad copy instead of failing."""
+    cfg = write_config(dirs, persistent=False)
+    out = dirs["tmp"] / "out.npy"
+    crash(cfg, out)
+    manifest = version_dir(scratch_of(dirs, 0), FAIL_AT) / "r0.manifest.json"
+    assert manifest.is_file(), f"layout changed? {sorted(manifest.parent.parent.rglob('*'))}"
+    manifest.write_text("{ not json")
+    version, levels = restart(cfg, out)
+    assert (version, levels) == (FAIL_AT - EVERY, {"scratch": 4})
+    assert_bit_exact(out, reference)
+
+
+@pytest.mark.timeout(240)
 def test_newest_version_missing_for_one_rank_everywhere(dirs, reference):
     """Rank 1 lost the newest version on every level: all ranks agree on the older one."""
     cfg = write_config(dirs)
