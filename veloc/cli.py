@@ -1,0 +1,271 @@
+"""The ``veloc`` command-line tool: list, verify and inspect checkpoints.
+
+Run by a user or a job script on any node, outside the application: it reads the level
+trees named by the application's configuration and the rank files (``.vck``) in them,
+never changes a checkpoint and never unpickles anything. Subcommands are listed in
+``COMMANDS`` (name, help, arguments, runner); ``main`` dispatches and turns every error
+into one line on stderr. Exit status: 0 success, 1 a copy failed verification, 2 a
+usage, configuration or file error.
+"""
+import argparse
+import json
+import os
+import sys
+from collections import Counter, namedtuple
+from dataclasses import asdict
+
+from .cli_inspect import (UsageError, checkpoint_states, describe_rankfile, extract_region, fields_of,
+                          open_levels, parse_region_id, verify_version)
+from .config import load_config, node_id
+from .errors import VelocError
+from .names import check_name, check_node_id
+
+Command = namedtuple("Command", "name help arguments run")
+
+
+# -- argument types and shared arguments ----------------------------------------------
+def _version(text):
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"version must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def _rank_list(text):
+    """``0-3,8`` -> {0, 1, 2, 3, 8}."""
+    ranks = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            lo, hi = int(lo), int(hi or lo)
+            if lo < 0 or hi < lo:
+                raise ValueError
+            ranks.update(range(lo, hi + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad rank list {text!r}: use e.g. 0-3,8") from None
+    return ranks
+
+
+def _cfg_arg(p):
+    p.add_argument("cfg", metavar="CFG", help="the application's veloc INI configuration file "
+                   "(VELOC_<KEY> environment overrides apply)")
+
+
+def _where_args(p):
+    p.add_argument("--node", action="append", metavar="N",
+                   help="node identity whose scratch to read, for {node} in paths; repeat for several "
+                        "nodes (default: VELOC_NODE_ID, else the host name)")
+    p.add_argument("--ranks", type=_rank_list, metavar="LIST",
+                   help="ranks to look for where a level path contains {rank}, e.g. 0-3,8 "
+                        "(default: the ranks found on disk and in the other levels)")
+
+
+def _ls_args(p):
+    p.epilog = ("STATE: complete (every rank the manifests expect is present and checksummed), partial "
+                "(ranks missing or with an unreadable manifest; scratch holds only the chosen nodes' ranks), "
+                "unchecksummed (complete but without content digests).")
+    _cfg_arg(p)
+    p.add_argument("name", nargs="?", metavar="NAME", help="only this checkpoint (default: all)")
+    _where_args(p)
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _verify_args(p):
+    p.epilog = ("Prints OK, FAIL (the copy exists but is corrupt) or MISSING per rank, level and version. "
+                "Exit status 1 if any copy FAILs, 2 on a usage or configuration error.")
+    _cfg_arg(p)
+    p.add_argument("name", metavar="NAME", help="checkpoint name")
+    p.add_argument("version", nargs="?", type=_version, metavar="VERSION",
+                   help="only this version (default: every version found)")
+    _where_args(p)
+
+
+def _show_args(p):
+    p.add_argument("file", metavar="FILE", help="a rank file (r<rank>.vck)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _extract_args(p):
+    p.add_argument("file", metavar="FILE", help="a rank file (r<rank>.vck)")
+    p.add_argument("id", metavar="ID", help="region id: an int if all digits (or, if there is no such int "
+                   "id, the name made of those digits), else a name")
+    p.add_argument("--as-name", action="store_true", help="take ID as a region name even if it is all digits")
+    p.add_argument("out", metavar="OUT", help="output file (.npy), created with mode 0600")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="for a pickled region, write its raw pickle bytes (.pkl); never unpickled here")
+
+
+# -- helpers --------------------------------------------------------------------------
+def _levels(args):
+    config = load_config(args.cfg)
+    nodes = [check_node_id(n) for n in args.node] if args.node else [node_id()]
+    return nodes, open_levels(config, nodes, args.ranks)
+
+
+def _where(levels, nodes):
+    return "; ".join(f"{lvl.name} {lvl.template}" + (f" on node {','.join(nodes)}"
+                                                     if "node" in fields_of(lvl.template) else "")
+                     for lvl in levels)
+
+
+def _ranges(ranks):
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    out, ranks = [], sorted(ranks)
+    i = 0
+    while i < len(ranks):
+        j = i
+        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
+            j += 1
+        out.append(str(ranks[i]) if i == j else f"{ranks[i]}-{ranks[j]}")
+        i = j + 1
+    return ",".join(out) or "-"
+
+
+def _size(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _table(rows, indent=""):
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+# -- commands -------------------------------------------------------------------------
+def _ls(args):
+    nodes, levels = _levels(args)
+    if args.name is not None:
+        names = [check_name(args.name, error=UsageError)]
+    else:
+        names = sorted({n for lvl in levels for n in lvl.checkpoint_names()})
+    states = [s for name in names for s in checkpoint_states(levels, name)]
+    if args.name is not None and not states:
+        raise UsageError(f"no checkpoint named {args.name!r} at any level ({_where(levels, nodes)})")
+    if args.json:
+        print(json.dumps([asdict(s) for s in states], indent=1))
+        return 0
+    for lvl in levels:
+        print(f"# {_where([lvl], nodes)}")
+    if not states:
+        print("no checkpoints")
+        return 0
+    rows = [("NAME", "LEVEL", "VERSION", "RANKS", "NRANKS", "SIZE", "STATE")]
+    rows += [(s.name, s.level, str(s.version), _ranges(s.ranks), str(s.nranks), _size(s.size), s.state)
+             for s in states]
+    _table(rows)
+    for s in states:
+        if s.missing:
+            print(f"{s.name} v{s.version} {s.level}: ranks {_ranges(s.missing)} of {s.nranks} have no copy")
+        for problem in s.problems:
+            print(f"{s.name} v{s.version} {s.level}: {problem}")
+    return 0
+
+
+def _verify(args):
+    nodes, levels = _levels(args)
+    name = check_name(args.name, error=UsageError)
+    versions = sorted({v for lvl in levels for v in lvl.copies(name)}, reverse=True)
+    if not versions:
+        raise UsageError(f"no checkpoint named {name!r} at any level ({_where(levels, nodes)})")
+    if args.version is not None:
+        if args.version not in versions:
+            raise UsageError(f"no copy of {name} v{args.version} at any level ({_where(levels, nodes)}); "
+                             f"versions found: {', '.join(map(str, versions))}")
+        versions = [args.version]
+    counts = Counter()
+    for version in versions:
+        for status, level, rank, detail in verify_version(levels, name, version):
+            counts[status] += 1
+            print(f"{status:<7} {level:<10} {name} v{version} rank {rank}: {detail}")
+    print(f"{name}: {counts['OK']} OK, {counts['FAIL']} FAIL, {counts['MISSING']} missing")
+    return 1 if counts["FAIL"] else 0
+
+
+def _show(args):
+    info = describe_rankfile(args.file)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"file     {info['file']} ({info['size']} bytes, format {info['format']})")
+    print(f"name     {info['name']}")
+    print(f"version  {info['version']}")
+    print(f"rank     {info['rank']}")
+    print(f"regions  {len(info['regions'])}")
+    if info["regions"]:
+        rows = [("ID", "KIND", "DTYPE", "SHAPE", "ORDER", "NBYTES", "OFFSET")]
+        rows += [(repr(r["id"]), r["kind"], r["dtype"], "-" if r["kind"] == "pickle" else str(tuple(r["shape"])),
+                  "-" if r["kind"] == "pickle" else r["order"], str(r["nbytes"]), str(r["offset"]))
+                 for r in info["regions"]]
+        _table(rows, indent="  ")
+    return 0
+
+
+def _extract(args):
+    region_id = args.id if args.as_name else parse_region_id(args.id)
+    done = extract_region(args.file, region_id, args.out, allow_pickle=args.allow_pickle)
+    if done["kind"] == "pickle":
+        print(f"wrote the raw pickle bytes of region {done['id']!r} ({done['nbytes']} bytes) to {args.out}")
+    else:
+        print(f"wrote region {done['id']!r} ({done['dtype']} {tuple(done['shape'])}, order {done['order']}) "
+              f"to {args.out}")
+    return 0
+
+
+COMMANDS = [
+    Command("ls", "list checkpoint versions per level, with ranks, size and state", _ls_args, _ls),
+    Command("verify", "verify the checksums of every rank's copy at every level", _verify_args, _verify),
+    Command("show", "print the header of a rank file: name, version, rank, regions", _show_args, _show),
+    Command("extract", "write one array region of a rank file to a .npy file", _extract_args, _extract),
+]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="veloc", description="Inspect veloc checkpoints: list versions per level, verify checksums, "
+        "show a rank file's regions, extract a region to .npy.",
+        epilog="exit status: 0 success, 1 a copy failed verification, 2 usage/configuration/file error. "
+        "Scratch is node-local: ls/verify read the scratch of this node (or --node).")
+    parser.add_argument("--traceback", action="store_true", help="show Python tracebacks of errors (debugging)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help[0].upper() + cmd.help[1:] + ".")
+        cmd.arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def _os_message(exc):
+    where = exc.filename if exc.filename is not None else ""
+    return f"{where}: {exc.strerror}" if where and exc.strerror else str(exc)
+
+
+def main(argv=None):
+    """Entry point of the ``veloc`` console script; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:          # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return args.run(args)
+    except BrokenPipeError:            # `veloc ls ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        if args.traceback:
+            raise
+        if isinstance(exc, (UsageError, VelocError)):
+            message = str(exc)
+        elif isinstance(exc, OSError):
+            message = _os_message(exc)
+        else:
+            message = f"unexpected {type(exc).__name__}: {exc} (rerun with --traceback to see where)"
+        print(f"veloc {args.command}: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
