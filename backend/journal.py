@@ -25,6 +25,39 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _scan(data, path):
+    """Parse journal bytes: ``(pending {id: item}, next id, number of done records)``."""
+    pending, next_id, dones = {}, 1, 0
+    for lineno, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            op, rid = rec["op"], int(rec["id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("journal %s line %d unreadable, skipped: %s", path, lineno, exc)
+            continue
+        next_id = max(next_id, rid + 1)
+        if op == "add" and isinstance(rec.get("item"), dict):
+            pending[rid] = rec["item"]
+        elif op == "done":
+            pending.pop(rid, None)
+            dones += 1
+        else:
+            log.warning("journal %s line %d has unknown record %r, skipped", path, lineno, op)
+    return pending, next_id, dones
+
+
+def read_pending(path):
+    """Read-only: ``[(id, item)]`` unfinished in the journal at ``path`` (for status tools;
+    never use it while deciding to start a backend, which owns the file)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    return list(_scan(data[:data.rfind(b"\n") + 1], path)[0].items())
+
+
 class Journal:
     """The journal at ``path``; opening it replays what an earlier backend left.
 
@@ -57,24 +90,7 @@ class Journal:
             with open(self.path, "r+b") as f:
                 f.truncate(end)
                 os.fsync(f.fileno())
-        for lineno, line in enumerate(data[:end].splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                op, rid = rec["op"], int(rec["id"])
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("journal %s line %d unreadable, skipped: %s", self.path, lineno, exc)
-                continue
-            self._next_id = max(self._next_id, rid + 1)
-            if op == "add" and isinstance(rec.get("item"), dict):
-                self._pending[rid] = rec["item"]
-            elif op == "done":
-                self._pending.pop(rid, None)
-                self._dones_since_compact += 1
-            else:
-                log.warning("journal %s line %d has unknown record %r, skipped",
-                            self.path, lineno, op)
+        self._pending, self._next_id, self._dones_since_compact = _scan(data[:end], self.path)
 
     def pending(self):
         """``[(id, item), ...]`` of every item without a ``done`` record, oldest first."""

@@ -179,10 +179,10 @@ def spawn(cfg_path, env, log_file, extra_args=()):
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
+    try:       # cwd inherited: relative paths in the config mean the same in the backend
         return subprocess.Popen(backend_command(cfg_path, extra_args), env=backend_env(env),
                                 stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
-                                start_new_session=True, close_fds=True, cwd="/")
+                                start_new_session=True, close_fds=True)
     finally:
         os.close(fd)
 
@@ -218,10 +218,36 @@ def wait_ready(ep, deadline, proc=None, log_file=None):
         time.sleep(0.05)
 
 
+def config_file(cfg, config, ep):
+    """An INI path a spawned backend can read: ``cfg`` itself, or (for a mapping or a
+    ``Config``) its keys written to ``config.ini`` in the private endpoint folder."""
+    if isinstance(cfg, (str, os.PathLike)):
+        return cfg
+    lines = []
+    for section, keys in sorted(config.raw.items(), key=lambda kv: kv[0] != "__top__"):
+        if section != "__top__":
+            lines.append(f"[{section}]")
+        lines += [f"{k} = {_ini_value(v)}" for k, v in keys.items()]
+    path = ep.dir / "config.ini"
+    tmp = path.with_name(f"config.ini.{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def _ini_value(value):
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    if "\n" in text:
+        raise BackendError(f"config value {text!r} cannot be passed to the backend (newline)")
+    return text
+
+
 def ensure_backend(cfg_path, env=None, timeout=30.0, extra_args=()):
     """Return the :class:`~veloc.ipc.Endpoint` of a live backend for this node, starting
     one if there is none. Called by every rank in async mode; however many race, one
-    backend starts. Raises :class:`BackendError` within about ``timeout`` seconds."""
+    backend starts. ``cfg_path``: an INI path, a mapping or a ``veloc.Config``. Raises
+    :class:`BackendError` within about ``timeout`` seconds."""
     env = dict(os.environ if env is None else env)
     config, node, ep = resolve(cfg_path, env)
     if ping(ep) is not None:
@@ -238,7 +264,7 @@ def ensure_backend(cfg_path, env=None, timeout=30.0, extra_args=()):
         proc = None
         if not backend_alive(ep):
             cleanup_stale(ep)
-            proc = spawn(cfg_path, env, log_file, extra_args)
+            proc = spawn(config_file(cfg_path, config, ep), env, log_file, extra_args)
         wait_ready(ep, deadline, proc, log_file)
         return ep
     finally:

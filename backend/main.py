@@ -97,14 +97,17 @@ class Backend:
                     "stopping": self._stop.is_set() or self._drain_then_stop,
                     **self.queue.status()}
         if op == "submit":
-            rid, group = self.queue.submit(_checked_item(msg.get("item")))
+            item = _checked_item(msg.get("item"))
+            item["pid"] = msg.get("_peer_pid")      # who sent it: see _release_orphans
+            rid, group = self.queue.submit(item)
             return {"id": rid, "group": group, "duplicate": rid is None}
         if op == "wait":
             groups = msg.get("groups")
             if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
                 raise ValueError("'wait' needs 'groups': a list of strings")
-            results = self.queue.wait_groups(groups, _timeout(msg))
-            return {"results": results, "missing": [g for g in groups if g not in results]}
+            results, unknown = self.queue.wait_groups(groups, _timeout(msg))
+            return {"results": results, "unknown": unknown,
+                    "pending": [g for g in groups if g not in results and g not in unknown]}
         if op == "drain":
             drained = self.queue.drain(_timeout(msg))
             return {"drained": drained, "pending": self.queue.busy(),
@@ -130,6 +133,7 @@ class Backend:
         log.info("backend ready: node %s, socket %s, %d worker(s), executor %s",
                  self.node, self.ep.socket, self.queue.nworkers, self.opts.executor)
         last_active = last_client = time.monotonic()
+        dead_since = {}
         while not self._stop.wait(0.2):
             now = time.monotonic()
             busy = self.queue.busy()
@@ -137,6 +141,7 @@ class Backend:
                 last_client = now
             elif now - last_client >= self.opts.orphan_grace:
                 self.queue.release_incomplete(reason="no client connected")
+            self._release_orphans(dead_since, now)
             self.queue.release_incomplete(self.opts.aggregate_timeout, "aggregation timeout")
             if busy or self.server.connections:
                 last_active = now
@@ -146,6 +151,21 @@ class Backend:
             if self.opts.idle_exit and now - last_active >= self.opts.idle_exit:
                 log.info("idle for %.0f s; stopping", now - last_active)
                 break
+
+    def _release_orphans(self, dead_since, now):
+        """Groups still missing ranks whose submitting ranks died (the job crashed, or a
+        backend resumed them from its journal) run with what they have once a submitter
+        has been dead for ``--orphan-grace`` seconds."""
+        waiting = self.queue.waiting_pids()
+        for group in list(dead_since):
+            if group not in waiting:
+                del dead_since[group]
+        for group, pids in waiting.items():
+            if group not in dead_since and any(not _pid_alive(p) for p in pids):
+                dead_since[group] = now
+        ripe = [g for g, t in dead_since.items() if now - t >= self.opts.orphan_grace]
+        if ripe:
+            self.queue.release_groups(ripe, "a rank that submitted it is gone")
 
     def close(self):
         """Stop serving and working; queued work stays in the journal."""
@@ -158,6 +178,23 @@ class Backend:
         if close is not None:
             close()
         self.queue.journal.close()
+
+
+def _pid_alive(pid):
+    """True if process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):       # no usable /proc: existence only
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
 
 def _timeout(msg):

@@ -7,6 +7,7 @@ injected ``handler(msg) -> dict``. Malformed, unknown or oversized messages are 
 with an error reply and logged; the server keeps serving everyone else. A handler may
 block (``wait``/``drain``): it only holds its own connection's thread. A reply may
 carry ``"_then": callable``, run after the reply has been sent (used by ``shutdown``).
+The handler sees the peer's pid (from ``SO_PEERCRED``) as ``msg["_peer_pid"]``.
 """
 import logging
 import os
@@ -180,6 +181,7 @@ class SocketServer:
             log.warning("refused request from pid %d: %s", pid, exc)
             return self._reply(conn, {"ok": False, "error": f"malformed message: {exc}"})
         then = None
+        msg["_peer_pid"] = pid          # reserved key: set by the server, never by clients
         try:
             reply = self.handler(msg)
             if not isinstance(reply, dict):

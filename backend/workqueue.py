@@ -109,6 +109,22 @@ class WorkQueue:
                 self._release(group, complete=False)
             return len(stale)
 
+    def waiting_pids(self):
+        """``{group: {submitter pids}}`` of groups still missing members."""
+        with self._cond:
+            return {g: {it.get("pid") for it in v["items"] if isinstance(it.get("pid"), int)}
+                    for g, v in self._groups.items()}
+
+    def release_groups(self, groups, reason):
+        """Release the named waiting groups as incomplete batches."""
+        with self._cond:
+            for group in groups:
+                g = self._groups.get(group)
+                if g is not None:
+                    log.warning("group %s: releasing with %d of %d item(s) (%s)", group,
+                                len(g["items"]), g["size"], reason)
+                    self._release(group, complete=False)
+
     # ------------------------------------------------------------ workers
     def start(self):
         """Start the worker threads; returns self."""
@@ -161,9 +177,12 @@ class WorkQueue:
         result = {"group": batch.group, "ok": ok, "error": error, "seconds": round(elapsed, 6),
                   "items": len(batch.items), "complete": batch.complete, "timings": timings,
                   "finished": time.time()}
-        for k in ("node", "module", "name", "version"):
+        first = batch.items[0]
+        for k in ("node", "module", "name", "version", "value"):
             if k in info:
                 result[k] = info[k]
+            elif k in ("name", "version") and k in first:
+                result[k] = first[k]
         try:
             self.journal.done(batch.ids, ok=ok, error=error)
         except OSError as exc:         # scratch gone: the work is done, only the record is lost
@@ -194,8 +213,8 @@ class WorkQueue:
 
     def wait_groups(self, groups, timeout=None):
         """Block until every group in ``groups`` that is pending has a result; returns
-        ``{group: result}`` for the finished ones. Groups this backend never saw (or has
-        forgotten) are not waited for; the caller sees them missing from the answer."""
+        ``({group: result} of the finished ones, [groups this backend never saw or has
+        forgotten])``; unknown groups are not waited for."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
@@ -206,7 +225,9 @@ class WorkQueue:
                 if left is not None and left <= 0:
                     break
                 self._cond.wait(left)
-            return {g: self.results[g] for g in groups if g in self.results}
+            done = {g: self.results[g] for g in groups if g in self.results}
+            unknown = [g for g in groups if g not in done and not self._pending_locked(g)]
+            return done, unknown
 
     def drain(self, timeout=None):
         """Block until nothing is pending; True if drained, False on timeout/stop."""

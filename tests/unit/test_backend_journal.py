@@ -114,7 +114,7 @@ def test_aggregation_per_group(tmp_path):
         time.sleep(0.2)
         assert ex.batches == [] and q.status()["waiting"]["heat/1"]["have"] == 2
         q.submit(item("heat/1", 2, 3))
-        assert q.wait_groups(["heat/1"], timeout=5)["heat/1"]["ok"]
+        assert q.wait_groups(["heat/1"], timeout=5)[0]["heat/1"]["ok"]
         (batch,) = ex.batches
         assert sorted(it["rank"] for it in batch.items) == [0, 1, 2] and batch.complete
         assert q.drain(timeout=5) and len(q.journal) == 0
@@ -142,7 +142,7 @@ def test_failure_recorded_and_first_failure_kept(tmp_path):
     try:
         for v in (1, 2, 3):
             q.submit(item(f"h/{v}", 0, 1, order="h"))
-        res = q.wait_groups(["h/1", "h/2", "h/3"], timeout=5)
+        res, _ = q.wait_groups(["h/1", "h/2", "h/3"], timeout=5)
         assert res["h/1"]["ok"] and res["h/3"]["ok"]
         assert not res["h/2"]["ok"] and "flush failed" in res["h/2"]["error"]
         assert [f["group"] for f in q.failures] == ["h/2"]
@@ -160,7 +160,7 @@ def test_duplicate_key_queued_once(tmp_path):
         assert q.submit(it)[0] is not None
         assert q.submit(dict(it))[0] is None
         q.submit(dict(item("g/1", 1, 2), key="rank1-g/1"))
-        assert q.wait_groups(["g/1"], timeout=5)["g/1"]["items"] == 2
+        assert q.wait_groups(["g/1"], timeout=5)[0]["g/1"]["items"] == 2
     finally:
         q.stop(5)
 
@@ -176,10 +176,10 @@ def test_replay_after_kill_resumes_unfinished(tmp_path):
     q2 = wq.WorkQueue(Journal(path), ex).start()
     try:
         assert q2.counts["replayed"] == 3
-        assert q2.wait_groups(["v/1"], timeout=5)["v/1"]["ok"]
+        assert q2.wait_groups(["v/1"], timeout=5)[0]["v/1"]["ok"]
         assert q2.busy() == 1                 # v/2 still waits for its second rank
         assert q2.release_incomplete(reason="test") == 1
-        res = q2.wait_groups(["v/2"], timeout=5)["v/2"]
+        res = q2.wait_groups(["v/2"], timeout=5)[0]["v/2"]
         assert res["ok"] and not res["complete"]
         assert q2.drain(timeout=5) and len(q2.journal) == 0
     finally:
@@ -205,7 +205,7 @@ def test_wait_unknown_group_returns_at_once(tmp_path):
     q = wq.WorkQueue(Journal(tmp_path / "q.journal"), Recorder()).start()
     try:
         t0 = time.monotonic()
-        assert q.wait_groups(["never"], timeout=5) == {}
+        assert q.wait_groups(["never"], timeout=5) == ({}, ["never"])
         assert time.monotonic() - t0 < 1
         assert q.drain(timeout=0.1)
     finally:

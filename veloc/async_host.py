@@ -1,0 +1,183 @@
+"""Async mode: the engine runs in the node's ``veloc-backend``, not in the application.
+
+Built by :class:`veloc.client.Client` on every rank when ``mode = async``. At init the
+node's local leader rank finds the backend of this job on its node or starts one
+(``veloc_backend.lifecycle.ensure_backend``), then every rank connects to it.
+``checkpoint`` returns once this rank's command is journaled by the backend; the
+backend gathers the commands of all local ranks of a version and runs the pipeline
+in the background. ``drain`` (``checkpoint_wait``, ``finalize``) waits for this rank's
+versions and raises the first background failure as :class:`BackendError` naming node,
+module and version. Restart queries go through the backend too, queued behind any
+unfinished checkpoint work, so a version still being flushed is seen once it is done.
+
+Every call that reaches the backend is made by all ranks of a node in the same order
+(the client's API is collective there), so the ``n``-th call of each rank lands in the
+same group: ``<name>/v<version>/<KIND>/<session>-<n>``.
+"""
+import importlib
+import time
+import uuid
+from pathlib import Path
+
+from mpi4py import MPI
+
+from .engine.levels import LevelStore
+from .engine.module import CHECKPOINT
+from .errors import BackendError, RestartError, VelocError
+from .ipc import BackendConnection
+
+START_TIMEOUT = 60.0      # s: find or start the node's backend
+REQUEST_TIMEOUT = 30.0    # s: any single answer from a live backend
+WAIT_SLICE = 5.0          # s: one server-side wait; a hung backend is detected per slice
+AUTO_IDLE_EXIT = 120      # s: a backend started by a rank exits when idle this long
+
+
+def _lifecycle():
+    """``veloc_backend.lifecycle``; from a source checkout, the sibling ``backend`` folder."""
+    try:
+        return importlib.import_module("veloc_backend.lifecycle")
+    except ImportError:
+        import sys
+        root = str(Path(__file__).resolve().parent.parent)
+        if not (Path(root) / "backend" / "lifecycle.py").exists():
+            raise BackendError("async mode needs the veloc_backend package: pip install veloc") from None
+        if root not in sys.path:
+            sys.path.append(root)
+        return importlib.import_module("backend.lifecycle")
+
+
+class AsyncHost:
+    """The backend connection of one application rank (async mode)."""
+
+    def __init__(self, config, comm, rank, node, logger):
+        self.config, self.comm, self.rank, self.node, self.log = config, comm, rank, node, logger
+        self.nranks = comm.Get_size()
+        nodes = comm.allgather(node)
+        self.node_comm = comm.Split(sorted(set(nodes)).index(node), comm.Get_rank())
+        self.local_ranks = self.node_comm.allgather(rank)
+        self.session = comm.bcast(uuid.uuid4().hex[:12] if comm.Get_rank() == 0 else None, root=0)
+        self._seq = 0
+        self._outstanding = []       # groups of this rank's checkpoints not yet waited for
+        self.conn = None
+        self.conn = self._connect()
+
+    # ------------------------------------------------------------ setup
+    def _connect(self):
+        """Collective: leader starts/finds the backend, then everyone connects; an error
+        anywhere is raised on every rank (no rank is left in a collective)."""
+        lifecycle = _lifecycle()
+        cfg = self.config.source if Path(self.config.source).is_file() else self.config
+        extra = ("--idle-exit", str(AUTO_IDLE_EXIT))
+        ep, error = None, None
+        leader = self.node_comm.Get_rank() == 0
+        try:
+            if leader:
+                ep = lifecycle.ensure_backend(cfg, timeout=START_TIMEOUT, extra_args=extra)
+        except VelocError as exc:
+            error = str(exc)
+        error = self.node_comm.bcast(error, root=0)
+        if error is None and not leader:
+            try:
+                ep = lifecycle.ensure_backend(cfg, timeout=START_TIMEOUT, extra_args=extra)
+            except VelocError as exc:
+                error = str(exc)
+        errors = [e for e in self.comm.allgather(error) if e]
+        if errors:
+            raise BackendError(f"async mode: no backend for node {self.node}: {errors[0]}")
+        self.log.info("rank %d: using backend at %s", self.rank, ep.socket)
+        return BackendConnection(ep.socket, REQUEST_TIMEOUT)
+
+    # ------------------------------------------------------------ backend calls
+    def _submit(self, kind, name, version=None, **extra):
+        self._seq += 1
+        group = f"{name}/v{version}/{kind}/{self.session}-{self._seq}"
+        item = {"kind": kind, "name": name, "version": version, "rank": self.rank,
+                "nranks": self.nranks, "local_ranks": self.local_ranks, "session": self.session,
+                "group": group, "group_size": len(self.local_ranks), "order": "engine",
+                "key": f"{group}/r{self.rank}", **extra}
+        self.conn.request({"op": "submit", "item": item})
+        return group
+
+    def _wait(self, groups, block=True):
+        """``{group: result}``; with ``block`` every group is present on return."""
+        results = {}
+        while True:
+            left = [g for g in groups if g not in results]
+            if not left:
+                return results
+            slice_s = WAIT_SLICE if block else 0
+            reply = self.conn.request({"op": "wait", "groups": left, "timeout": slice_s},
+                                      timeout=slice_s + REQUEST_TIMEOUT)
+            results.update(reply["results"])
+            lost = [g for g in reply.get("unknown", []) if g not in results]
+            if lost:
+                raise BackendError(f"node {self.node}: the backend has no record of {lost[0]}; "
+                                   "was it restarted? see its log")
+            if not block:
+                return results
+
+    def _call(self, kind, name, version=None, error=RestartError, **extra):
+        """Submit a query for all local ranks and return its value (blocking)."""
+        group = self._submit(kind, name, version, **extra)
+        result = self._wait([group])[group]
+        if not result["ok"]:
+            raise error(f"node {self.node}: {kind.lower()} of {name} v{version} in the "
+                        f"backend failed: {result['error']}")
+        return result.get("value")
+
+    # ------------------------------------------------------------ host interface
+    def all_true(self, flag):
+        return self.comm.allreduce(bool(flag), op=MPI.LAND)
+
+    def checkpoint(self, name, version):
+        """Hand the committed version to the backend; returns without waiting."""
+        self._outstanding.append(self._submit(CHECKPOINT, name, int(version)))
+
+    def discard(self, name, version):
+        """Remove this rank's copies of a version that never reached the backend."""
+        roots = [("scratch", self.config.scratch_dir(self.node, self.rank)),
+                 ("persistent", self.config.persistent_dir(self.node, self.rank))]
+        for level, root in roots:
+            if root is not None:
+                LevelStore(level, root).remove(name, version, self.rank)
+
+    def available(self, name, max_version):
+        value = self._call("AVAILABLE", name, max_version=max_version)
+        mine = value.get(str(self.rank), {})
+        return {int(v): levels for v, levels in mine.items()}
+
+    def verify(self, name, version):
+        level, reasons = self._call("VERIFY", name, int(version))[str(self.rank)]
+        return level, list(reasons)
+
+    def restore(self, name, version, level):
+        self._call("RESTORE", name, int(version), level=level)
+
+    def drain(self):
+        """Wait for this rank's background checkpoints; raise the first failure."""
+        groups, self._outstanding = self._outstanding, []
+        if not groups:
+            return True
+        start = time.monotonic()
+        results = self._wait(groups)
+        failed = [results[g] for g in groups if not results[g]["ok"]]
+        if failed:
+            first = failed[0]
+            raise BackendError(f"node {first.get('node', self.node)}: background checkpoint of "
+                               f"{first.get('name')} v{first.get('version')} failed: "
+                               f"{first['error']}")
+        self.log.debug("rank %d: %d background checkpoint(s) done after %.3f s wait",
+                       self.rank, len(groups), time.monotonic() - start)
+        return True
+
+    def finished(self):
+        """Whether this rank's background checkpoints are done (never raises for them)."""
+        if not self._outstanding:
+            return True
+        return len(self._wait(self._outstanding, block=False)) == len(self._outstanding)
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+        if self.node_comm != MPI.COMM_NULL:
+            self.node_comm.Free()
