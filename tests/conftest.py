@@ -64,3 +64,14 @@ def dirs(tmp_path):
     persistent.mkdir()
     yield {"scratch": scratch, "persistent": persistent, "base": base, "tmp": tmp_path}
     shutil.rmtree(base, ignore_errors=True)
+
+
+def pytest_runtest_logreport(report):
+    """Under mpiexec (tests/mpi), a test failing on one rank aborts the whole job instead of
+    leaving the other ranks waiting in a collective; its report is printed first."""
+    if os.environ.get("VELOC_MPI_CASES") != "1" or not report.failed:
+        return
+    from mpi4py import MPI
+    sys.stdout.write(f"\n[rank {MPI.COMM_WORLD.Get_rank()}] FAILED {report.nodeid}\n{report.longreprtext}\n")
+    sys.stdout.flush()
+    MPI.COMM_WORLD.Abort(1)

@@ -100,11 +100,15 @@ class Client(RestartMixin):
     # -- checkpoint -----------------------------------------------------------------
     def checkpoint(self, name, version):
         """``checkpoint_wait()``, then begin, write all regions, end. Collective in sync mode."""
-        self.checkpoint_begin(name, version)
+        self._check_open()
         try:
+            self.checkpoint_begin(name, version)
             self.checkpoint_mem()
-        except BaseException:
-            self.checkpoint_end(success=False)
+        except VelocError:
+            if self._pending is not None:
+                self.checkpoint_end(success=False)
+            else:   # begin failed here: still take part in the agreement, then discard
+                self._agree_and_discard(name, version)
             raise
         self.checkpoint_end(success=True)
 
@@ -118,9 +122,9 @@ class Client(RestartMixin):
         self.checkpoint_wait()
         vdir = self.scratch.version_dir(name, version)
         make_dirs(vdir)
-        if self.scratch.read_manifest(name, version, self.rank) is not None:
-            self.scratch.remove(name, version, self.rank)   # re-checkpointing a version
-            make_dirs(vdir)
+        # Re-checkpointing a version (e.g. after restarting from an older one): uncommit
+        # the old copy first, readable or not, without pruning the shared directory.
+        self.scratch.remove(name, version, self.rank, prune=False)
         self._pending = _Pending(name, version, vdir)
 
     def checkpoint_mem(self, ids=None):
@@ -175,9 +179,7 @@ class Client(RestartMixin):
                 self._commit_scratch(pending)
             except VelocError as exc:
                 error, success = exc, False
-        everyone = self.host.all_true(success)
-        if not everyone:
-            self.host.discard(pending.name, pending.version)
+        if not self._agree_and_discard(pending.name, pending.version, success):
             if error is not None:
                 raise error
             if success:
@@ -185,6 +187,17 @@ class Client(RestartMixin):
                                       "it with success=False or failed to write its copy")
             return
         self.host.checkpoint(pending.name, pending.version)
+
+    def _agree_and_discard(self, name, version, success=False):
+        """Collective: ``True`` if every rank succeeded; otherwise discard the version everywhere."""
+        if self.host.all_true(success):
+            return True
+        try:
+            name, version = check_name(name), check_version(version)
+        except VelocError:
+            name = version = None     # nothing was written under an invalid name
+        self.host.discard(name, version)
+        return False
 
     def _commit_scratch(self, pending):
         for base, path in pending.routed.items():

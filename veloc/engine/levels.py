@@ -96,10 +96,12 @@ class LevelStore:
         atomic_write_bytes(self.manifest_path(manifest.name, manifest.version, manifest.rank),
                            manifest.to_bytes(), durable=self.durable)
 
-    def remove(self, name, version, rank, pool=None):
+    def remove(self, name, version, rank, pool=None, prune=True):
         """Delete one rank's copy: the manifest first (uncommit), then its files.
 
-        With a :class:`RecyclePool`, rank files go to the pool for reuse instead.
+        With a :class:`RecyclePool`, rank files go to the pool for reuse instead. With
+        ``prune``, an emptied version directory is removed too; an application rank
+        passes ``prune=False``, since another local rank may be writing into it.
         """
         vdir = self.version_dir(name, version)
         try:
@@ -117,10 +119,11 @@ class LevelStore:
                 pool.put(path, rank)
             else:
                 remove_quietly(path)
-        try:
-            vdir.rmdir()
-        except OSError:
-            pass
+        if prune:
+            try:
+                vdir.rmdir()
+            except OSError:
+                pass
 
 
 class RecyclePool:

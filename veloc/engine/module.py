@@ -58,6 +58,7 @@ class EngineContext:
         self.node = node
         self.peers = peers or Peers()
         self.log = logger or logging.getLogger("veloc.engine")
+        self.nranks = None    # size of the job being verified for restart, when known
 
     def scratch(self, rank):
         return LevelStore("scratch", self.config.scratch_dir(self.node, rank))

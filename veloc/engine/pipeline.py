@@ -75,8 +75,13 @@ class Engine:
                         out[rank].setdefault(v, []).append(module.level)
         return out
 
-    def verify(self, name, version, ranks):
-        """``{rank: (level or None, reasons)}``: the fastest level holding an intact copy."""
+    def verify(self, name, version, ranks, nranks=None):
+        """``{rank: (level or None, reasons)}``: the fastest level holding an intact copy.
+
+        ``nranks``: the size of the restarting job; copies written by a job of another
+        size are not restorable (their regions would not match the ranks' arrays).
+        """
+        self.ctx.nranks = nranks
         result = {rank: (None, []) for rank in ranks}
         for module in self.levels:
             pending = [r for r in ranks if result[r][0] is None]

@@ -152,6 +152,14 @@ class RankFile:
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptCheckpointError(f"{self.path}: malformed header ({exc})") from None
         for r in regions:
+            if r.kind == "array":
+                try:
+                    expected = int(np.prod(r.shape, dtype=np.int64)) * r.numpy_dtype().itemsize
+                except (ValueError, TypeError) as exc:
+                    raise CorruptCheckpointError(f"{self.path}: region {r.id!r} has a bad dtype ({exc})") from None
+                if expected != r.nbytes:
+                    raise CorruptCheckpointError(f"{self.path}: region {r.id!r} claims {r.nbytes} bytes for "
+                                                 f"{r.dtype} {r.shape} ({expected} expected)")
             if r.offset < PREFIX.size + length or r.offset + r.nbytes > self.size:
                 raise CorruptCheckpointError(
                     f"{self.path}: region {r.id!r} [{r.offset}, +{r.nbytes}) lies outside the file "

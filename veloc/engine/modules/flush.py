@@ -65,7 +65,8 @@ class FlushModule(Module):
         return out
 
     def verify(self, name, version, ranks):
-        return {rank: verify_copy(self.ctx.persistent(rank), name, version, rank) for rank in ranks}
+        return {rank: verify_copy(self.ctx.persistent(rank), name, version, rank, self.ctx.nranks)
+                for rank in ranks}
 
     def restore(self, name, version, ranks):
         for rank in ranks:

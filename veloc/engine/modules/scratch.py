@@ -22,19 +22,25 @@ class ScratchLevel(Module):
     def verify(self, name, version, ranks):
         out = {}
         for rank in ranks:
-            out[rank] = verify_copy(self.ctx.scratch(rank), name, version, rank)
+            out[rank] = verify_copy(self.ctx.scratch(rank), name, version, rank, self.ctx.nranks)
         return out
 
     def restore(self, name, version, ranks):
         return True  # already there: verify() said so
 
 
-def verify_copy(store, name, version, rank):
-    """``None`` if ``rank``'s copy of ``name``/``version`` in ``store`` is intact, else why not."""
+def verify_copy(store, name, version, rank, nranks=None):
+    """``None`` if ``rank``'s copy of ``name``/``version`` in ``store`` is intact, else why not.
+
+    With ``nranks``, a copy written by a job of another size does not count.
+    """
     try:
         manifest = store.read_manifest(name, version, rank)
         if manifest is None:
             return f"no copy of {name} v{version} rank {rank} at {store.level} ({store.root})"
+        if nranks is not None and manifest.nranks != nranks:
+            return (f"{name} v{version} at {store.level} was written by a job of {manifest.nranks} ranks, "
+                    f"this job has {nranks}")
         verify_files(manifest, store.version_dir(name, version))
     except CorruptCheckpointError as exc:
         return str(exc)
