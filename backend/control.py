@@ -93,16 +93,17 @@ def _journaled(config, node):
         return 0
 
 
-def drain(cfg, env=None, timeout=None):
+def drain(cfg, env=None, timeout=None, extra_args=()):
     """Wait until this node's backend has nothing pending; returns ``{"drained", "pending",
-    "failures"}``. With no backend running but unfinished items journaled, starts one to
-    finish them. Raises BackendError if the backend dies or stops answering."""
+    "failures"}``. With no backend running but unfinished items journaled, starts one
+    (with ``extra_args``) to finish them. Raises BackendError if the backend dies or stops
+    answering."""
     env = dict(os.environ if env is None else env)
     config, node, ep = lifecycle.resolve(cfg, env)
     if lifecycle.ping(ep) is None:
         if not _journaled(config, node):
             return {"drained": True, "pending": 0, "failures": [], "backend": None}
-        ep = lifecycle.ensure_backend(cfg, env, extra_args=("--idle-exit", "30"))
+        ep = lifecycle.ensure_backend(cfg, env, extra_args=("--idle-exit", "30", *extra_args))
     return wait_drained(ep, timeout)
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from veloc import ipc
 from veloc.errors import BackendError
 
+EXIT_ALREADY_RUNNING = 3   # exit code of a backend that found another one holding the lock
+
 # Variables a rank inherits from its MPI launcher: a backend started by a rank must not
 # believe it is part of the application's MPI job.
 _MPI_ENV_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "MPICH_INTERFACE", "OMPI_",
@@ -195,24 +197,32 @@ def _log_tail(path, n=20):
     return "\n".join(lines[-n:])
 
 
-def wait_ready(ep, deadline, proc=None, log_file=None):
-    """Poll until the backend at ``ep`` answers a ping; BackendError at ``deadline`` or
-    if ``proc`` (the backend we started) exits first."""
+def wait_ready(ep, deadline, start=None, log_file=None):
+    """Poll until the backend at ``ep`` answers a ping; BackendError at ``deadline``.
+
+    With ``start`` (a callable returning the ``Popen`` of a new backend), a backend is
+    started whenever none holds the lock — also when the one waited for dies meanwhile
+    (a killed multi-threaded process may keep its lock a moment after its main thread
+    is gone). A started backend that exits is an error, unless it exited because another
+    backend holds the lock (then that one is waited for).
+    """
+    proc = None
     while True:
+        if proc is None and start is not None and not backend_alive(ep):
+            cleanup_stale(ep)
+            proc = start()
         reply = ping(ep, timeout=max(0.2, min(2.0, deadline - time.monotonic())))
         if reply is not None:
             return reply
         if proc is not None and proc.poll() is not None:
-            if proc.returncode == 3 and backend_alive(ep):
-                proc = None     # lost a start race to a backend started by other means
-            else:
+            if proc.returncode != EXIT_ALREADY_RUNNING:
                 raise BackendError(
                     f"veloc backend for node {ep.node_id} exited with code {proc.returncode} "
                     f"during start-up; log {log_file}:\n{_log_tail(log_file)}")
+            proc = None
         if time.monotonic() >= deadline:
-            pid = read_pid(ep)
             raise BackendError(
-                f"veloc backend for node {ep.node_id} (pid {pid}) does not answer on "
+                f"veloc backend for node {ep.node_id} (pid {read_pid(ep)}) does not answer on "
                 f"{ep.socket} within the start-up timeout: it is hung or still starting; "
                 f"check {log_file or 'its log'}, kill it, and try again")
         time.sleep(0.05)
@@ -261,11 +271,8 @@ def ensure_backend(cfg_path, env=None, timeout=30.0, extra_args=()):
         if ping(ep) is not None:
             return ep
         log_file = log_path(config, node, ep)
-        proc = None
-        if not backend_alive(ep):
-            cleanup_stale(ep)
-            proc = spawn(config_file(cfg_path, config, ep), env, log_file, extra_args)
-        wait_ready(ep, deadline, proc, log_file)
+        cfg_file = config_file(cfg_path, config, ep)
+        wait_ready(ep, deadline, lambda: spawn(cfg_file, env, log_file, extra_args), log_file)
         return ep
     finally:
         release_lock(fd, ep.spawn_lock, unlink=True)

@@ -31,7 +31,7 @@ from .workqueue import WorkQueue
 
 log = logging.getLogger("veloc.backend")
 DEFAULT_EXECUTOR = f"{__package__}.executor:EngineExecutor"
-EXIT_ALREADY_RUNNING = 3
+EXIT_ALREADY_RUNNING = lifecycle.EXIT_ALREADY_RUNNING
 _ITEM_TYPES = {"group": str, "group_size": int, "order": str, "key": str}
 
 

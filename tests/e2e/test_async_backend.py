@@ -23,7 +23,7 @@ from conftest import REPO, run_mpi
 PKG = "veloc_backend" if importlib.util.find_spec("veloc_backend") else "backend"
 control = importlib.import_module(f"{PKG}.control")
 lifecycle = importlib.import_module(f"{PKG}.lifecycle")
-pytestmark = [pytest.mark.mpi, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 APP = textwrap.dedent("""
     import os, sys, numpy as np, veloc

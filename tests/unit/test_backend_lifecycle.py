@@ -24,6 +24,7 @@ from veloc.errors import BackendError
 
 PKG = "veloc_backend" if importlib.util.find_spec("veloc_backend") else "backend"
 lifecycle = importlib.import_module(f"{PKG}.lifecycle")
+control = importlib.import_module(f"{PKG}.control")
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 EXTRA = ("--executor", f"{Path(__file__).stem}:MarkerExecutor", "--idle-exit", "60",
@@ -310,3 +311,25 @@ def test_second_backend_for_same_node_exits(job):
     assert proc.returncode == 3
     with job.conn() as c:
         assert c.request({"op": "ping"})["pid"] == pid
+
+
+def test_drain_starts_a_backend_to_finish_a_dead_ones_journal(job):
+    job.env["VELOC_TEST_DELAY"] = "0.3"
+    ep, pid = job.ensure()
+    with job.conn() as c:
+        for v in range(4):
+            submit(c, f"j/{v}")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not alive(pid), what="death")
+    (entry,) = control.status(job.cfg, job.env)
+    assert not entry["alive"] and entry["journaled"] >= 3
+    assert "unfinished" in control.format_status([entry])
+    job.env["VELOC_TEST_DELAY"] = "0"
+    res = control.drain(job.cfg, job.env, timeout=30, extra_args=EXTRA)
+    job.pids.add(lifecycle.read_pid(job.ep))
+    assert res["drained"] and res["pending"] == 0
+    assert len(list(job.markers.iterdir())) == 4
+    (entry,) = control.status(job.cfg, job.env)
+    assert entry["alive"] and entry["counts"]["replayed"] >= 3
+    assert "0 pending" in control.format_status([entry])
+    assert control.drain(job.cfg, job.env, timeout=5)["drained"]
