@@ -62,8 +62,8 @@ class EngineExecutor:
         elif kind == "AVAILABLE":
             info["value"] = self.engine.available(name, ranks, first.get("max_version"))
         elif kind == "VERIFY":
-            info["value"] = {r: list(v) for r, v in
-                             self.engine.verify(name, int(version), ranks).items()}
+            table = self.engine.verify(name, int(version), ranks, first.get("nranks"))
+            info["value"] = {r: list(v) for r, v in table.items()}
         else:
             plan = {int(it["rank"]): it["level"] for it in batch.items}
             self.engine.restore(name, int(version), plan)

@@ -134,12 +134,15 @@ class AsyncHost:
         self._outstanding.append(self._submit(CHECKPOINT, name, int(version)))
 
     def discard(self, name, version):
-        """Remove this rank's copies of a version that never reached the backend."""
+        """Remove this rank's copies of a version that never reached the backend
+        (``name`` is ``None`` when nothing valid was ever written)."""
+        if name is None:
+            return
         roots = [("scratch", self.config.scratch_dir(self.node, self.rank)),
                  ("persistent", self.config.persistent_dir(self.node, self.rank))]
         for level, root in roots:
             if root is not None:
-                LevelStore(level, root).remove(name, version, self.rank)
+                LevelStore(level, root).remove(name, version, self.rank, prune=False)
 
     def available(self, name, max_version):
         value = self._call("AVAILABLE", name, max_version=max_version)
