@@ -35,8 +35,15 @@ _MPI_ENV_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "MPICH_INTERFACE", "OMP
 
 def try_lock(path):
     """Exclusively ``flock`` the file at ``path`` without blocking; fd or ``None``."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = Path(path)
+    for attempt in range(100):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:       # a stopping backend removed the empty folder
+            if attempt == 99:
+                raise
+            ipc.ensure_private_dir(path.parent)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -51,6 +58,7 @@ def try_lock(path):
         if same:
             return fd
         os.close(fd)       # its holder unlinked it between our open and our lock: retry
+    return None
 
 
 def acquire_lock(path, timeout):
@@ -107,7 +115,11 @@ def read_pid(ep):
 def write_pid(ep):
     """Atomically write this process's pid (called by the backend once it listens)."""
     tmp = ep.pid.with_name(ep.pid.name + f".{os.getpid()}")
-    tmp.write_text(f"{os.getpid()}\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
     os.replace(tmp, ep.pid)
 
 

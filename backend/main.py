@@ -174,10 +174,12 @@ class Backend:
         if not self.queue.stop(self.opts.stop_timeout):
             log.warning("work still running after %.0f s; leaving it to the next backend "
                         "(it is journaled)", self.opts.stop_timeout)
-        close = getattr(self.queue.executor, "close", None)
-        if close is not None:
-            close()
-        self.queue.journal.close()
+        try:
+            close = getattr(self.queue.executor, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.queue.journal.close()
 
 
 def _pid_alive(pid):
@@ -251,11 +253,18 @@ def run(argv=None):
         log.exception("backend failed")
         return 1
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if backend is not None:
-            backend.close()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)   # a second SIGTERM ends it at once
+        try:
+            if backend is not None:
+                backend.close()
+        except Exception:     # e.g. scratch deleted under us: still free the endpoint
+            log.exception("error while stopping; the journal may be incomplete")
         lifecycle.cleanup_stale(ep)
         lifecycle.release_lock(lock, ep.lock, unlink=True)
+        try:
+            os.rmdir(ep.dir)  # only if empty; clients re-create it (lifecycle.try_lock)
+        except OSError:
+            pass
         log.info("backend stopped")
         logging.shutdown()
 

@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -333,3 +334,14 @@ def test_drain_starts_a_backend_to_finish_a_dead_ones_journal(job):
     assert entry["alive"] and entry["counts"]["replayed"] >= 3
     assert "0 pending" in control.format_status([entry])
     assert control.drain(job.cfg, job.env, timeout=5)["drained"]
+
+
+def test_stop_frees_endpoint_even_if_scratch_was_deleted(job):
+    ep, pid = job.ensure()
+    with job.conn() as c:
+        submit(c, "z/1", 0, 2)                     # journaled on scratch, waiting for rank 1
+    shutil.rmtree(job.base / "scratch")            # the node's scratch is lost
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not alive(pid), timeout=15, what="exit on SIGTERM")
+    assert not ep.dir.exists()                     # socket, pid, lock and folder all gone
+    assert job.ensure()[1] != pid
