@@ -9,4 +9,10 @@ background for the node's application ranks in async mode. Modules:
 - :mod:`.workqueue` — journaled queue, per-version aggregation, bounded worker pool.
 - :mod:`.journal` — the crash-safe journal of accepted work on scratch.
 - :mod:`.lifecycle` — locks, stale-file cleanup, ``ensure_backend`` for clients.
+- :mod:`.executor` — the default executor: runs batches through the engine.
+- :mod:`.control` — ``drain``/``status``/``shutdown`` for ``veloc`` and ``veloc-run``.
+- :mod:`.launcher` — ``veloc-run``.
+
+The application side of async mode is :mod:`veloc.async_host`; the wire protocol and
+endpoint placement are in :mod:`veloc.ipc`.
 """
