@@ -4,6 +4,7 @@ Everything here works on buffers (memoryviews) and file descriptors: no Python l
 touches the data. Used by application ranks (local write, restart read) and by the engine
 in the sync-mode leader or the active backend (copies between levels).
 """
+import contextlib
 import errno
 import os
 import secrets
@@ -62,20 +63,22 @@ def preadinto_all(fd, view, offset):
     return done
 
 
-def atomic_write_bytes(path, data, durable=True):
-    """Commit ``data`` at ``path`` atomically: temp file, fsync, rename, fsync directory."""
+@contextlib.contextmanager
+def atomic_file(path, durable=True):
+    """Yield the descriptor of a private temporary file that replaces ``path`` on success.
+
+    The commit is temp file, fsync, rename, directory fsync: a crash at any point leaves
+    either the old ``path`` or the new one. On an exception the temporary file is removed.
+    """
     tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
-        pwrite_all(fd, data, 0)
-        if durable:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink_quietly(tmp)
-        raise
-    os.close(fd)
-    try:
+        try:
+            yield fd
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
@@ -84,33 +87,26 @@ def atomic_write_bytes(path, data, durable=True):
         fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path, data, durable=True):
+    """Commit ``data`` at ``path`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path, durable) as fd:
+        pwrite_all(fd, data, 0)
+
+
 def copy_file(src, dst, durable=True, on_chunk=None):
-    """Copy ``src`` to ``dst`` atomically (temp + fsync + rename) and return the size.
+    """Copy ``src`` to ``dst`` atomically (see :func:`atomic_file`) and return the size.
 
     Tries ``copy_file_range`` (in-kernel); between tmpfs and disk it fails with EXDEV on
     some kernels, so falls back to large ``readinto``/``write`` chunks. ``on_chunk(view)``
     (e.g. a hasher's update) forces the chunked path so every byte is seen once.
     """
-    tmp = temp_name(dst)
     size = os.stat(src).st_size
-    with open(src, "rb", buffering=0) as fin:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        try:
-            done = 0
-            if on_chunk is None:
-                done = _copy_in_kernel(fin.fileno(), fd, size)
-            if done < size:
-                _copy_chunks(fin, fd, done, size, on_chunk)
-            if durable:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(tmp)
-            raise
-        os.close(fd)
-    os.replace(tmp, dst)
-    if durable:
-        fsync_dir(dst.parent)
+    with open(src, "rb", buffering=0) as fin, atomic_file(dst, durable) as fd:
+        done = 0
+        if on_chunk is None:
+            done = _copy_in_kernel(fin.fileno(), fd, size)
+        if done < size:
+            _copy_chunks(fin, fd, done, size, on_chunk)
     return size
 
 
