@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -51,6 +52,20 @@ def run_mpi(args, n=2, env=None, timeout=120, nodes=None, check=True, cwd=None):
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_leaked_mpich_segments():
+    """A SIGKILLed rank leaves MPICH's shared-memory segment in /dev/shm; remove the ones
+    this session created once every job has ended."""
+    start = time.time() - 1
+    yield
+    for seg in Path("/dev/shm").glob("mpich_shm_*"):
+        try:
+            if seg.stat().st_mtime >= start and seg.stat().st_uid == os.getuid():
+                seg.unlink()
+        except OSError:
+            pass
 
 
 @pytest.fixture
