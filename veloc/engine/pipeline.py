@@ -13,11 +13,13 @@ from ..errors import CheckpointError, RestartError, VelocError
 from .levels import LEVEL_ORDER
 from .module import CHECKPOINT, EngineContext
 from .modules.checksum import ChecksumModule
+from .modules.erasure import ErasureModule
 from .modules.flush import FlushModule
+from .modules.partner import PartnerModule
 from .modules.scratch import ScratchLevel
 from .modules.versioning import VersioningModule
 
-MODULE_CLASSES = [ScratchLevel, ChecksumModule, FlushModule, VersioningModule]
+MODULE_CLASSES = [ScratchLevel, ChecksumModule, PartnerModule, ErasureModule, FlushModule, VersioningModule]
 
 
 def register_module(cls):

@@ -206,7 +206,7 @@ class PartnerModule(Module):
         for rank in wanted:
             store = self._find(name, version, rank)
             if store is not None:
-                found[rank] = verify_copy(store, name, version, rank)
+                found[rank] = verify_copy(store, name, version, rank, self.ctx.nranks)
         tables = self.ctx.peers.allgather(found)
         out = {}
         for rank in ranks:
