@@ -24,6 +24,7 @@ from veloc import ipc
 from veloc.errors import BackendError
 
 EXIT_ALREADY_RUNNING = 3   # exit code of a backend that found another one holding the lock
+EXIT_SCRATCH_BUSY = 4      # ... that found the scratch's journal used by another backend
 
 # Variables a rank inherits from its MPI launcher: a backend started by a rank must not
 # believe it is part of the application's MPI job.

@@ -234,15 +234,24 @@ def run(argv=None):
         log.error("another backend (pid %s) already serves node %s at %s; exiting",
                   lifecycle.read_pid(ep), node, ep.socket)
         return EXIT_ALREADY_RUNNING
-    backend = None
+    backend = scratch_lock = None
+    journal_file = lifecycle.journal_path(config, node)
     try:
         lifecycle.cleanup_stale(ep)
+        # One backend per scratch too, even if another runtime dir hides its socket.
+        journal_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        scratch_lock = lifecycle.try_lock(journal_file.with_suffix(".lock"))
+        if scratch_lock is None:
+            log.error("another backend already works on scratch %s for node %s from a "
+                      "different runtime folder; give every process of the job the same "
+                      "VELOC_RUNTIME_DIR / XDG_RUNTIME_DIR", journal_file.parent, node)
+            return lifecycle.EXIT_SCRATCH_BUSY
         try:
             os.nice(opts.nice)
         except OSError as exc:
             log.warning("cannot lower CPU priority by %d: %s", opts.nice, exc)
         executor = load_executor(opts.executor, config, node)
-        journal = Journal(lifecycle.journal_path(config, node))
+        journal = Journal(journal_file)
         queue = WorkQueue(journal, executor, workers=config.max_parallelism).start()
         backend = Backend(config, node, ep, queue, opts)
         signal.signal(signal.SIGTERM, lambda *_: backend.request_stop())
@@ -259,6 +268,11 @@ def run(argv=None):
                 backend.close()
         except Exception:     # e.g. scratch deleted under us: still free the endpoint
             log.exception("error while stopping; the journal may be incomplete")
+        if scratch_lock is not None:
+            try:
+                lifecycle.release_lock(scratch_lock, journal_file.with_suffix(".lock"))
+            except OSError:
+                pass
         lifecycle.cleanup_stale(ep)
         lifecycle.release_lock(lock, ep.lock, unlink=True)
         try:

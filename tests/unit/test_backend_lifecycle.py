@@ -345,3 +345,16 @@ def test_stop_frees_endpoint_even_if_scratch_was_deleted(job):
     wait_for(lambda: not alive(pid), timeout=15, what="exit on SIGTERM")
     assert not ep.dir.exists()                     # socket, pid, lock and folder all gone
     assert job.ensure()[1] != pid
+
+
+def test_same_scratch_from_another_runtime_dir_is_refused(job):
+    ep, pid = job.ensure()
+    other_rt = Path(tempfile.mkdtemp(prefix="vrt2-", dir="/tmp"))
+    env = dict(job.env, VELOC_RUNTIME_DIR=str(other_rt))
+    try:
+        with pytest.raises(BackendError, match="exited with code 4"):
+            lifecycle.ensure_backend(job.cfg, env, timeout=20, extra_args=EXTRA)
+    finally:
+        shutil.rmtree(other_rt, ignore_errors=True)
+    with job.conn() as c:
+        assert c.request({"op": "ping"})["pid"] == pid
