@@ -213,18 +213,40 @@ def _extract(args):
     return 0
 
 
+def _drain_args(p):
+    _cfg_arg(p)
+    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (default: wait)")
+
+
+def _drain(args):
+    from veloc_backend.control import drain
+    done = drain(args.cfg, timeout=args.timeout)
+    for failure in done["failures"]:
+        print(f"failed: {failure.get('group')}: {failure.get('error')}", file=sys.stderr)
+    print("drained" if done["drained"] else f"not drained: {done['pending']} item(s) still pending")
+    return 0 if done["drained"] and not done["failures"] else 1
+
+
+def _status(args):
+    from veloc_backend.control import format_status, status
+    print(format_status(status(args.cfg)))
+    return 0
+
+
 COMMANDS = [
     Command("ls", "list checkpoint versions per level, with ranks, size and state", _ls_args, _ls),
     Command("verify", "verify the checksums of every rank's copy at every level", _verify_args, _verify),
     Command("show", "print the header of a rank file: name, version, rank, regions", _show_args, _show),
     Command("extract", "write one array region of a rank file to a .npy file", _extract_args, _extract),
+    Command("drain", "wait until this node's backend (async mode) has nothing pending", _drain_args, _drain),
+    Command("status", "show each backend of the job on this machine: queue, failures, log", _cfg_arg, _status),
 ]
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="veloc", description="Inspect veloc checkpoints: list versions per level, verify checksums, "
-        "show a rank file's regions, extract a region to .npy.",
+        "show a rank file's regions, extract a region to .npy; drain and show async backends.",
         epilog="exit status: 0 success, 1 a copy failed verification, 2 usage/configuration/file error. "
         "Scratch is node-local: ls/verify read the scratch of this node (or --node).")
     parser.add_argument("--traceback", action="store_true", help="show Python tracebacks of errors (debugging)")

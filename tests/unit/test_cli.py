@@ -319,3 +319,14 @@ def test_inconsistent_header_is_shown_but_never_extracted(tmp_path, capsys):
     code, _, err = run(capsys, "extract", bad, "m", tmp_path / "m.npy")
     assert_usage_error(code, err, bad, "claims 8 bytes")
     assert not list(tmp_path.glob("*.npy"))
+
+
+def test_status_and_drain_without_a_backend(tmp_path, capsys):
+    ini = tmp_path / "async.ini"
+    ini.write_text(f"scratch = {tmp_path}/scratch/{{node}}\nmode = async\n")
+    code, out, _ = run(capsys, "status", ini)
+    assert code == 0 and "no backend running; 0 unfinished item(s)" in out
+    code, out, _ = run(capsys, "drain", ini)
+    assert code == 0 and out.strip() == "drained"
+    code, _, err = run(capsys, "drain", tmp_path / "missing.ini")
+    assert code == 2 and "cannot read config file" in err
