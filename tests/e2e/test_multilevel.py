@@ -38,13 +38,13 @@ def write_config(dirs, sections, name="ml.ini", **top):
     return path
 
 
-def app(cfg, phase, *extra, nodes=NODES):
-    return run_mpi([APP, "--config", cfg, "--phase", phase, *extra], nodes=nodes, timeout=TIMEOUT)
+def app(cfg, phase, *extra, nodes=NODES, env=None):
+    return run_mpi([APP, "--config", cfg, "--phase", phase, *extra], nodes=nodes, timeout=TIMEOUT, env=env)
 
 
-def restart(cfg, *extra):
+def restart(cfg, *extra, env=None):
     """Run the restart job; ``(version or None, [level per rank], proc)``."""
-    proc = app(cfg, "restart", *extra)
+    proc = app(cfg, "restart", *extra, env=env)
     match = LINE.search(proc.stdout)
     assert match, f"no restart line:\n{proc.stdout}\n{proc.stderr}"
     if match.group(1) == "None":
@@ -84,15 +84,19 @@ def test_partner_copy_survives_a_lost_node_and_is_rebuilt(dirs):
 
 
 @pytest.mark.timeout(120)
-def test_xor_rebuilds_a_lost_node_and_reprotects_it(dirs):
-    cfg = write_config(dirs, XOR)
-    app(cfg, "checkpoint")
+@pytest.mark.parametrize("chksum,piece", [("true", None), ("false", 4093)], ids=["digests", "nodigest-pieces"])
+def test_xor_rebuilds_a_lost_node_and_reprotects_it(dirs, chksum, piece):
+    """Also without per-file digests (the group record's block digest checks the rebuild),
+    and with every MPI message cut into odd 4093-byte pieces."""
+    env = {"ML_MPI_PIECE": str(piece)} if piece else None
+    cfg = write_config(dirs, XOR, chksum=chksum)
+    app(cfg, "checkpoint", env=env)
     lose(dirs, "n2")
-    version, levels, _ = restart(cfg)
+    version, levels, _ = restart(cfg, env=env)
     assert (version, levels) == (3, ["scratch", "scratch", "erasure", "scratch"])
     assert (dirs["scratch"] / "n2" / ".erasure" / "ml" / "v3" / "group.json").is_file()
     lose(dirs, "n1")                  # a second failure: the parity was rebuilt with the data
-    version, levels, _ = restart(cfg)
+    version, levels, _ = restart(cfg, env=env)
     assert (version, levels) == (3, ["scratch", "erasure", "scratch", "scratch"])
 
 
@@ -186,3 +190,70 @@ def test_heat_restarts_bit_exact_after_losing_a_node(dirs, tmp_path):
     assert "veloc: restarted from version 20 (levels: scratch=3, partner=1)" in proc.stdout, proc.stdout
     got, want = np.load(out), np.load(reference)
     assert got.tobytes() == want.tobytes()
+
+
+@pytest.fixture
+def backends(dirs):
+    """Async mode: start the 4 nodes' backends as one MPI job (``mpiexec`` MPMD, one per
+    virtual node), so partner and erasure work between them; ``start()``/``stop()``."""
+    import importlib
+    import importlib.util
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from conftest import mpiexec_path
+    pkg = "veloc_backend" if importlib.util.find_spec("veloc_backend") else "backend"
+    control = importlib.import_module(f"{pkg}.control")
+    runtime = Path(tempfile.mkdtemp(prefix="vml-", dir="/tmp"))
+    env = dict(os.environ, VELOC_RUNTIME_DIR=str(runtime), PYTHONPATH=str(REPO))
+    state = {"proc": None, "env": {"VELOC_RUNTIME_DIR": str(runtime)}}
+
+    def start(cfg):
+        cmd = [mpiexec_path()]
+        for i, node in enumerate(NODES):
+            cmd += ([":"] if i else []) + ["-n", "1", "-env", "VELOC_NODE_ID", node, sys.executable,
+                                           "-m", f"{pkg}.main", str(cfg), "--idle-exit", "120"]
+        state["proc"] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while len(control.job_backends(cfg, env)) < len(NODES):
+            assert state["proc"].poll() is None, state["proc"].stderr.read().decode()
+            assert time.monotonic() < deadline, "backends did not come up"
+            time.sleep(0.2)
+
+    def stop():
+        proc, state["proc"] = state["proc"], None
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    state.update(start=start, stop=stop, control=control, runtime_env=env)
+    yield state
+    stop()
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.mark.timeout(150)
+def test_async_mode_backends_rebuild_a_lost_node(dirs, backends):
+    """mode = async: the backends (one MPI world) copy and encode in the background; a
+    node is lost with its backend; new backends rebuild it from the erasure group."""
+    cfg = write_config(dirs, {**PARTNER, **XOR}, mode="async")
+    cfg.write_text(cfg.read_text().replace("mode = sync\n", ""))
+    backends["start"](cfg)
+    app(cfg, "checkpoint", env=backends["env"])
+    backends["stop"]()
+    assert (dirs["scratch"] / "n3" / ".erasure" / "ml" / "v3" / "group.json").is_file()
+    assert (dirs["scratch"] / "n3" / ".partner" / "n2" / "ml" / "v3" / "r2.manifest.json").is_file()
+    lose(dirs, "n2")
+    shutil.rmtree(dirs["scratch"] / "n3" / ".partner")       # n2's partner copy is gone too
+    backends["start"](cfg)
+    version, levels, _ = restart(cfg, "--then", 4, env=backends["env"])
+    assert (version, levels) == (3, ["scratch", "scratch", "erasure", "scratch"])

@@ -14,10 +14,11 @@ exception or none does, and no engine is left waiting in a collective.
 """
 import mmap
 import os
+from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError, CorruptCheckpointError, VelocError
+from ..errors import CorruptCheckpointError, VelocError
 from .fileio import FILE_MODE, fsync_dir, make_dirs, remove_quietly, temp_name
 from .hashing import digest_buffer
 
@@ -109,18 +110,28 @@ class OutgoingFile:
 class IncomingFile:
     """A file being received: a temporary file next to ``path``, preallocated and mapped
     (so a full disk fails here with ENOSPC, never later with SIGBUS), filled by MPI,
-    then checked and renamed into place by :meth:`commit`."""
+    then checked and renamed into place by :meth:`commit`. ``recycle``: an old,
+    uncommitted file to reuse (writing over allocated tmpfs pages is ~2x faster than
+    allocating fresh ones, DESIGN.md §6)."""
 
-    def __init__(self, path, size, durable=True):
+    def __init__(self, path, size, durable=True, recycle=None):
         self.path, self.size, self.durable = path, size, durable
         make_dirs(path.parent)
         self.tmp = temp_name(path)
-        self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        populate = 0
+        if recycle is not None:      # an uncommitted old file: its pages are already allocated
+            try:
+                os.replace(recycle, self.tmp)
+                populate = getattr(mmap, "MAP_POPULATE", 0)
+            except OSError:
+                pass
+        self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | (0 if populate else os.O_EXCL), FILE_MODE)
         self._map = None
         try:
+            os.ftruncate(self._fd, size)
             if size:
                 os.posix_fallocate(self._fd, 0, size)
-                self._map = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED)
+                self._map = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED | populate)
         except BaseException:
             self.abort()
             raise
@@ -166,8 +177,13 @@ def close_all(files):
             pass
 
 
-def check_comm(peers, what):
-    """The communicator of the engines, or a CheckpointError saying why there is none."""
-    if peers.comm is None:
-        raise CheckpointError(f"{what} needs the engines of at least two nodes connected over MPI")
-    return peers.comm
+def node_scratch(config, node):
+    """The node's own scratch folder: the scratch path with ``{node}`` filled in, cut before
+    the first component that depends on ``{rank}`` (the partner and erasure trees live in
+    ``.partner`` and ``.erasure`` under it, next to the backend's ``.veloc-backend``)."""
+    parts = []
+    for part in Path(config.scratch).parts:
+        if "{rank" in part:
+            break
+        parts.append(part.replace("{node}", node))
+    return Path(*parts) if parts else Path(".")

@@ -11,9 +11,11 @@ array bit for bit against what was checkpointed, and print on rank 0::
     ml: restarted version V levels [L0, L1, ...] exact True
 
 or ``ml: restarted version None`` when nothing is restorable. ``--then V2`` checkpoints
-version V2 afterwards (the job goes on after a rebuild).
+version V2 afterwards (the job goes on after a rebuild). ``ML_MPI_PIECE=N`` cuts every
+MPI message of the partner/erasure levels into pieces of N bytes.
 """
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -42,6 +44,9 @@ def main():
     p.add_argument("--scale", type=int, default=20)
     p.add_argument("--then", type=int, default=None)
     args = p.parse_args()
+    if os.environ.get("ML_MPI_PIECE"):      # exercise the cutting of big messages
+        from veloc.engine import transfer
+        transfer.PIECE = int(os.environ["ML_MPI_PIECE"])
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     with veloc.init(args.config, comm=comm) as ckpt:

@@ -35,7 +35,7 @@ from ..striping import (DIGEST, FORMAT, GroupStore, canonical, encode_exchange, 
                         manifests_of, member_index, ranks_of, read_block, rebuild_exchange, rebuild_plan,
                         write_ranks)
 from ..topology import TopologyError, domain_of, groups, held_parity, unrecoverable
-from ..transfer import gather, local, settle
+from ..transfer import gather, local, node_scratch, settle
 
 
 class ErasureModule(Module):
@@ -76,7 +76,7 @@ class ErasureModule(Module):
         return False
 
     def _store(self):
-        return GroupStore(self.ctx.config.scratch_dir(self.ctx.node, 0) / ".erasure")
+        return GroupStore(node_scratch(self.ctx.config, self.ctx.node) / ".erasure")
 
     def _my_group(self):
         """Collective on first use: this node's group (node ids) per the topology."""
@@ -161,7 +161,9 @@ class ErasureModule(Module):
         if state is not None:
             peer, me, k, chunk, codec, block, length = state
             parity, digests = encode_exchange(peers.comm, peer, me, block, k, m, chunk, codec)
-            result = {"digest": digest_buffer(block[:length], DIGEST), "parity": digests}
+            # per-file digests (checksum module) already pin the data; else digest the block
+            undigested = any(not f.get("digest") for x in by_node[node][1]["manifests"] for f in x["files"])
+            result = {"digest": digest_buffer(block[:length], DIGEST) if undigested else None, "parity": digests}
             del block
         final = gather(peers, node, result, None, error_cls, what)
 
@@ -321,7 +323,8 @@ class ErasureModule(Module):
             if me in lost or not any(src == me and kind == "data" for _, _, b in plan for _, src, kind, _ in b):
                 return codec, manifests, np.zeros(k * chunk, dtype=np.uint8)
             block, length = read_block(self.ctx.scratch, manifests, k * chunk)
-            if digest_buffer(block[:length], DIGEST) != rec["members"][me]["digest"]:
+            expected = rec["members"][me]["digest"]
+            if expected and digest_buffer(block[:length], DIGEST) != expected:
                 raise CorruptCheckpointError(f"node {node}'s scratch data of {name} v{version} no longer "
                                              "matches what was encoded")
             return codec, manifests, block
@@ -338,7 +341,7 @@ class ErasureModule(Module):
             if state is None or me not in lost:
                 return
             entry = rec["members"][me]
-            if digest_buffer(block[:entry["length"]], DIGEST) != entry["digest"]:
+            if entry["digest"] and digest_buffer(block[:entry["length"]], DIGEST) != entry["digest"]:
                 raise CorruptCheckpointError(f"rebuilt block of node {node} does not match its recorded digest")
             have = stats[peers.index][1]
             write_ranks(self.ctx.scratch, manifests, block, node, set(ranks_of(rec, node)) - have)

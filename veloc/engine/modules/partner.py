@@ -17,14 +17,15 @@ them deep); ``restore`` ships the chosen copies back to the owners' fresh scratc
 verifies and commits them, then re-protects: every local rank whose scratch copy of the
 version is present but whose partner lost its copy ships it again. Survives the loss of
 any single node's scratch (of any number of nodes as long as no node and its partner
-are both lost). ``<scratch>`` is the scratch path with ``{rank}`` = 0.
+are both lost). ``<scratch>`` is ``transfer.node_scratch``: the scratch path up to ``{rank}``.
 """
 from ...errors import CheckpointError, CorruptCheckpointError, RestartError
 from ..levels import LevelStore
 from ..manifest import verify_files
 from ..module import Module
 from ..topology import TopologyError, domain_of, partners
-from ..transfer import TAG_PARTNER, Exchange, IncomingFile, OutgoingFile, close_all, gather, local, settle
+from ..transfer import (TAG_PARTNER, Exchange, IncomingFile, OutgoingFile, close_all, gather, local,
+                        node_scratch, settle)
 from .scratch import verify_copy
 
 
@@ -53,7 +54,7 @@ class PartnerModule(Module):
         return False
 
     def _root(self):
-        return self.ctx.config.scratch_dir(self.ctx.node, 0) / ".partner"
+        return node_scratch(self.ctx.config, self.ctx.node) / ".partner"
 
     def _store(self, owner):
         return LevelStore("partner", self._root() / owner)
@@ -130,7 +131,11 @@ class PartnerModule(Module):
             for _, manifest, store in recvs:
                 store.remove(manifest.name, manifest.version, manifest.rank)   # uncommit first
                 vdir = store.version_dir(manifest.name, manifest.version)
-                files.extend(IncomingFile(vdir / e.name, e.size, store.durable) for e in manifest.files)
+                old, reuse = self._victim(store, manifest) if level == "partner" else (None, {})
+                files.extend(IncomingFile(vdir / e.name, e.size, store.durable, reuse.get(e.name))
+                             for e in manifest.files)
+                if old is not None:
+                    store.remove(manifest.name, old, manifest.rank)
             for _, manifest, store in sends:
                 vdir = store.version_dir(manifest.name, manifest.version)
                 files.extend(OutgoingFile(vdir / e.name, e.size) for e in manifest.files)
@@ -167,6 +172,19 @@ class PartnerModule(Module):
         finally:
             close_all(files)
         settle(peers, node, error, error_cls, what)
+
+    def _victim(self, store, manifest):
+        """The copy that garbage collection drops once ``manifest``'s version is in: its
+        version and ``{file name: path}``, uncommitted here so its files can be reused."""
+        keep = self.ctx.config.scratch_versions
+        name, rank = manifest.name, manifest.rank
+        older = sorted(v for v in store.rank_versions(name, rank) if v != manifest.version)
+        if keep <= 0 or len(older) < keep:
+            return None, {}
+        victim = older[0]
+        store.manifest_path(name, victim, rank).unlink(missing_ok=True)
+        vdir = store.version_dir(name, victim)
+        return victim, {e.name: vdir / e.name for e in manifest.files if (vdir / e.name).is_file()}
 
     def _collect(self, name):
         keep = self.ctx.config.scratch_versions
