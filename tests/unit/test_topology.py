@@ -152,3 +152,19 @@ def test_canonical_record_and_losses():
     assert lost == {1} and lost_parity == set()
     lost, lost_parity = losses(a, ["n0", "n2"], [{(0, 0)}, set()], set())
     assert lost == {1} and lost_parity == {(2, 0)}
+
+
+def test_segments_cover_a_chunk_of_the_concatenated_files():
+    from veloc.engine.striping import segments
+    sizes = [5, 0, 3, 10]
+    data = np.arange(sum(sizes))
+    parts = np.split(data, np.cumsum(sizes)[:-1])
+    for start in range(0, 24, 4):
+        got = np.full(4, -1)
+        for i, off, at, n in segments(sizes, start, 4):
+            assert n > 0
+            got[at:at + n] = parts[i][off:off + n]
+        want = np.full(4, -1)
+        tail = data[start:start + 4]
+        want[:tail.size] = tail
+        assert got.tolist() == want.tolist()

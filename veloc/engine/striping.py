@@ -10,7 +10,8 @@ the group with the same arguments apart from its own index and buffers.
 A member's *data block* is the concatenation of the files of its ranks' scratch copies
 (ranks ascending, files in manifest order), zero-padded to ``k * chunk`` bytes where
 ``chunk = ceil(max member length / k)``; chunk ``t`` of it feeds the stripe where the
-member sits at data position ``t`` (``veloc.engine.topology``).
+member sits at data position ``t`` (``veloc.engine.topology``). Encoding sends the
+chunks straight from the files' mappings; a rebuild reads survivors' blocks into memory.
 
 The *group record* ``<scratch>/.erasure/<name>/v<version>/group.json`` (the same on
 every member; it is the commit record, written last, atomically) holds: scheme,
@@ -27,12 +28,12 @@ import shutil
 import numpy as np
 
 from ..errors import CorruptCheckpointError
-from .fileio import atomic_write_bytes, make_dirs, preadinto_all, remove_quietly
-from .hashing import digest_buffer
+from .fileio import atomic_write_bytes, fsync_dir, make_dirs, pwrite_all, remove_quietly, temp_name
+from .hashing import digest_buffer, hasher
 from .levels import _VDIR
 from .manifest import Manifest
 from .topology import data_members, data_position, held_parity, parity_members
-from .transfer import TAG_ERASURE, Exchange
+from .transfer import TAG_ERASURE, Exchange, OutgoingFile, close_all
 
 RECORD = "group.json"
 DIGEST = "xxh3_128"
@@ -80,14 +81,29 @@ class GroupStore:
     def uncommit(self, name, version):
         remove_quietly(self.version_dir(name, version) / RECORD)
 
-    def commit(self, record, parity):
-        """Write ``parity`` ({(stripe, j): array}) then the record (the commit point)."""
+    def commit(self, record, parity, reuse=()):
+        """Write ``parity`` ({(stripe, j): array}) then the record (the commit point).
+
+        ``reuse``: uncommitted old parity files whose allocated space the new ones take over.
+        """
         name, version = record["name"], record["version"]
         vdir = self.version_dir(name, version)
         make_dirs(vdir)
+        reuse = list(reuse)
         for (s, j), block in sorted(parity.items()):
-            atomic_write_bytes(self.parity_path(name, version, s, j), block, durable=self.durable)
+            path = self.parity_path(name, version, s, j)
+            if not (reuse and _write_over(path, block, reuse.pop(), self.durable)):
+                atomic_write_bytes(path, block, durable=self.durable)
         atomic_write_bytes(vdir / RECORD, json.dumps(record, sort_keys=True).encode(), durable=self.durable)
+
+    def take_victim(self, name, version, keep):
+        """The version garbage collection drops once ``version`` is in (``keep`` newest kept),
+        uncommitted, and its parity files: ``(version or None, [paths])``."""
+        older = [v for v in self.versions(name) if v != version]
+        if keep <= 0 or len(older) < keep:
+            return None, []
+        self.uncommit(name, older[0])
+        return older[0], sorted(self.version_dir(name, older[0]).glob("s*.p*.par"))
 
     def parity_intact(self, record, member, deep=True):
         """``{(stripe, j)}`` of ``member``'s parity blocks that match ``record``."""
@@ -112,30 +128,35 @@ class GroupStore:
         shutil.rmtree(self.version_dir(name, version), ignore_errors=True)
 
 
+def _write_over(path, data, old, durable):
+    """Commit ``data`` at ``path`` by overwriting the already allocated file ``old`` (about 3x
+    faster than filling fresh tmpfs pages, DESIGN.md §6); ``False`` if ``old`` is unusable."""
+    tmp = temp_name(path)
+    try:
+        os.replace(old, tmp)
+        fd = os.open(tmp, os.O_WRONLY)
+    except OSError:
+        remove_quietly(tmp)
+        return False
+    try:
+        pwrite_all(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        remove_quietly(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
+    return True
+
+
 def manifests_of(entry):
     """The scratch manifests recorded for one member, as :class:`Manifest` objects."""
     return [Manifest.from_bytes(json.dumps(m).encode(), "erasure group record") for m in entry["manifests"]]
-
-
-def read_block(scratch, manifests, padded):
-    """One member's data block: its files read from scratch into ``padded`` zeroed bytes.
-
-    ``scratch(rank)`` gives a rank's scratch LevelStore. Returns ``(block, length)``.
-    """
-    block = np.zeros(padded, dtype=np.uint8)
-    offset = 0
-    for manifest in manifests:
-        vdir = scratch(manifest.rank).version_dir(manifest.name, manifest.version)
-        for entry in manifest.files:
-            path = vdir / entry.name
-            with open(path, "rb", buffering=0) as f:
-                actual = os.fstat(f.fileno()).st_size
-                got = preadinto_all(f.fileno(), block[offset:offset + entry.size], 0) if actual == entry.size else -1
-            if got != entry.size:
-                raise CorruptCheckpointError(f"{path}: size differs from {entry.size} recorded for "
-                                             f"rank {manifest.rank} {manifest.name} v{manifest.version}")
-            offset += entry.size
-    return block, offset
 
 
 def write_ranks(scratch, manifests, block, node, ranks):
@@ -158,18 +179,60 @@ def write_ranks(scratch, manifests, block, node, ranks):
         store.commit_manifest(manifest.copy_for("scratch", node=node))
 
 
-def encode_exchange(comm, peer, me, block, k, m, chunk, codec):
+def segments(sizes, start, length):
+    """``[(file index, offset in file, offset in chunk, bytes)]`` covering bytes
+    ``[start, start + length)`` of the concatenation of files of ``sizes``; whatever lies
+    past the end of the files is padding (zeros) and is not covered."""
+    out, pos = [], 0
+    for i, size in enumerate(sizes):
+        lo, hi = max(start, pos), min(start + length, pos + size)
+        if hi > lo:
+            out.append((i, lo - pos, lo - start, hi - lo))
+        pos += size
+    return out
+
+
+def open_files(scratch, manifests):
+    """Read-only mappings (``transfer.OutgoingFile``) of a member's files, in block order."""
+    files = []
+    try:
+        for manifest in manifests:
+            vdir = scratch(manifest.rank).version_dir(manifest.name, manifest.version)
+            files.extend(OutgoingFile(vdir / e.name, e.size) for e in manifest.files)
+    except BaseException:
+        close_all(files)
+        raise
+    return files
+
+
+def digest_files(files):
+    """Digest of a member's unpadded block, hashed from its files' mappings."""
+    h = hasher(DIGEST)
+    for f in files:
+        h.update(f.view)
+    return h.hexdigest()
+
+
+def encode_exchange(comm, peer, me, files, sizes, k, m, chunk, codec):
     """Collective within one group: returns ``(my parity {(s, j): array}, digests of the
-    parity of the stripe I encode)``. ``peer[i]`` is member i's rank in ``comm``."""
+    parity of the stripe I encode)``. ``peer[i]`` is member i's rank in ``comm``;
+    ``files`` are my mapped files, ``sizes[i]`` member i's file sizes in block order.
+    Chunks travel straight from the senders' file mappings (no staging copy there)."""
     g = len(peer)
     ex = Exchange(comm, TAG_ERASURE)
     stage = np.empty((k, chunk), dtype=np.uint8)
     for t, d in enumerate(data_members(me, g, m)):          # I encode stripe ``me``
-        ex.recv(stage[t], peer[d])
+        covered = 0
+        for _, _, at, n in segments(sizes[d], t * chunk, chunk):
+            ex.recv(stage[t, at:at + n], peer[d])
+            covered = at + n
+        stage[t, covered:] = 0
+    mine = sizes[me]
     for s in range(g):
         t = data_position(me, s, g, m)
         if t is not None:
-            ex.send(block[t * chunk:(t + 1) * chunk], peer[s])
+            for i, off, _, n in segments(mine, t * chunk, chunk):
+                ex.send(files[i].view[off:off + n], peer[s])
     ex.wait()
     parity = codec.encode(list(stage))
     del stage
@@ -201,34 +264,40 @@ def rebuild_plan(g, m, lost, parity_ok):
     return plan
 
 
-def rebuild_exchange(comm, peer, me, plan, block, parity_of, chunk, k, codec):
-    """Collective within one group: survivors send the planned blocks; every lost member
-    decodes its chunks into ``block`` (its own zeroed buffer). ``parity_of(s, j)`` loads
-    a parity block this member holds."""
+def rebuild_exchange(comm, peer, me, plan, files, sizes, parity_of, chunk, k, codec, block):
+    """Collective within one group: survivors send the planned blocks (data chunks straight
+    from their mapped ``files``, parity loaded by ``parity_of(s, j)``); every lost member
+    decodes its chunks into ``block``, its own buffer of ``k * chunk`` bytes.
+    ``sizes[i]`` are member i's file sizes in block order."""
     g = len(peer)
     m = g - k
     ex = Exchange(comm, TAG_ERASURE)
-    received = {}
-    loaded = {}
+    received, loaded = {}, {}
     for x, s, blocks in plan:
         for index, src, kind, pos in blocks:
             if x == me:
                 buf = received.setdefault((s, index), np.empty(chunk, dtype=np.uint8))
-                ex.recv(buf, peer[src])
+                if kind == "parity":
+                    ex.recv(buf, peer[src])
+                    continue
+                covered = 0
+                for _, _, at, n in segments(sizes[src], pos * chunk, chunk):
+                    ex.recv(buf[at:at + n], peer[src])
+                    covered = at + n
+                buf[covered:] = 0
+            elif src == me and kind == "data":
+                for i, off, _, n in segments(sizes[me], pos * chunk, chunk):
+                    ex.send(files[i].view[off:off + n], peer[x])
             elif src == me:
-                if kind == "data":
-                    ex.send(block[pos * chunk:(pos + 1) * chunk], peer[x])
-                else:
-                    if (s, pos) not in loaded:
-                        loaded[(s, pos)] = parity_of(s, pos)
-                    ex.send(loaded[(s, pos)], peer[x])
+                if (s, pos) not in loaded:
+                    loaded[(s, pos)] = parity_of(s, pos)
+                ex.send(loaded[(s, pos)], peer[x])
     ex.wait()
     for x, s, blocks in plan:
-        if x != me:
-            continue
-        data = codec.decode({index: received[(s, index)] for index, _, _, _ in blocks}, chunk)
-        t = data_position(me, s, g, m)
-        block[t * chunk:(t + 1) * chunk] = data[t]
+        if x == me:
+            data = codec.decode({index: received[(s, index)] for index, _, _, _ in blocks}, chunk)
+            t = data_position(me, s, g, m)
+            block[t * chunk:(t + 1) * chunk] = data[t]
 
 
 # -- shared decisions (pure) ---------------------------------------------------------

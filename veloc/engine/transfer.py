@@ -14,6 +14,7 @@ exception or none does, and no engine is left waiting in a collective.
 """
 import mmap
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +78,18 @@ class Exchange:
             self.requests.append(self.comm.Irecv(view[start:start + PIECE], source=source, tag=self.tag))
 
     def wait(self):
+        """Complete every posted operation. Polls politely (yield, then short sleeps)
+        instead of spinning in ``Waitall``: an engine waiting for a slower node must not
+        take a core from the application (sync mode) or from the other local work."""
         from mpi4py import MPI
-        if self.requests:
-            MPI.Request.Waitall(self.requests)
-        self.requests = []
+        reqs, self.requests = self.requests, []
+        polls = 0
+        while reqs and not MPI.Request.Testall(reqs):
+            polls += 1
+            if polls < 50:
+                os.sched_yield()
+            else:
+                time.sleep(min(1e-3, 1e-5 * (polls - 49)))
 
 
 def _bytes(buf):

@@ -31,11 +31,11 @@ from ...errors import CheckpointError, ConfigError, CorruptCheckpointError, Rest
 from ..erasure_codec import make_codec
 from ..hashing import digest_buffer
 from ..module import Module
-from ..striping import (DIGEST, FORMAT, GroupStore, canonical, encode_exchange, held_parity_all, losses,
-                        manifests_of, member_index, ranks_of, read_block, rebuild_exchange, rebuild_plan,
+from ..striping import (DIGEST, FORMAT, GroupStore, canonical, digest_files, encode_exchange, held_parity_all,
+                        losses, manifests_of, member_index, open_files, ranks_of, rebuild_exchange, rebuild_plan,
                         write_ranks)
 from ..topology import TopologyError, domain_of, groups, held_parity, unrecoverable
-from ..transfer import gather, local, node_scratch, settle
+from ..transfer import close_all, gather, local, node_scratch, settle
 
 
 class ErasureModule(Module):
@@ -57,6 +57,7 @@ class ErasureModule(Module):
             self._problem = ConfigError(f"[erasure] parity = {parity} with scheme = xor: XOR has exactly one "
                                         "parity block; use scheme = rs for more")
         self._topology = None
+        self._codecs = {}
         self._last = {}
         self._local = set()
         self._warned = False
@@ -91,6 +92,13 @@ class ErasureModule(Module):
             raise self._topology
         return self._topology
 
+    def _codec(self, scheme, k, m, backend):
+        """A cached codec (building one may load a native library)."""
+        key = (scheme, k, m, backend)
+        if key not in self._codecs:
+            self._codecs[key] = make_codec(scheme, k, m, backend=backend)
+        return self._codecs[key]
+
     def due(self, cmd):
         if not super().due(cmd):
             return False
@@ -111,16 +119,17 @@ class ErasureModule(Module):
             raise self._problem
         group = self._my_group()
         self._local.update(cmd.ranks)
-        self._encode(cmd.name, cmd.version, cmd.ranks, group, CheckpointError)
+        self._encode(cmd.name, cmd.version, cmd.ranks, group, CheckpointError, recycle=True)
         error = local(self._collect, cmd.name)[1]
         if error:
             self.ctx.log.warning("erasure: garbage collection of %s failed: %s", cmd.name, error)
         return True
 
-    def _encode(self, name, version, ranks, group, error_cls, code=None):
+    def _encode(self, name, version, ranks, group, error_cls, code=None, recycle=False):
         """Collective: encode ``group`` (node ids; ``None`` = this node sits out) for a version.
 
-        ``code`` = (scheme, m, backend), default the configured ones.
+        ``code`` = (scheme, m, backend), default the configured ones. ``recycle``: the new
+        parity files take over those of the version garbage collection drops next.
         """
         peers, node, store = self.ctx.peers, self.ctx.node, self._store()
         scheme, m, backend = code or (self.scheme, self.m, self.backend)
@@ -150,21 +159,26 @@ class ErasureModule(Module):
             g = len(group)
             k = g - m
             chunk = max(1, -(-max(by_node[n][1]["length"] for n in group) // k))
-            codec = make_codec(scheme, k, m, backend=backend)
+            codec = self._codec(scheme, k, m, backend)
             store.uncommit(name, version)
-            block, length = read_block(self.ctx.scratch, manifests_of(by_node[node][1]), k * chunk)
-            return [by_node[n][0] for n in group], group.index(node), k, chunk, codec, block, length
+            victim = store.take_victim(name, version, self.ctx.config.scratch_versions) if recycle else (None, [])
+            files = open_files(self.ctx.scratch, manifests_of(by_node[node][1]))
+            return [by_node[n][0] for n in group], group.index(node), k, chunk, codec, victim, files
 
         state, error = local(setup)
-        settle(peers, node, error, error_cls, what)
-        result = None
-        if state is not None:
-            peer, me, k, chunk, codec, block, length = state
-            parity, digests = encode_exchange(peers.comm, peer, me, block, k, m, chunk, codec)
-            # per-file digests (checksum module) already pin the data; else digest the block
-            undigested = any(not f.get("digest") for x in by_node[node][1]["manifests"] for f in x["files"])
-            result = {"digest": digest_buffer(block[:length], DIGEST) if undigested else None, "parity": digests}
-            del block
+        try:
+            settle(peers, node, error, error_cls, what)
+            result = None
+            if state is not None:
+                peer, me, k, chunk, codec, victim, files = state
+                sizes = [[f["size"] for x in by_node[n][1]["manifests"] for f in x["files"]] for n in group]
+                parity, digests = encode_exchange(peers.comm, peer, me, files, sizes, k, m, chunk, codec)
+                # per-file digests (checksum module) already pin the data; else digest the block
+                undigested = any(not f.get("digest") for x in by_node[node][1]["manifests"] for f in x["files"])
+                result = {"digest": digest_files(files) if undigested else None, "parity": digests}
+        finally:
+            if state is not None:
+                close_all(state[-1])
         final = gather(peers, node, result, None, error_cls, what)
 
         def commit():
@@ -179,7 +193,9 @@ class ErasureModule(Module):
                       "chunk": chunk, "parity_len": int(parity[(me, 0)].size), "members": members,
                       "parity": table}
             record["stamp"] = digest_buffer(json.dumps(record, sort_keys=True).encode(), DIGEST)[:16]
-            store.commit(record, parity)
+            store.commit(record, parity, reuse=victim[1])
+            if victim[0] is not None:
+                store.remove_version(name, victim[0])
 
         settle(peers, node, local(commit)[1], error_cls, what)
 
@@ -318,24 +334,32 @@ class ErasureModule(Module):
             if not plan:
                 return None
             k, chunk = rec["k"], rec["chunk"]
-            codec = make_codec(rec["scheme"], k, rec["m"], backend=rec["backend"])
+            codec = self._codec(rec["scheme"], k, rec["m"], rec["backend"])
             manifests = manifests_of(rec["members"][me])
-            if me in lost or not any(src == me and kind == "data" for _, _, b in plan for _, src, kind, _ in b):
-                return codec, manifests, np.zeros(k * chunk, dtype=np.uint8)
-            block, length = read_block(self.ctx.scratch, manifests, k * chunk)
+            if me in lost:
+                return codec, manifests, [], np.zeros(k * chunk, dtype=np.uint8)
+            if not any(src == me and kind == "data" for _, _, b in plan for _, src, kind, _ in b):
+                return codec, manifests, [], None
+            files = open_files(self.ctx.scratch, manifests)
             expected = rec["members"][me]["digest"]
-            if expected and digest_buffer(block[:length], DIGEST) != expected:
+            if expected and digest_files(files) != expected:
+                close_all(files)
                 raise CorruptCheckpointError(f"node {node}'s scratch data of {name} v{version} no longer "
                                              "matches what was encoded")
-            return codec, manifests, block
+            return codec, manifests, files, None
 
         state, error = local(prepare)
-        settle(peers, node, error, RestartError, what)
-        if state is not None:
-            codec, manifests, block = state
-            peer = [nodes.index(e["node"]) if e["node"] in nodes else -1 for e in rec["members"]]
-            rebuild_exchange(peers.comm, peer, me, plan, block,
-                             lambda s, j: store.read_parity(rec, s, j), rec["chunk"], rec["k"], codec)
+        try:
+            settle(peers, node, error, RestartError, what)
+            if state is not None:
+                codec, manifests, files, block = state
+                peer = [nodes.index(e["node"]) if e["node"] in nodes else -1 for e in rec["members"]]
+                sizes = [[f.size for x in manifests_of(e) for f in x.files] for e in rec["members"]]
+                rebuild_exchange(peers.comm, peer, me, plan, files, sizes, lambda s, j: store.read_parity(rec, s, j),
+                                 rec["chunk"], rec["k"], codec, block)
+        finally:
+            if state is not None:
+                close_all(state[2])
 
         def finish():
             if state is None or me not in lost:
