@@ -168,3 +168,30 @@ def test_segments_cover_a_chunk_of_the_concatenated_files():
         tail = data[start:start + 4]
         want[:tail.size] = tail
         assert got.tolist() == want.tolist()
+
+
+def _erasure(**keys):
+    from veloc.engine.module import EngineContext
+    from veloc.engine.modules.erasure import ErasureModule
+    top = {k: keys.pop(k) for k in list(keys) if k == "ec_interval"}
+    cfg = load_config({"scratch": "/s", **top, "erasure": {"enabled": True, **keys}}, environ={})
+    return ErasureModule(EngineContext(cfg, "n0"))
+
+
+def test_erasure_section_and_interval():
+    from veloc.engine.module import CHECKPOINT, Command
+    cmd = lambda v: Command(CHECKPOINT, "x", v, [0], 1)
+    m = _erasure(scheme="rs")
+    assert (m.scheme, m.m, m.group_size, m.priority, m.interval) == ("rs", 2, 4, 40, 0)
+    assert [m.due(cmd(v)) for v in range(3)] == [True] * 3
+    assert [_erasure(every=2).due(cmd(v)) for v in range(1)] == [True]
+    never = _erasure(ec_interval=-1)
+    assert not any(never.due(cmd(v)) for v in range(3))
+    timed = _erasure(ec_interval=3600)      # decided by node 0 (here: the only node)
+    assert [timed.due(cmd(v)) for v in range(3)] == [True, False, False]
+    assert _erasure(interval=0, ec_interval=3600).interval == 0   # [erasure] interval wins
+    bad = _erasure(scheme="xor", parity=2)
+    with pytest.raises(ConfigError, match="parity = 2 with scheme = xor"):
+        raise bad._problem
+    with pytest.raises(ConfigError, match="scheme"):
+        load_config({"scratch": "/s", "erasure": {"scheme": "raid5"}}, environ={})

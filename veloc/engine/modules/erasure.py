@@ -113,10 +113,10 @@ class ErasureModule(Module):
 
     # -- CHECKPOINT ------------------------------------------------------------------
     def checkpoint(self, cmd):
+        if self._problem is not None:       # not raised at construction: only leaders build engines
+            raise self._problem
         if not self._active() or not self.due(cmd):
             return False
-        if self._problem is not None:
-            raise self._problem
         group = self._my_group()
         self._local.update(cmd.ranks)
         self._encode(cmd.name, cmd.version, cmd.ranks, group, CheckpointError, recycle=True)
