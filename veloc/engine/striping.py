@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import CorruptCheckpointError
 from .fileio import atomic_write_bytes, fsync_dir, make_dirs, pwrite_all, remove_quietly, temp_name
-from .hashing import digest_buffer, hasher
+from .hashing import digest_buffer, digest_file, hasher
 from .levels import _VDIR
 from .manifest import Manifest
 from .topology import data_members, data_position, held_parity, parity_members
@@ -112,12 +112,11 @@ class GroupStore:
         for s, j in held_parity(member, g, m):
             path = self.parity_path(record["name"], record["version"], s, j)
             try:
-                data = path.read_bytes() if deep else None
-                size = len(data) if deep else path.stat().st_size
+                if path.stat().st_size == record["parity_len"] and (
+                        not deep or digest_file(path, DIGEST) == record["parity"][s][j]):
+                    ok.add((s, j))
             except OSError:
                 continue
-            if size == record["parity_len"] and (not deep or digest_buffer(data, DIGEST) == record["parity"][s][j]):
-                ok.add((s, j))
         return ok
 
     def read_parity(self, record, stripe, j):
