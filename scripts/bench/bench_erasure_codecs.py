@@ -4,7 +4,7 @@
 Measures, for every backend available here, encode and decode (rebuild 1 lost data block,
 and m lost data blocks) throughput in MB/s of input data (the k data blocks), for
 k=4, m=1 (xor) and k=4, m=2 (rs), against ``np.copyto`` of the same k blocks into a
-preallocated buffer taken in the same run, right before each row: the ratio column is
+preallocated buffer, timed interleaved with each row's operations: the ratio column is
 what to compare, since absolute numbers drift between runs on a shared VM.
 
 Encode writes into recycled parity buffers (``out=``), like copyto into its preallocated
@@ -21,8 +21,8 @@ saves over that route.
     python scripts/bench/bench_erasure_codecs.py --quick    # 16 MiB only, best of 2
     python scripts/bench/bench_erasure_codecs.py --stripes 32K,256K,1M   # stripe-size sweep
 
-The erasure module picks its default RS backend from these numbers (RS_PREFERENCE in
-erasure_codec.py, whose header records a run).
+make_codec() picks its default RS backend by these numbers (the order of BACKENDS in
+erasure_codec.py, whose header records a run and its command).
 """
 import argparse
 import os
