@@ -41,9 +41,13 @@ class RestartMixin:
         if max_version is not None:
             max_version = check_version(max_version, error=RestartError)
         mine = self.host.available(name, max_version)
-        common = set(mine)
-        for other in self.comm.allgather(set(mine)):
-            common &= other
+        everyone = self.comm.allgather(set(mine))
+        common = set.intersection(*everyone)
+        if not common and any(everyone) and self.comm.Get_rank() == 0:
+            lacking = [r for r, versions in enumerate(everyone) if not versions]
+            log.warning("%s: no version is held by every rank (ranks holding none: %s; newest per rank: %s)",
+                        name, lacking[:16] or "none",
+                        [max(v) if v else None for v in everyone][:16])
         self._plans = {}
         for version in sorted(common, reverse=True):
             level, reasons = self.host.verify(name, version)

@@ -31,8 +31,11 @@ class SyncHost:
         self.leader_comm = comm.Split(0 if self.is_leader else MPI.UNDEFINED, comm.Get_rank())
         self.local_ranks = self.node_comm.allgather(rank)
         self.engine = None
+        self.engine_comm = None
         if self.is_leader:
-            peers = Peers(self.leader_comm if self.leader_comm.Get_size() > 1 else None)
+            # The engine's own communicator, so its collectives never match the host's.
+            self.engine_comm = self.leader_comm.Dup() if self.leader_comm.Get_size() > 1 else None
+            peers = Peers(self.engine_comm)
             self.engine = Engine(config, node, peers, logger)
 
     def _on_leaders(self, action, error_cls):
@@ -95,6 +98,6 @@ class SyncHost:
         return True
 
     def close(self):
-        for comm in (self.leader_comm, self.node_comm):
-            if comm != MPI.COMM_NULL:
+        for comm in (self.engine_comm, self.leader_comm, self.node_comm):
+            if comm is not None and comm != MPI.COMM_NULL:
                 comm.Free()

@@ -149,3 +149,20 @@ def test_max_versions_keeps_the_last_complete_version(cfg):
     kept = sorted(p.name for p in pers.iterdir())
     # v4 is kept; v3 only while another node's copy of v4 was still in flight at collection time
     assert kept in (["v4"], ["v3", "v4"]), kept
+
+
+def test_module_failure_on_one_node_before_a_collective_module_raises_everywhere(cfg, monkeypatch):
+    """Node of the last rank fails in checksum (before partner, a collective module): every
+    rank gets the error instead of the other nodes waiting in the partner exchange."""
+    from veloc.config import node_id
+    from veloc.engine.modules.checksum import ChecksumModule
+    failing = comm.bcast(node_id() if rank == size - 1 else None, root=size - 1)
+    if node_id() == failing:
+        def broken(self, cmd):
+            raise OSError(5, "Input/output error (injected)")
+        monkeypatch.setattr(ChecksumModule, "checkpoint", broken)
+    cfg = dict(cfg, partner={"enabled": True})
+    with veloc.init(cfg, comm) as c:
+        c.protect("a", np.zeros(10))
+        with pytest.raises(CheckpointError, match="checksum failed on c v1: .*injected"):
+            c.checkpoint("c", 1)

@@ -6,6 +6,7 @@ command for one checkpoint version on behalf of all the node's local ranks at on
 collective modules (partner, erasure) can act once per node per version.
 """
 import logging
+import time
 from dataclasses import dataclass, field
 
 from .levels import LevelStore, RecyclePool
@@ -42,12 +43,30 @@ class Peers:
     def index(self):
         return 0 if self.comm is None else self.comm.Get_rank()
 
+    def quiet_sync(self, poll=0.002):
+        """Wait for every node at a non-blocking barrier, sleeping between polls.
+
+        Blocking MPI collectives spin a core while they wait; a backend waiting for a slow
+        node must not steal the application's CPU, so collectives are preceded by this.
+        """
+        if self.comm is None:
+            return
+        request = self.comm.Ibarrier()
+        while not request.Test():
+            time.sleep(poll)
+
     def agree(self, value):
         """Every node gets node 0's ``value``."""
-        return value if self.comm is None else self.comm.bcast(value, root=0)
+        if self.comm is None:
+            return value
+        self.quiet_sync()
+        return self.comm.bcast(value, root=0)
 
     def allgather(self, value):
-        return [value] if self.comm is None else self.comm.allgather(value)
+        if self.comm is None:
+            return [value]
+        self.quiet_sync()
+        return self.comm.allgather(value)
 
 
 class EngineContext:
@@ -81,6 +100,7 @@ class Module:
     """
     name = "module"
     level = None
+    collective = False    # True: its handlers communicate with the other nodes' engines
 
     def __init__(self, ctx):
         self.ctx = ctx

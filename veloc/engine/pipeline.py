@@ -48,24 +48,37 @@ class Engine:
         return [(m.name, m.priority) for m in self.modules if m.enabled]
 
     def checkpoint(self, cmd):
-        """Run CHECKPOINT for the node's ranks; raises CheckpointError naming node, module, version."""
+        """Run CHECKPOINT for the node's ranks; raises CheckpointError naming node, module, version.
+
+        After a local failure the remaining local modules are skipped, but the node still
+        meets the others before every collective module, where all nodes learn of any
+        failure and raise together instead of waiting for each other.
+        """
         assert cmd.kind == CHECKPOINT
+        error = None
         for module in self.modules:
             if not module.enabled:
+                continue
+            if module.collective:
+                failures = [e for e in self.ctx.peers.allgather(error) if e]
+                if failures:
+                    raise CheckpointError(error or f"node {self.ctx.node}: {cmd.name} v{cmd.version} "
+                                          f"stopped before {module.name}: {failures[0]}")
+            if error is not None:
                 continue
             start = time.perf_counter()
             try:
                 did = module.checkpoint(cmd)
-            except VelocError as exc:
-                raise CheckpointError(f"node {self.ctx.node}: module {module.name} failed on "
-                                      f"{cmd.name} v{cmd.version}: {exc}") from exc
-            except OSError as exc:
-                raise CheckpointError(f"node {self.ctx.node}: module {module.name} failed on "
-                                      f"{cmd.name} v{cmd.version}: {exc}") from exc
+            except (VelocError, OSError) as exc:
+                error = f"node {self.ctx.node}: module {module.name} failed on {cmd.name} v{cmd.version}: {exc}"
+                self.log.error("%s", error)
+                continue
             elapsed = time.perf_counter() - start
             if did:
                 self.timings = (self.timings + [(cmd.name, cmd.version, module.name, elapsed)])[-256:]
                 self.log.info("%s v%d: %s done in %.3f s", cmd.name, cmd.version, module.name, elapsed)
+        if error is not None:
+            raise CheckpointError(error)
 
     def available(self, name, ranks, max_version=None):
         """``{rank: {version: [levels, fastest first]}}`` from manifests only (no data read)."""

@@ -40,6 +40,7 @@ from ..transfer import close_all, gather, local, node_scratch, settle
 
 class ErasureModule(Module):
     name = "erasure"
+    collective = True
     level = "erasure"
 
     def __init__(self, ctx):

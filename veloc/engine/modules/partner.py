@@ -31,6 +31,7 @@ from .scratch import verify_copy
 
 class PartnerModule(Module):
     name = "partner"
+    collective = True
     level = "partner"
 
     def __init__(self, ctx):
