@@ -9,7 +9,6 @@ from *some* level after verifying it, falling back to older versions.
 import logging
 from dataclasses import dataclass
 
-from .engine.hashing import digest_buffer
 from .engine.rankfile import RankFile
 from .errors import CorruptCheckpointError, RestartError, VelocError
 from .names import check_name, check_version

@@ -111,15 +111,41 @@ class Module:
         enabled = section.get("enabled")
         self.enabled = self.default_enabled() if enabled is None else enabled
         self._seen = {}
+        self._last_due = {}
+        self._warned_alone = False
 
     def default_enabled(self):
         return True
 
+    interval = None     # seconds between versions acted on (VELOC's *_interval keys), if any
+
     def due(self, cmd):
-        """Whether this version is one this module acts on (``every = N`` versions)."""
+        """Whether this module acts on this version: every ``every``-th version and, with an
+        ``interval``, at most once per interval (0 = every version, < 0 = never). A time
+        decision is taken by node 0 and shared, so every node acts on the same versions."""
         count = self._seen.get(cmd.name, 0)
         self._seen[cmd.name] = count + 1
-        return count % self.every == 0
+        if count % self.every != 0:
+            return False
+        if self.interval is None or self.interval <= 0:
+            return self.interval is None or self.interval == 0
+        now = time.monotonic()
+        last = self._last_due.get(cmd.name)
+        go = self.ctx.peers.agree(last is None or now - last >= self.interval)
+        if go:
+            self._last_due[cmd.name] = now
+        return go
+
+    def peers_connected(self):
+        """Collective modules: whether other nodes' engines are there to work with; warns once."""
+        if self.ctx.peers.size > 1:
+            return True
+        if not self._warned_alone:
+            self._warned_alone = True
+            self.ctx.log.warning("%s: only one node's engine is connected; this level needs two or more "
+                                 "nodes (sync mode over MPI, or backends launched as one MPI job, e.g. by "
+                                 "veloc-run); the %s level stays empty", self.name, self.level)
+        return False
 
     def checkpoint(self, cmd):
         return False

@@ -23,7 +23,6 @@ members' blocks from the survivors' scratch data and parity, checks them, commit
 scratch manifests, then re-encodes the group so the version is protected again.
 """
 import json
-import time
 
 import numpy as np
 
@@ -59,24 +58,12 @@ class ErasureModule(Module):
                                         "parity block; use scheme = rs for more")
         self._topology = None
         self._codecs = {}
-        self._last = {}
         self._local = set()
-        self._warned = False
 
     def default_enabled(self):
         return False
 
     # -- helpers ---------------------------------------------------------------------
-    def _active(self):
-        if self.ctx.peers.size > 1:
-            return True
-        if not self._warned:
-            self._warned = True
-            self.ctx.log.warning("erasure: only one node's engine is connected; erasure coding needs "
-                                 "groups of nodes (sync mode over MPI, or backends launched with "
-                                 "mpirun -ppn 1); the erasure level stays empty")
-        return False
-
     def _store(self):
         return GroupStore(node_scratch(self.ctx.config, self.ctx.node) / ".erasure")
 
@@ -100,23 +87,11 @@ class ErasureModule(Module):
             self._codecs[key] = make_codec(scheme, k, m, backend=backend)
         return self._codecs[key]
 
-    def due(self, cmd):
-        if not super().due(cmd):
-            return False
-        if self.interval <= 0:
-            return self.interval == 0
-        now = time.monotonic()
-        last = self._last.get(cmd.name)
-        go = self.ctx.peers.agree(last is None or now - last >= self.interval)
-        if go:
-            self._last[cmd.name] = now
-        return go
-
     # -- CHECKPOINT ------------------------------------------------------------------
     def checkpoint(self, cmd):
         if self._problem is not None:       # not raised at construction: only leaders build engines
             raise self._problem
-        if not self._active() or not self.due(cmd):
+        if not self.peers_connected() or not self.due(cmd):
             return False
         group = self._my_group()
         self._local.update(cmd.ranks)
@@ -216,7 +191,7 @@ class ErasureModule(Module):
         return self.ctx.peers.allgather((self.ctx.node, record, sorted(ranks)))
 
     def available(self, name, ranks):
-        if not self._active():
+        if not self.peers_connected():
             return {}
         self._local.update(ranks)
         store, node, mine = self._store(), self.ctx.node, {}
@@ -256,7 +231,7 @@ class ErasureModule(Module):
         return out
 
     def verify(self, name, version, ranks):
-        if not self._active():
+        if not self.peers_connected():
             return {r: "no erasure level (single node)" for r in ranks}
         table = self._records(name, version, ranks)
         if not any(want for _, _, want in table):
@@ -292,7 +267,7 @@ class ErasureModule(Module):
                 f"parity block(s) per stripe cannot rebuild node {node}")
 
     def restore(self, name, version, ranks):
-        if not self._active():
+        if not self.peers_connected():
             return False
         peers, node, store = self.ctx.peers, self.ctx.node, self._store()
         what = f"erasure rebuild of {name} v{version}"

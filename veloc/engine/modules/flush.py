@@ -7,7 +7,6 @@ way. Frequency: ``[flush] every = N`` versions and/or ``persistent_interval`` se
 (VELOC's key: 0 = every version, < 0 = never); a time-based decision is taken by node 0
 and shared, so every node flushes the same versions.
 """
-import time
 
 from ...errors import CheckpointError, CorruptCheckpointError
 from ..fileio import copy_file, make_dirs
@@ -24,22 +23,9 @@ class FlushModule(Module):
         super().__init__(ctx)
         interval = self.section.get("interval")
         self.interval = ctx.config.persistent_interval if interval is None else interval
-        self._last = {}
 
     def default_enabled(self):
         return self.ctx.config.persistent is not None and self.ctx.config.persistent_interval >= 0
-
-    def due(self, cmd):
-        if not super().due(cmd):
-            return False
-        if self.interval <= 0:
-            return self.interval == 0
-        now = time.monotonic()
-        last = self._last.get(cmd.name)
-        go = self.ctx.peers.agree(last is None or now - last >= self.interval)
-        if go:
-            self._last[cmd.name] = now
-        return go
 
     def checkpoint(self, cmd):
         if not self.due(cmd):

@@ -38,22 +38,11 @@ class PartnerModule(Module):
         super().__init__(ctx)
         self._topology = None    # (nodes by peer index, {node: partner}) once known
         self._local = set()      # ranks this engine has served (for re-protection)
-        self._warned = False
 
     def default_enabled(self):
         return False
 
     # -- helpers ---------------------------------------------------------------------
-    def _active(self):
-        if self.ctx.peers.size > 1:
-            return True
-        if not self._warned:
-            self._warned = True
-            self.ctx.log.warning("partner: only one node's engine is connected; partner copies need "
-                                 "two or more nodes (sync mode over MPI, or backends launched with "
-                                 "mpirun -ppn 1); the partner level stays empty")
-        return False
-
     def _root(self):
         return node_scratch(self.ctx.config, self.ctx.node) / ".partner"
 
@@ -92,7 +81,7 @@ class PartnerModule(Module):
 
     # -- CHECKPOINT ------------------------------------------------------------------
     def checkpoint(self, cmd):
-        if not self._active() or not self.due(cmd):
+        if not self.peers_connected() or not self.due(cmd):
             return False
         self._local.update(cmd.ranks)
         dest = self._partner_index()          # same TopologyError on every node
@@ -203,7 +192,7 @@ class PartnerModule(Module):
 
     # -- RESTART ---------------------------------------------------------------------
     def available(self, name, ranks):
-        if not self._active():
+        if not self.peers_connected():
             return {}
         self._local.update(ranks)
         held = {}
@@ -215,7 +204,7 @@ class PartnerModule(Module):
         return {r: set().union(*(t.get(r, set()) for t in tables)) for r in ranks}
 
     def verify(self, name, version, ranks):
-        if not self._active():
+        if not self.peers_connected():
             return {r: "no partner level (single node)" for r in ranks}
         requests = self.ctx.peers.allgather(sorted(ranks))
         wanted = sorted({r for req in requests for r in req})
@@ -239,7 +228,7 @@ class PartnerModule(Module):
         return out
 
     def restore(self, name, version, ranks):
-        if not self._active():
+        if not self.peers_connected():
             return False
         peers, node, me = self.ctx.peers, self.ctx.node, self.ctx.peers.index
         requests = peers.allgather(sorted(ranks))
