@@ -215,8 +215,16 @@ class BackendConnection:
         if self._sock is None:
             self._connect(deadline)
         try:
-            send_msg(self._sock, msg)
-            reply = recv_msg(self._sock, deadline=deadline)
+            try:
+                send_msg(self._sock, msg)
+            except OSError:
+                # The backend may have answered and hung up before reading (a refusal):
+                # its reply is still queued on our side of the socket.
+                reply = recv_msg(self._sock, deadline=min(deadline, time.monotonic() + 1.0))
+                if reply is None:
+                    raise
+            else:
+                reply = recv_msg(self._sock, deadline=deadline)
         except socket.timeout:
             self._close()     # the reply may still arrive: never reuse this stream
             raise BackendError(
