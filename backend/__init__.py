@@ -11,7 +11,9 @@ background for the node's application ranks in async mode. Modules:
 - :mod:`.lifecycle` — locks, stale-file cleanup, ``ensure_backend`` for clients.
 - :mod:`.executor` — the default executor: runs batches through the engine.
 - :mod:`.control` — ``drain``/``status``/``shutdown`` for ``veloc`` and ``veloc-run``.
-- :mod:`.launcher` — ``veloc-run``.
+- :mod:`.world` — the backends of a job as one MPI world: engine work ordered across
+  nodes, versions missing on a node, lost members, stopping together.
+- :mod:`.launcher` — ``veloc-run`` (starts the backend world, then the application).
 
 The application side of async mode is :mod:`veloc.async_host`; the wire protocol and
 endpoint placement are in :mod:`veloc.ipc`.

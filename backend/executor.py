@@ -2,8 +2,14 @@
 
 Built once per ``veloc-backend`` process (``factory(config, node, logger)``) and called
 by the work queue's worker threads; every batch carries ``order = "engine"``, so the
-engine is only ever used by one thread at a time, in arrival order — the same order on
-every node, which collective modules rely on.
+engine is only ever used by one thread at a time, in arrival order.
+
+In a backend world (:mod:`veloc_backend.world`: the backends of a job launched as one
+MPI job) every batch first waits for its turn: ``full`` means every node runs this same
+batch next, collective modules (partner, erasure) included; ``local`` means this node
+runs it without them (the version was not submitted on every node in time, its job
+does not span the world, or the world is broken), which is logged. A backend outside
+any world (started by a rank, or ``veloc drain``) serves its node alone.
 
 Item kinds (sent by ``veloc.async_host`` on each application rank; one batch holds the
 items of every local rank for the same call):
@@ -13,32 +19,34 @@ items of every local rank for the same call):
 - ``VERIFY`` — ``{rank: [fastest intact level or None, reasons]}``.
 - ``RESTORE`` — bring each rank's copy back to scratch from its ``level``.
 """
-import os
+import contextlib
 
 from veloc.engine.module import CHECKPOINT, Command, Peers
 from veloc.engine.pipeline import Engine
-from veloc.errors import CorruptCheckpointError
+from veloc.errors import CheckpointError, CorruptCheckpointError
+
+from . import world as world_mod
 
 KINDS = (CHECKPOINT, "AVAILABLE", "VERIFY", "RESTORE")
-_MPI_MARKERS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE")
 
 
 def backend_peers():
-    """The backends' own MPI world when started under ``mpiexec`` (one per node), else
+    """The engine's peers: the backend world's (when this backend is a member), else
     ``Peers(None)``: a backend started by a rank serves its node alone."""
-    if not any(k in os.environ for k in _MPI_MARKERS):
-        return Peers(None)
-    from mpi4py import MPI
-    comm = MPI.COMM_WORLD
-    return Peers(comm if comm.Get_size() > 1 else None)
+    world = world_mod.current()
+    return world.engine_peers() if world is not None else Peers(None)
 
 
 class EngineExecutor:
     """``run(batch) -> dict`` over one :class:`~veloc.engine.pipeline.Engine`."""
 
     def __init__(self, config, node, logger):
-        self.node = node
-        self.engine = Engine(config, node, backend_peers(), logger)
+        self.node, self.log = node, logger
+        self.world = world_mod.current()
+        self.peers = backend_peers()
+        self.engine = Engine(config, node, self.peers, logger)
+        self.collective = [m.name for m in self.engine.modules if m.enabled and m.collective]
+        self._told = set()
         logger.info("engine modules: %s", ", ".join(f"{n}({p})" for n, p in self.engine.describe()))
 
     def run(self, batch):
@@ -49,6 +57,86 @@ class EngineExecutor:
                              f"known: {', '.join(KINDS)}")
         if any(it.get("kind") != kind or it.get("name") != name for it in batch.items):
             raise ValueError(f"batch {batch.group} mixes kinds or names")
+        if self.world is None:
+            return self._execute(batch, kind, name)
+        mode, reason = self._turn(batch, first)
+        if mode == "local":
+            self._tell(batch, kind, name, reason)
+        with self.world.running(full=mode == "full"):
+            if mode == "local":
+                with self._alone():
+                    return self._execute(batch, kind, name)
+            try:
+                return self._execute(batch, kind, name)
+            except Exception as exc:
+                broken = self.peers.broken or self.world.broken
+                if broken is None:
+                    raise
+                self.world.declare_broken(self.peers.broken or str(exc))
+                return self._after_break(batch, kind, name, exc)
+
+    # ------------------------------------------------------------ world
+    def _turn(self, batch, first):
+        """``(mode, reason)`` for this batch; waits for the coordinator when needed."""
+        job_nodes = first.get("job_nodes")
+        if isinstance(job_nodes, list) and sorted(job_nodes) != sorted(self.world.nodes):
+            return "local", (f"its job runs on node(s) {', '.join(sorted(job_nodes))}, not on the "
+                             f"backend world's nodes ({', '.join(self.world.nodes)})")
+        if job_nodes is None and len(first.get("local_ranks") or ()) == first.get("nranks"):
+            return "local", "its job runs on this node only"
+        return self.world.turn(batch.group, batch.complete)
+
+    def _tell(self, batch, kind, name, reason):
+        """Log why a batch runs without the collective modules (once per job and reason
+        for queries, every time for a checkpoint that loses its collective levels)."""
+        if not reason:
+            return
+        first = batch.items[0]
+        if kind == CHECKPOINT and self.collective:
+            self.log.warning("%s v%s: collective levels (%s) skipped on node %s: %s", name,
+                             first.get("version"), ", ".join(self.collective), self.node, reason)
+            return
+        key = (first.get("session"), reason)
+        if key not in self._told:
+            self._told.add(key)
+            self.log.info("%s: %s runs on node %s alone: %s", name, kind, self.node, reason)
+
+    @contextlib.contextmanager
+    def _alone(self):
+        """Run the engine without its peers: collective modules see one node and skip."""
+        ctx = self.engine.ctx
+        saved, ctx.peers = ctx.peers, Peers(None)
+        quiet = [m for m in self.engine.modules if m.collective and hasattr(m, "_warned_alone")]
+        flags = [(m, m._warned_alone) for m in quiet]
+        for m in quiet:                # their "only one node" warning would mislead here
+            m._warned_alone = True
+        try:
+            yield
+        finally:
+            ctx.peers = saved
+            for m, flag in flags:
+                m._warned_alone = flag
+
+    def _after_break(self, batch, kind, name, exc):
+        """The world broke while this batch ran with its peers: run it again alone, so
+        its local levels are done, and report the lost collective levels."""
+        first = batch.items[0]
+        self.log.error("%s %s v%s: interrupted when the backend world broke (%s); running it "
+                       "again on node %s alone", name, kind, first.get("version"), exc, self.node)
+        with self._alone():
+            info = self._execute(batch, kind, name)
+        if kind != CHECKPOINT:
+            return info
+        error = CheckpointError(
+            f"node {self.node}: collective levels ({', '.join(self.collective) or 'none'}) of "
+            f"{name} v{first.get('version')} failed: the backend world broke ({self.world.broken}); "
+            "its local levels are done")
+        error.veloc_info = {"node": self.node, "module": ",".join(self.collective)}
+        raise error
+
+    # ------------------------------------------------------------ engine
+    def _execute(self, batch, kind, name):
+        first = batch.items[0]
         ranks = sorted({int(it["rank"]) for it in batch.items})
         version = first.get("version")
         info = {"node": self.node, "name": name}

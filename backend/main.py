@@ -9,6 +9,14 @@ of each module to its log file. It stops on SIGTERM/SIGINT, on a ``shutdown`` re
 (optionally after draining), or after ``--idle-exit`` seconds with neither clients nor
 work; queued work it did not finish stays journaled for the next backend.
 
+Started as one of an MPI world of backends (``veloc-run``, ``mpiexec -ppn 1``), it
+first shakes hands with the other members (all start or none does), then works with
+them through :mod:`veloc_backend.world`: engine work is ordered across nodes, a version
+that does not reach every node in ``--collective-deadline`` seconds skips the
+collective levels, a member silent for ``--peer-timeout`` seconds breaks the world
+(the others go on alone), and the members stop together once all are drained. The
+world's coordinator prints ``veloc-backend world ready: ...`` once every member serves.
+
 Work is done by an *executor* (``run(batch) -> dict``), built by the factory named by
 ``--executor MODULE:CALLABLE`` and called as ``factory(config, node, logger)``; the
 default runs the engine's module pipeline (:mod:`veloc_backend.executor`).
@@ -25,6 +33,7 @@ import time
 from veloc.errors import BackendError, VelocError
 
 from . import lifecycle
+from . import world as world_mod
 from .journal import Journal
 from .server import SocketServer
 from .workqueue import WorkQueue
@@ -50,7 +59,15 @@ def parse_args(argv):
                    help="on stop, wait up to S seconds for running work")
     p.add_argument("--executor", default=DEFAULT_EXECUTOR, metavar="MODULE:CALLABLE",
                    help="factory(config, node, logger) of the work executor")
-    return p.parse_args(argv)
+    p.add_argument("--peer-timeout", type=float, default=60.0, metavar="S",
+                   help="backend world: a member silent this long is lost (default 60)")
+    p.add_argument("--collective-deadline", type=float, default=30.0, metavar="S",
+                   help="backend world: a version not submitted on every node after S idle "
+                        "seconds skips the collective levels (default 30)")
+    opts = p.parse_args(argv)
+    if opts.peer_timeout <= 0 or opts.collective_deadline < 0:
+        p.error("--peer-timeout must be > 0 and --collective-deadline >= 0")
+    return opts
 
 
 def setup_logging(log_file, node):
@@ -77,8 +94,9 @@ def load_executor(spec, config, node):
 class Backend:
     """Request handler and main loop; one per process."""
 
-    def __init__(self, config, node, ep, queue, opts):
+    def __init__(self, config, node, ep, queue, opts, world=None):
         self.config, self.node, self.ep, self.queue, self.opts = config, node, ep, queue, opts
+        self.world = world
         self.server = None
         self.started = time.time()
         self._stop = threading.Event()
@@ -95,6 +113,7 @@ class Backend:
                     "uptime": round(time.time() - self.started, 3), "socket": str(self.ep.socket),
                     "log": str(self.opts.log_file), "clients": self.server.connections,
                     "stopping": self._stop.is_set() or self._drain_then_stop,
+                    "world": self.world.describe() if self.world is not None else None,
                     **self.queue.status()}
         if op == "submit":
             item = _checked_item(msg.get("item"))
@@ -122,6 +141,8 @@ class Backend:
         """Stop now (SIGTERM, shutdown) or once the queue is empty (``drain``)."""
         if drain:
             self._drain_then_stop = True
+            if self.world is not None:
+                self.world.request_shutdown()
         else:
             self._stop.set()
 
@@ -132,6 +153,10 @@ class Backend:
         lifecycle.write_pid(self.ep)
         log.info("backend ready: node %s, socket %s, %d worker(s), executor %s",
                  self.node, self.ep.socket, self.queue.nworkers, self.opts.executor)
+        if self.world is not None:
+            self.world.serving = True
+        elif world_mod.under_mpi():       # a world of one: say so to veloc-run
+            print(f"{world_mod.READY_LINE}: 1 node(s): {self.node}", flush=True)
         last_active = last_client = time.monotonic()
         dead_since = {}
         while not self._stop.wait(0.2):
@@ -145,10 +170,21 @@ class Backend:
             self.queue.release_incomplete(self.opts.aggregate_timeout, "aggregation timeout")
             if busy or self.server.connections:
                 last_active = now
-            if self._drain_then_stop and not busy:
+            world = self.world if self.world is not None and not self.world.detached else None
+            if world is not None and world.shutdown_requested:
+                self._drain_then_stop = True
+            drained = self._drain_then_stop and not busy
+            idle = bool(self.opts.idle_exit) and now - last_active >= self.opts.idle_exit
+            if world is not None:       # members stop together, once every one is done
+                world.set_want_stop(drained or idle)
+                if world.stopped:
+                    log.info("every backend of the world is drained or idle; stopping")
+                    break
+                continue
+            if drained:
                 log.info("queue drained; stopping")
                 break
-            if self.opts.idle_exit and now - last_active >= self.opts.idle_exit:
+            if idle:
                 log.info("idle for %.0f s; stopping", now - last_active)
                 break
 
@@ -171,6 +207,8 @@ class Backend:
         """Stop serving and working; queued work stays in the journal."""
         if self.server is not None:
             self.server.close()
+        if self.world is not None:
+            self.world.stop_waiting()
         if not self.queue.stop(self.opts.stop_timeout):
             log.warning("work still running after %.0f s; leaving it to the next backend "
                         "(it is journaled)", self.opts.stop_timeout)
@@ -219,6 +257,15 @@ def _checked_item(item):
     return item
 
 
+def _refuse_world(node, reason):
+    """A backend that cannot start still meets its world's handshake, so every other
+    member learns why and exits instead of waiting for it."""
+    try:
+        world_mod.handshake(node, ok=False, reason=reason)
+    except VelocError:
+        pass
+
+
 def run(argv=None):
     """Run a backend; returns the process exit code."""
     opts = parse_args(sys.argv[1:] if argv is None else argv)
@@ -226,6 +273,7 @@ def run(argv=None):
         config, node, ep = lifecycle.resolve(opts.config)
     except VelocError as exc:
         print(f"veloc-backend: {exc}", file=sys.stderr)
+        _refuse_world(os.environ.get("VELOC_NODE_ID", "?"), f"bad configuration: {exc}")
         return 2
     opts.log_file = lifecycle.log_path(config, node, ep)
     setup_logging(opts.log_file, node)
@@ -233,8 +281,9 @@ def run(argv=None):
     if lock is None:
         log.error("another backend (pid %s) already serves node %s at %s; exiting",
                   lifecycle.read_pid(ep), node, ep.socket)
+        _refuse_world(node, f"another backend (pid {lifecycle.read_pid(ep)}) already serves it")
         return EXIT_ALREADY_RUNNING
-    backend = scratch_lock = None
+    backend = scratch_lock = world = None
     journal_file = lifecycle.journal_path(config, node)
     try:
         lifecycle.cleanup_stale(ep)
@@ -245,7 +294,15 @@ def run(argv=None):
             log.error("another backend already works on scratch %s for node %s from a "
                       "different runtime folder; give every process of the job the same "
                       "VELOC_RUNTIME_DIR / XDG_RUNTIME_DIR", journal_file.parent, node)
+            _refuse_world(node, f"another backend works on its scratch {journal_file.parent}")
             return lifecycle.EXIT_SCRATCH_BUSY
+        try:
+            world = world_mod.handshake(node, peer_timeout=opts.peer_timeout,
+                                        deadline=opts.collective_deadline)
+        except world_mod.WorldError as exc:
+            log.error("%s", exc)
+            print(f"veloc-backend: node {node}: {exc}", file=sys.stderr, flush=True)
+            return world_mod.EXIT_WORLD_START
         try:
             os.nice(opts.nice)
         except OSError as exc:
@@ -253,7 +310,7 @@ def run(argv=None):
         executor = load_executor(opts.executor, config, node)
         journal = Journal(journal_file)
         queue = WorkQueue(journal, executor, workers=config.max_parallelism).start()
-        backend = Backend(config, node, ep, queue, opts)
+        backend = Backend(config, node, ep, queue, opts, world)
         signal.signal(signal.SIGTERM, lambda *_: backend.request_stop())
         signal.signal(signal.SIGINT, lambda *_: backend.request_stop())
         backend.serve()
@@ -268,6 +325,8 @@ def run(argv=None):
                 backend.close()
         except Exception:     # e.g. scratch deleted under us: still free the endpoint
             log.exception("error while stopping; the journal may be incomplete")
+        if world is not None:
+            world.close()
         if scratch_lock is not None:
             try:
                 lifecycle.release_lock(scratch_lock, journal_file.with_suffix(".lock"))
@@ -284,8 +343,19 @@ def run(argv=None):
 
 
 def main(argv=None):
-    """Console-script entry point of ``veloc-backend``."""
-    sys.exit(run(argv))
+    """Console-script entry point of ``veloc-backend``.
+
+    A member of a backend world always ends with ``MPI_Finalize`` (at interpreter exit):
+    ``mpiexec`` kills every process of the world when one exits without it. A member
+    that stops before the others (it left, or the world broke) has freed its node's
+    lock, socket and journal by then and only waits there, asleep, for the others; it
+    ignores the SIGTERM that ``mpiexec`` forwards to every member (dying of it would make
+    ``mpiexec`` kill the members still at work)."""
+    code = run(argv)
+    if world_mod.current() is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ a time in arrival order; different keys run in parallel on up to ``workers`` thr
 The executor is anything with ``run(batch) -> dict | None`` (a dict may carry
 ``"timings": {module: seconds}``; raising marks the batch failed) and optionally
 ``close()``. Results are kept per group for ``wait``/``status``; failures are also kept
-in order so a client can raise the first one.
+in order so a client can raise the first one. An executor that raises :class:`Deferred`
+did not start the batch (the backend is stopping): it gets no result and stays in the
+journal for the next backend.
 """
 import logging
 import threading
@@ -19,6 +21,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 log = logging.getLogger("veloc.backend.queue")
+
+
+class Deferred(Exception):
+    """Raised by an executor that did not start a batch; the batch stays journaled."""
 
 
 @dataclass
@@ -162,6 +168,13 @@ class WorkQueue:
         ok, error, info = True, None, {}
         try:
             info = self.executor.run(batch) or {}
+        except Deferred as exc:
+            log.info("group %s not started (%s); it stays in the journal", batch.group, exc)
+            with self._cond:
+                self._running.pop(batch.group, None)
+                self._busy_orders.discard(order)
+                self._cond.notify_all()
+            return
         except Exception as exc:          # reported to clients, never kills the worker
             ok, error = False, f"{type(exc).__name__}: {exc}"
             info = dict(getattr(exc, "veloc_info", None) or {})

@@ -12,7 +12,11 @@ unfinished checkpoint work, so a version still being flushed is seen once it is 
 
 Every call that reaches the backend is made by all ranks of a node in the same order
 (the client's API is collective there), so the ``n``-th call of each rank lands in the
-same group: ``<name>/v<version>/<KIND>/<session>-<n>``.
+same group: ``<name>/v<version>/<KIND>/<session>-<n>`` — the same name on every node,
+which is how backends launched as one MPI world (``veloc-run``) match a node's batch
+with the other nodes' before running collective modules on it. Each item also names
+the job's nodes (``job_nodes``): work of a job that does not span the backend world
+runs on its node alone.
 """
 import importlib
 import time
@@ -53,6 +57,7 @@ class AsyncHost:
         self.config, self.comm, self.rank, self.node, self.log = config, comm, rank, node, logger
         self.nranks = comm.Get_size()
         nodes = comm.allgather(node)
+        self.job_nodes = sorted(set(nodes))      # a backend world runs collective work only
         self.node_comm = comm.Split(sorted(set(nodes)).index(node), comm.Get_rank())
         self.local_ranks = self.node_comm.allgather(rank)
         self.session = comm.bcast(uuid.uuid4().hex[:12] if comm.Get_rank() == 0 else None, root=0)
@@ -94,7 +99,7 @@ class AsyncHost:
         item = {"kind": kind, "name": name, "version": version, "rank": self.rank,
                 "nranks": self.nranks, "local_ranks": self.local_ranks, "session": self.session,
                 "group": group, "group_size": len(self.local_ranks), "order": "engine",
-                "key": f"{group}/r{self.rank}", **extra}
+                "key": f"{group}/r{self.rank}", "job_nodes": self.job_nodes, **extra}
         self.conn.request({"op": "submit", "item": item})
         return group
 

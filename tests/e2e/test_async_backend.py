@@ -7,6 +7,7 @@ it started.
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_mpi
+from veloc import ipc
 
 PKG = "veloc_backend" if importlib.util.find_spec("veloc_backend") else "backend"
 control = importlib.import_module(f"{PKG}.control")
@@ -164,3 +166,209 @@ def test_init_single_with_mapping_config(ajob):
     cfg_map = {"scratch": f"{ajob['scratch']}/{{node}}", "mode": "async"}
     backends = control.job_backends(cfg_map, env)
     assert len(backends) == 1 and (backends[0][0].dir / "config.ini").exists()
+
+
+# --------------------------------------------------------------------------- backend world
+
+launcher = importlib.import_module(f"{PKG}.launcher")
+world = importlib.import_module(f"{PKG}.world")
+VNODES = ["vnode0", "vnode1"]
+
+WORLD_APP = textwrap.dedent("""
+    import os, sys, time, numpy as np, veloc
+    from mpi4py import MPI
+    from veloc.config import node_id
+    cfg, last, how = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    comm = MPI.COMM_WORLD
+    ck = veloc.init(cfg, comm)
+    a = np.full(100_000 + comm.rank, -1.0)
+    ck.protect("a", a)
+    v = ck.restart_test("job")
+    if v is not None:
+        ck.restart("job", v)
+        assert (a == v * 10 + comm.rank).all(), "restored data is wrong"
+    levels = comm.gather(ck.last_restart.level if v is not None else None, root=0)
+    if comm.rank == 0:
+        print(f"restarted {v} levels {levels}", flush=True)
+    for i in range((v or 0) + 1, last + 1):
+        a[:] = i * 10 + comm.rank
+        if how == f"vnode1-dies-at-{i}" and node_id() == "vnode1":
+            def die(name, version):         # dies before submitting (after the others did)
+                time.sleep(0.5)
+                os._exit(1)
+            ck.host.checkpoint = die
+        ck.checkpoint("job", i)
+        if how == f"vnode1-dies-at-{i}":
+            os._exit(1)
+    if how == "crash":
+        os._exit(1)
+    ck.finalize()
+""")
+
+
+def veloc_run(ajob, np_, *app_args, extra=(), timeout=90):
+    """``veloc-run -n NP --virtual-nodes 2 --wait`` of WORLD_APP; the CompletedProcess."""
+    app = Path(ajob["tmp"]) / "world_app.py"
+    app.write_text(WORLD_APP)
+    cmd = [sys.executable, "-m", f"{PKG}.launcher", "-n", str(np_), "--virtual-nodes", "2",
+           "--config", str(ajob["cfg"]), "--wait", *extra, "--",
+           sys.executable, str(app), str(ajob["cfg"]), *map(str, app_args)]
+    env = dict(ajob["full_env"], PYTHONPATH=os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def node_env(ajob, node):
+    return dict(ajob["full_env"], VELOC_NODE_ID=node)
+
+
+def backend_log(ajob, node):
+    config, node, ep = lifecycle.resolve(ajob["cfg"], node_env(ajob, node))
+    return lifecycle.log_path(config, node, ep).read_text()
+
+
+def use_partner(ajob, persistent=False):
+    text = ajob["cfg"].read_text()
+    if not persistent:
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("persistent"))
+    ajob["cfg"].write_text(text + "\n[partner]\nenabled = true\n")
+
+
+def test_launcher_backend_world_partner_rebuilds_a_lost_node(ajob):
+    """(d) veloc-run, 2 virtual nodes, partner on, no persistent level: crash, lose
+    vnode1's scratch, restart: vnode1's ranks come back from their partner copies."""
+    use_partner(ajob)
+    t0 = time.monotonic()
+    proc = veloc_run(ajob, 4, 3, "crash")
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "backend world of 2 node(s) started" in proc.stderr
+    for node in VNODES:
+        assert "backend world ready: 2 node(s)" in backend_log(ajob, node)
+        assert "skipped" not in backend_log(ajob, node)
+    assert (Path(ajob["scratch"]) / "vnode0" / ".partner" / "vnode1" / "job" / "v3"
+            / "r3.manifest.json").is_file()
+    shutil.rmtree(Path(ajob["scratch"]) / "vnode1")          # the node is lost
+    proc = veloc_run(ajob, 4, 4, "ok")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "restarted 3 levels ['scratch', 'scratch', 'partner', 'partner']" in proc.stdout
+    assert (Path(ajob["scratch"]) / "vnode1" / "job" / "v4" / "r3.manifest.json").is_file()
+    print(f"two launcher runs with a node loss: {time.monotonic() - t0:.1f} s")
+
+
+def test_version_missing_on_one_node_skips_collective_levels(ajob):
+    """vnode1's ranks die after committing v2 to scratch but before submitting it,
+    vnode0's submit it: vnode0's backend does not wait for vnode1 in the partner module;
+    after the deadline v2 runs there alone (logged). The next job restarts from v2 (on
+    every scratch) and its versions get partner copies again."""
+    use_partner(ajob)
+    t0 = time.monotonic()
+    proc = veloc_run(ajob, 4, 3, "vnode1-dies-at-2", extra=("--collective-deadline", "1.5"))
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    log0 = backend_log(ajob, "vnode0")
+    assert re.search(r"job v2: collective levels \(partner\) skipped on node vnode0: node\(s\) "
+                     r"vnode1 did not submit it within 1.5 s", log0), log0
+    held = Path(ajob["scratch"]) / "vnode1" / ".partner" / "vnode0" / "job"
+    assert (held / "v1" / "r0.manifest.json").is_file() and not (held / "v2").exists()
+    assert (Path(ajob["scratch"]) / "vnode0" / "job" / "v2" / "r1.manifest.json").is_file()
+    proc = veloc_run(ajob, 4, 3, "ok")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "restarted 2 levels ['scratch', 'scratch', 'scratch', 'scratch']" in proc.stdout
+    assert (held / "v3" / "r1.manifest.json").is_file()     # full collective work again
+    assert elapsed < 30
+    print(f"crashed run with the missing version: {elapsed:.1f} s")
+
+
+@pytest.fixture
+def world_of_two(ajob):
+    """A backend world of vnode0 and vnode1 started the way veloc-run starts it, with a
+    1 s peer timeout; yields ``{node: pid}``; stops everything at the end."""
+    use_partner(ajob, persistent=True)
+    proc, eps, _out = launcher.start_world(ajob["cfg"], launcher.mpiexec_path(), VNODES,
+                                           extra_args=("--peer-timeout", "1", "--idle-exit", "60"),
+                                           env=ajob["full_env"])
+    pids = {ep.node_id: lifecycle.read_pid(ep) for ep in eps}
+    yield {"proc": proc, "pids": pids, "eps": dict(zip(VNODES, eps))}
+    for pid in pids.values():
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    proc.wait(timeout=30)
+
+
+def wait_log(ajob, node, pattern, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = backend_log(ajob, node)
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"no {pattern!r} in the log of {node}:\n{backend_log(ajob, node)}")
+
+
+@pytest.mark.parametrize("hung", VNODES)
+def test_hung_world_member_breaks_the_world_not_the_node(ajob, world_of_two, hung):
+    """One backend of the world stops answering (SIGSTOP): the other logs a clear error
+    within the peer timeout and goes on serving its node alone (its application still
+    checkpoints to persistent); nothing waits forever, and everything exits."""
+    other = "vnode1" if hung == "vnode0" else "vnode0"
+    os.kill(world_of_two["pids"][hung], signal.SIGSTOP)
+    t0 = time.monotonic()
+    why = ("node\\(s\\) vnode1 did not answer within 1 s" if hung == "vnode1"
+           else "the coordinator, node vnode0, did not answer within 3 s")
+    wait_log(ajob, other, f"ERROR .*backend world broken: {why}")
+    detected = time.monotonic() - t0
+    assert detected < 10
+    proc = run_mpi([ajob["app"], ajob["cfg"], 1, 2, "ok"], n=2, env={**ajob["env"], "VELOC_NODE_ID": other})
+    assert "rank 1 done" in proc.stdout
+    assert persisted(ajob, 2) == ["r0.manifest.json", "r1.manifest.json"]
+    with ipc.BackendConnection(world_of_two["eps"][other].socket, 10) as conn:
+        assert conn.request({"op": "status"})["world"]["broken"]
+    os.kill(world_of_two["pids"][hung], signal.SIGCONT)      # it finds itself alone too
+    wait_log(ajob, hung, "ERROR .*backend world broken")
+    world_of_two["proc"].send_signal(signal.SIGTERM)         # mpiexec forwards it
+    world_of_two["proc"].wait(timeout=20)
+    print(f"lost member detected after {detected:.1f} s")
+
+
+def test_member_leaving_the_world_leaves_the_others_serving(ajob, world_of_two):
+    os.kill(world_of_two["pids"]["vnode1"], signal.SIGTERM)
+    wait_log(ajob, "vnode0", r"node\(s\) vnode1 left the backend world")
+    assert "backend stopped" in wait_log(ajob, "vnode1", "backend stopped")
+    assert lifecycle.ping(world_of_two["eps"]["vnode0"]) is not None
+    control.shutdown(world_of_two["eps"]["vnode0"])
+    assert world_of_two["proc"].wait(timeout=20) == 0
+
+
+PEERS_APP = textwrap.dedent("""
+    import time
+    from mpi4py import MPI
+    from veloc.engine.module import Peers
+    from veloc.errors import BackendError
+    comm = MPI.COMM_WORLD
+    comms = [comm.Dup(), comm.Dup()]
+    if comm.rank == 1:                  # never reaches the collectives
+        time.sleep(1.5)
+    else:
+        for peers in (Peers(comms[0], timeout=0.5), Peers(comms[1], abort=lambda: "world broken")):
+            t0 = time.monotonic()
+            try:
+                peers.allgather(1)
+            except BackendError as exc:
+                assert time.monotonic() - t0 < 2, "no bounded wait"
+                print("raised:", exc, flush=True)
+            try:
+                peers.agree(1)
+            except BackendError:
+                print("still broken", flush=True)
+""")
+
+
+def test_peers_barrier_gives_up_after_its_timeout_or_on_abort(ajob):
+    script = Path(ajob["tmp"]) / "peers.py"
+    script.write_text(PEERS_APP)
+    out = run_mpi([script], n=2, timeout=60).stdout
+    assert "did not reach the same step within 0.5 s" in out and "world broken" in out
+    assert out.count("still broken") == 2

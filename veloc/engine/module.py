@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from ..errors import BackendError
 from .levels import LevelStore, RecyclePool
 
 CHECKPOINT, RESTART, TEST = "CHECKPOINT", "RESTART", "TEST"
@@ -30,10 +31,20 @@ class Peers:
 
     ``comm`` is an mpi4py communicator with one process per node, or ``None`` for a
     single node. Decisions that nodes must share go through :meth:`agree`.
+
+    ``timeout`` (seconds, ``None`` = forever) bounds each wait for the other nodes at
+    :meth:`quiet_sync`; ``abort`` is a callable returning a reason to stop waiting at
+    once (or ``None``), e.g. the active backend's "the backend world is broken". After
+    a timeout or an abort the communicator holds an unfinished barrier, so this object
+    is *broken*: every later collective raises :class:`~veloc.errors.BackendError` at
+    once instead of mismatching the other nodes.
     """
 
-    def __init__(self, comm=None):
+    def __init__(self, comm=None, timeout=None, abort=None):
         self.comm = comm
+        self.timeout = timeout
+        self.abort = abort
+        self.broken = None       # why the peers cannot be used any more
 
     @property
     def size(self):
@@ -43,16 +54,28 @@ class Peers:
     def index(self):
         return 0 if self.comm is None else self.comm.Get_rank()
 
-    def quiet_sync(self, poll=0.002):
+    def quiet_sync(self, poll=0.002, timeout=None):
         """Wait for every node at a non-blocking barrier, sleeping between polls.
 
         Blocking MPI collectives spin a core while they wait; a backend waiting for a slow
         node must not steal the application's CPU, so collectives are preceded by this.
+        Raises ``BackendError`` after ``timeout`` (default: the object's) or on abort.
         """
         if self.comm is None:
             return
+        if self.broken:
+            raise BackendError(self.broken)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         request = self.comm.Ibarrier()
         while not request.Test():
+            reason = self.abort() if self.abort is not None else None
+            if reason is None and deadline is not None and time.monotonic() >= deadline:
+                reason = (f"the other nodes' engines did not reach the same step within "
+                          f"{timeout:g} s (a node is hung, dead or out of step)")
+            if reason:
+                self.broken = f"engine {self.index} of {self.size} gave up waiting for the other nodes: {reason}"
+                raise BackendError(self.broken)
             time.sleep(poll)
 
     def agree(self, value):
