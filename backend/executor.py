@@ -145,6 +145,8 @@ class EngineExecutor:
         if kind == CHECKPOINT:
             if not batch.complete:
                 ranks = self._committed_ranks(first, ranks)
+            if any(it.get("replayed") for it in batch.items):
+                self._drop_stale_temps(name, int(version), ranks)
             info["timings"] = self._checkpoint(Command(CHECKPOINT, name, int(version), ranks,
                                                        int(first["nranks"])))
         elif kind == "AVAILABLE":
@@ -162,6 +164,27 @@ class EngineExecutor:
         self.engine.checkpoint(cmd)
         return {module: round(sec, 6) for n, v, module, sec in self.engine.timings
                 if n == cmd.name and v == cmd.version and (n, v, module, sec) not in before}
+
+    def _drop_stale_temps(self, name, version, ranks):
+        """A version resumed from the journal: the backend that died running it may have
+        left temporary files of an interrupted copy in the persistent folder (never
+        committed, but taking space). Only this node's ranks' files are touched: other
+        nodes' backends write next to them."""
+        removed = 0
+        for rank in ranks:
+            store = self.engine.ctx.persistent(rank)
+            if store is None:
+                continue
+            vdir = store.version_dir(name, version)
+            for tmp in vdir.glob(f".r{int(rank)}.*.tmp") if vdir.is_dir() else ():
+                try:
+                    tmp.unlink()
+                    removed += 1
+                except OSError:
+                    pass
+        if removed:
+            self.log.info("%s v%d: removed %d temporary file(s) of an interrupted copy in the "
+                          "persistent folder", name, version, removed)
 
     def _committed_ranks(self, item, ranks):
         """For a version whose commands did not all arrive (their ranks died after

@@ -57,7 +57,7 @@ class WorkQueue:
         self._threads = []
         with self._cond:
             for rid, item in journal.pending():
-                self._enqueue(rid, item)
+                self._enqueue(rid, dict(item, replayed=True))   # an earlier backend took it
                 self.counts["replayed"] += 1
         if self.counts["replayed"]:
             log.info("resuming %d unfinished item(s) from journal %s",

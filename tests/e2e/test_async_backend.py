@@ -372,3 +372,165 @@ def test_peers_barrier_gives_up_after_its_timeout_or_on_abort(ajob):
     out = run_mpi([script], n=2, timeout=60).stdout
     assert "did not reach the same step within 0.5 s" in out and "world broken" in out
     assert out.count("still broken") == 2
+
+
+# --------------------------------------------------------------------------- async e2e
+
+import test_heat_restart as heat_e2e                                  # noqa: E402
+from test_heat_restart import reference                               # noqa: E402,F401 (fixture)
+
+
+def test_heat_async_crash_drain_lose_all_scratch_restart_from_persistent(ajob, reference,
+                                                                         monkeypatch):
+    """(a) examples/heat.py in async mode on 2 virtual nodes: crash after a checkpoint,
+    let the backends finish (veloc drain), lose ALL scratch, restart from persistent:
+    the final grid equals the uninterrupted run's bit for bit."""
+    monkeypatch.setenv("VELOC_RUNTIME_DIR", ajob["env"]["VELOC_RUNTIME_DIR"])
+    cfg = heat_e2e.write_config(ajob)
+    cfg.write_text(cfg.read_text().replace("mode = sync", "mode = async"))
+    out = Path(ajob["tmp"]) / "heat.npy"
+    heat_e2e.crash(cfg, out)
+    for node in sorted(set(heat_e2e.NODES)):
+        res = control.drain(cfg, node_env(ajob, node), timeout=60)
+        assert res["drained"] and not res["failures"], res
+        assert control.shutdown(lifecycle.resolve(cfg, node_env(ajob, node))[2])
+        shutil.rmtree(Path(ajob["scratch"]) / node)
+    for rank in range(len(heat_e2e.NODES)):
+        assert heat_e2e.rank_files(ajob["persistent"], heat_e2e.FAIL_AT, rank), rank
+    version, levels = heat_e2e.restart(cfg, out)
+    assert (version, levels) == (heat_e2e.FAIL_AT, {"persistent": 4})
+    heat_e2e.assert_bit_exact(out, reference)
+
+
+BIG_APP = textwrap.dedent("""
+    import os, sys, numpy as np, veloc
+    from mpi4py import MPI
+    cfg, mib = sys.argv[1], int(sys.argv[2])
+    comm = MPI.COMM_WORLD
+    ck = veloc.init(cfg, comm)
+    a = np.full(mib << 17, float(comm.rank + 1))       # mib MiB of float64
+    ck.protect("a", a)
+    ck.checkpoint("job", 1)
+    comm.Barrier()
+    print(f"rank {comm.rank} submitted", flush=True)
+    os._exit(0)                       # crash: the backend goes on with the flush alone
+""")
+
+
+def big_app(ajob, mib):
+    script = Path(ajob["tmp"]) / "big.py"
+    script.write_text(BIG_APP)
+    return run_mpi([script, ajob["cfg"], mib], n=2, env=ajob["env"], check=False, timeout=120)
+
+
+def wait_for(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = pred()
+        if found:
+            return found
+        time.sleep(0.002)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def veloc_cli(ajob, *args):
+    env = dict(ajob["full_env"], PYTHONPATH=os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "veloc.cli", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_backend_killed_in_the_middle_of_a_flush_then_resumed(ajob):
+    """(b) SIGKILL the backend while it copies a 200 MiB-per-rank version to persistent
+    (on /tmp): nothing torn is committed; ``veloc drain`` resumes the journal, the flush
+    completes, checksums verify, and no temporary file is left behind."""
+    persistent = Path(tempfile.mkdtemp(prefix="veloc-pers-", dir="/tmp"))
+    try:
+        ajob["cfg"].write_text(ajob["cfg"].read_text().replace(
+            f"persistent = {ajob['persistent']}", f"persistent = {persistent}"))
+        proc = big_app(ajob, 200)
+        assert proc.stdout.count("submitted") == 2, proc.stdout + proc.stderr
+        vdir = persistent / "job" / "v1"
+        temp = wait_for(lambda: list(vdir.glob(".r*.tmp")) if vdir.is_dir() else [], 60,
+                        "the flush to start")
+        (entry,) = control.status(ajob["cfg"], ajob["full_env"])
+        os.kill(entry["pid"], signal.SIGKILL)
+        wait_for(lambda: not lifecycle.backend_alive(lifecycle.resolve(ajob["cfg"], ajob["full_env"])[2]),
+                 30, "the backend to die")
+        committed = sorted(p.name for p in vdir.glob("r*.manifest.json"))
+        assert committed != ["r0.manifest.json", "r1.manifest.json"], "killed too late"
+        assert any(p.exists() for p in temp)
+        (entry,) = control.status(ajob["cfg"], ajob["full_env"])
+        assert not entry["alive"] and entry["journaled"] == 2
+        t0 = time.monotonic()
+        drained = veloc_cli(ajob, "drain", ajob["cfg"], "--timeout", 90)
+        assert drained.returncode == 0 and "drained" in drained.stdout, drained.stdout + drained.stderr
+        resumed = time.monotonic() - t0
+        assert sorted(p.name for p in vdir.glob("r*.manifest.json")) == ["r0.manifest.json",
+                                                                       "r1.manifest.json"]
+        assert not list(vdir.glob(".*")), f"left behind: {list(vdir.glob('.*'))}"
+        verify = veloc_cli(ajob, "verify", ajob["cfg"], "job", 1)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert re.search(r"OK +persistent +job v1 rank 0", verify.stdout), verify.stdout
+        assert re.search(r"OK +persistent +job v1 rank 1", verify.stdout), verify.stdout
+        log = Path(control.status(ajob["cfg"], ajob["full_env"])[0]["log"]).read_text()
+        assert "resuming 2 unfinished item(s)" in log and "temporary file(s) of an interrupted" in log
+        print(f"killed during the flush; veloc drain finished it in {resumed:.2f} s")
+    finally:
+        shutil.rmtree(persistent, ignore_errors=True)
+
+
+FSIZE_LIMIT = 4 << 20
+
+
+def test_full_persistent_disk_fails_the_flush_not_the_scratch_copy(ajob):
+    """(c) The backend may not write files above 4 MiB (RLIMIT_FSIZE, a stand-in for a
+    full persistent file system): the flush of an 8 MiB-per-rank version fails with a
+    clear error in the backend log and at the next checkpoint_wait() (BackendError
+    naming node, module and version); the scratch copies stay restorable."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    config, node, ep = lifecycle.resolve(ajob["cfg"], ajob["full_env"])
+    backend = subprocess.Popen(lifecycle.backend_command(ajob["cfg"], ("--idle-exit", "60")),
+                               env=lifecycle.backend_env(ajob["full_env"]), preexec_fn=limit,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lifecycle.wait_ready(ep, time.monotonic() + 30)
+        app = Path(ajob["tmp"]) / "fsize.py"
+        app.write_text(textwrap.dedent("""
+            import sys, numpy as np, veloc
+            from mpi4py import MPI
+            comm = MPI.COMM_WORLD
+            ck = veloc.init(sys.argv[1], comm)
+            a = np.full(1 << 20, float(comm.rank + 1))        # 8 MiB per rank
+            ck.protect("a", a)
+            v = ck.restart_test("job")
+            if v is not None:
+                ck.restart("job", v)
+                assert (a == comm.rank + 1).all()
+                print(f"rank {comm.rank} restored v{v} from {ck.last_restart.level}", flush=True)
+                sys.exit(0)
+            ck.checkpoint("job", 1)
+            try:
+                ck.checkpoint_wait()
+            except veloc.BackendError as exc:
+                print(f"rank {comm.rank} ERROR {exc}", flush=True)
+            ck.finalize(drain=False)
+        """))
+        out = run_mpi([app, ajob["cfg"]], n=2, env=ajob["env"]).stdout
+        errors = re.findall(rf"rank \d ERROR node {node}: background checkpoint of job v1 failed: "
+                            rf"CheckpointError: node {node}: module flush failed on job v1: .*?File too large",
+                            out)
+        assert len(errors) == 2, out
+        log = lifecycle.log_path(config, node, ep).read_text()
+        assert re.search(r"ERROR .*module flush failed on job v1: .*File too large", log), log
+        assert persisted(ajob, 1) == []                     # nothing half-written committed
+        assert not list((Path(ajob["persistent"]) / "job" / "v1").glob(".*"))
+        out = run_mpi([app, ajob["cfg"]], n=2, env=ajob["env"]).stdout
+        assert "rank 0 restored v1 from scratch" in out and "rank 1 restored v1 from scratch" in out
+    finally:
+        backend.kill()
+        backend.wait()
