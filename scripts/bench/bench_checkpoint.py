@@ -1,0 +1,611 @@
+#!/usr/bin/env python
+"""Per-rank blocking bandwidth of veloc's checkpoint() and restart, as ratios to this machine's limits.
+
+Every rank protects a random float64 array of each size and, in one run, measures with
+all ranks at once (barrier before every timed repetition):
+
+  limits     np.copyto into a preallocated buffer (memcpy, the reference of every ratio);
+             np.save and os.write into a fresh tmpfs file; os.pwrite over an
+             already-allocated tmpfs file (what recycling scratch files buys);
+             os.write + fsync into a fresh file on the persistent disk; preadv of a
+             tmpfs file into the array (the limit of restart)
+  checkpoint veloc.init with scratch on tmpfs, persistent on disk, scratch_versions = 2,
+             max_versions = 2. Per version: checkpoint_wait, then begin + mem (the local
+             write: all that async mode blocks for) and checkpoint_end (sync mode: commit,
+             checksum, flush, garbage collection) timed apart. v1 is the first
+             checkpoint, v2-v3 still write fresh tmpfs pages, later versions reuse the
+             recycled files of old ones (steady state). Then whole checkpoint() calls.
+  restart    restart_test and restart from scratch; then, as a new job after a node
+             loss (finalize, delete the scratch folders, new veloc.init), from
+             persistent with its files in the page cache (warm) and evicted (cold)
+
+Ratios: before every timed repetition of anything, the same ranks time one np.copyto of
+the same bytes; "x memcpy" is the median over repetitions of copyto time / operation
+time (so drift and other load on the machine hit both sides), "x limit" the same against
+the limit named next to it. GB/s (1e9 bytes/s) is bytes per rank / the slowest rank's
+time, median over repetitions (best and worst repetitions too): per-rank bandwidth.
+Absolute GB/s drift between runs on a shared VM; compare ratios.
+
+Fresh pages: on a VM with a free-page-reporting balloon (this one), memory freed more
+than ~1 s ago has gone back to the host and costs a host fault on first touch, several
+times slower than reusing pages freed just before; memory the guest never touched is the
+slowest. Fresh-file limits are therefore taken "cold" (after --settle seconds idle, as a
+checkpoint after a compute phase sees them) and "hot" (right after deleting the previous
+file); the worst cold repetition is usually the one that met never-touched memory.
+
+    mpiexec -n 2 python scripts/bench/bench_checkpoint.py [--sizes 256M,1G] [--reps 5]
+        [--mode sync|async] [--json OUT]
+    python scripts/bench/bench_checkpoint.py ...     # re-launches itself under mpiexec -n 2
+
+Memory per rank: the array, the copyto reference buffer, and at most four
+checkpoint-sized tmpfs files (two scratch versions, the recycle pool, the one being
+written); sizes that would not fit in MemAvailable are refused (--force overrides).
+Every file is removed at the end, also on error.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import zlib
+
+import numpy as np
+
+MIB = 1 << 20
+GIB = 1 << 30
+MAX_IO = 1 << 30
+ENV_SHM, ENV_DISK = "VELOC_BENCH_SHM_DIR", "VELOC_BENCH_DISK_DIR"
+MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+CKPT = "bench"
+
+
+# -- command line and launcher ----------------------------------------------------------
+def parse_size(text):
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": MIB, "G": GIB}.get(text[-1:], 1)
+    value = int(float(text.rstrip("KMG")) * mult)
+    if value < 4096 or value % 8:
+        raise argparse.ArgumentTypeError(f"size {text!r}: need a multiple of 8 bytes, at least 4 KiB")
+    return value
+
+
+def human(nbytes):
+    for unit, scale in (("GiB", GIB), ("MiB", MIB), ("KiB", 1 << 10)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale} {unit}"
+    return f"{nbytes} B"
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="256M,1G", help="bytes per rank, comma list (default 256M,1G)")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions per measurement (default 5)")
+    ap.add_argument("--mode", choices=("sync", "async"), default="sync", help="veloc mode (default sync)")
+    ap.add_argument("--json", metavar="OUT", help="also write every raw per-rank time to OUT")
+    ap.add_argument("--np", type=int, default=2, help="ranks when the script launches itself (default 2)")
+    ap.add_argument("--shm-dir", default="/dev/shm", help="tmpfs parent for scratch and limits (default /dev/shm)")
+    ap.add_argument("--disk-dir", default="/tmp", help="disk parent for persistent (default /tmp)")
+    ap.add_argument("--settle", type=float, default=2.0,
+                    help="seconds idle before a 'cold' fresh-page measurement (default 2)")
+    ap.add_argument("--persistent-cache", choices=("warm", "cold", "both"), default="both",
+                    help="restart from persistent with its files in the page cache, evicted, or both")
+    ap.add_argument("--engine-timings", action="store_true",
+                    help="diagnostic, sync mode: also print the engine's per-module times (reads a "
+                         "private attribute of the client; not part of the measurement)")
+    ap.add_argument("--force", action="store_true", help="run sizes even if they may not fit in memory")
+    args = ap.parse_args(argv)
+    try:
+        args.size_list = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        ap.error(f"--sizes: {exc}")
+    if args.reps < 1:
+        ap.error("--reps must be >= 1")
+    return args
+
+
+def under_mpi():
+    return any(key in os.environ for key in MPI_ENV)
+
+
+def find_mpiexec():
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return here if os.access(here, os.X_OK) else shutil.which("mpiexec")
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM into an exception so that the cleanup in ``finally`` blocks runs."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, handler)
+
+
+def launch(args, argv):
+    """Wrapper mode: own the work folders, run ourselves under mpiexec, always clean up."""
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        sys.exit("bench_checkpoint: no mpiexec next to this python or on PATH; run it under mpiexec -n 2")
+    shm = tempfile.mkdtemp(prefix="veloc-bench-", dir=args.shm_dir)
+    disk = tempfile.mkdtemp(prefix="veloc-bench-", dir=args.disk_dir)
+    env = dict(os.environ, **{ENV_SHM: shm, ENV_DISK: disk})
+    cmd = [mpiexec, "-n", str(args.np), sys.executable, os.path.abspath(__file__)] + list(argv)
+    print("# " + " ".join(cmd), flush=True)
+    _raise_on_sigterm()
+    proc = None
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+        return proc.wait()
+    except KeyboardInterrupt:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()            # mpiexec forwards it to the ranks
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return 130
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(disk, ignore_errors=True)
+
+
+# -- file helpers ---------------------------------------------------------------------
+def write_all(fd, view, positioned):
+    view = memoryview(view).cast("B")
+    done = 0
+    while done < len(view):
+        chunk = view[done:done + MAX_IO]
+        done += os.pwrite(fd, chunk, done) if positioned else os.write(fd, chunk)
+
+
+def write_file(path, view, fsync=False, fresh=True):
+    """Write ``view`` to a new file (``fresh``) or over an existing one of the same size."""
+    fd = os.open(path, os.O_WRONLY | (os.O_CREAT | os.O_EXCL if fresh else 0), 0o600)
+    try:
+        write_all(fd, view, not fresh)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_file_into(path, view):
+    view = memoryview(view).cast("B")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:done + MAX_IO]], done)
+            if n == 0:
+                raise OSError(f"{path}: short read at byte {done}")
+            done += n
+    finally:
+        os.close(fd)
+
+
+def unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def evict_tree(root):
+    """Drop the (fsynced, clean) pages of every file under ``root`` from the page cache."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def clear_dir(path):
+    """Remove everything inside ``path`` (not ``path`` itself)."""
+    for entry in os.listdir(path):
+        full = os.path.join(path, entry)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            unlink(full)
+
+
+def fingerprint(arr):
+    try:
+        import xxhash
+        return xxhash.xxh3_128_hexdigest(arr.view("u1"))
+    except ImportError:
+        return zlib.crc32(arr.view("u1"))
+
+
+def mem_available():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# -- timing ---------------------------------------------------------------------------
+class Bench:
+    """Per-rank state: communicator, options, work folders, and the raw times.
+
+    ``times[key]`` lists this rank's seconds per repetition; ``pair[key]`` names the
+    copyto reference timed right before each repetition of ``key``.
+    """
+
+    def __init__(self, comm, args, shm, disk):
+        self.comm, self.args = comm, args
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.shm, self.disk = shm, disk
+        self.times, self.pair = {}, {}
+        self.src = self.ref = None
+
+    def record(self, key, seconds, pair=None):
+        self.times.setdefault(key, []).append(seconds)
+        if pair is not None:
+            self.pair[key] = pair
+
+    def reference(self, pair):
+        """Time one np.copyto of the array on every rank at once, as the reference of ``pair``."""
+        self.comm.Barrier()
+        t0 = time.perf_counter()
+        np.copyto(self.ref, self.src)
+        self.record(pair, time.perf_counter() - t0)
+
+    def timed(self, key, fn, before=None, after=None, settle=False):
+        """``before()``, [settle], copyto reference, barrier, time ``fn()``, ``after()``."""
+        if before is not None:
+            before()
+        if settle:
+            self.comm.Barrier()
+            time.sleep(self.args.settle)
+        self.reference(key + "#ref")
+        self.comm.Barrier()
+        t0 = time.perf_counter()
+        result = fn()
+        self.record(key, time.perf_counter() - t0, key + "#ref")
+        if after is not None:
+            after()
+        return result
+
+    def repeat(self, key, fn, reps=None, **kw):
+        for _ in range(reps or self.args.reps):
+            self.timed(key, fn, **kw)
+
+
+# -- the measurements -----------------------------------------------------------------
+def bench_limits(b, base, disk_dir):
+    a = b.src
+    b.repeat("memcpy", lambda: np.copyto(b.ref, a))
+    shm_file = os.path.join(base, f"limit.r{b.rank}")
+    disk_file = os.path.join(disk_dir, f"limit.r{b.rank}")
+    for heat, settle in (("cold", True), ("hot", False)):
+        b.repeat(f"np_save_{heat}", lambda: np.save(shm_file + ".npy", a),
+                 before=lambda: unlink(shm_file + ".npy"), settle=settle)
+        b.repeat(f"write_fresh_{heat}", lambda: write_file(shm_file, a), before=lambda: unlink(shm_file),
+                 settle=settle)
+    unlink(shm_file + ".npy")
+    # shm_file exists and is fully allocated: overwrite it in place, then read it back
+    b.repeat("pwrite_allocated", lambda: write_file(shm_file, a, fresh=False))
+    b.repeat("preadv_tmpfs", lambda: read_file_into(shm_file, b.ref))
+    unlink(shm_file)
+    for heat, settle in (("cold", True), ("hot", False)):
+        b.repeat(f"disk_write_{heat}", lambda: write_file(disk_file, a, fsync=True), reps=min(b.args.reps, 3),
+                 before=lambda: unlink(disk_file), settle=settle)
+    b.repeat("disk_read_warm", lambda: read_file_into(disk_file, b.ref))
+    b.repeat("disk_read_cold", lambda: read_file_into(disk_file, b.ref), reps=min(b.args.reps, 3),
+             before=lambda: evict_tree(disk_dir))
+    unlink(disk_file)
+
+
+def bench_checkpoints(b, client):
+    """Versions 1 .. 3 + reps, phases timed apart; then ``reps`` whole checkpoint() calls."""
+    versions = 3 + b.args.reps
+    for version in range(1, versions + 1):
+        kind = "first" if version == 1 else ("fresh" if version <= 3 else "steady")
+        pair = f"ckpt_{kind}#ref"
+        b.timed(f"ckpt_wait_{kind}", client.checkpoint_wait)
+        b.reference(pair)
+        b.comm.Barrier()
+        t0 = time.perf_counter()
+        client.checkpoint_begin(CKPT, version)
+        t1 = time.perf_counter()
+        client.checkpoint_mem()
+        t2 = time.perf_counter()
+        client.checkpoint_end(True)
+        t3 = time.perf_counter()
+        for key, seconds in (("begin", t1 - t0), ("mem", t2 - t1), ("local", t2 - t0), ("end", t3 - t2),
+                             ("total", t3 - t0)):
+            b.record(f"ckpt_{key}_{kind}", seconds, pair)
+    for version in range(versions + 1, versions + 1 + b.args.reps):
+        b.timed("call_wait", client.checkpoint_wait)
+        b.timed("checkpoint_call", lambda: client.checkpoint(CKPT, version))
+    b.timed("drain", client.checkpoint_wait)
+    return versions + b.args.reps
+
+
+def timed_restart(b, client, key, version, level, expect):
+    """restart_test + restart, timed apart; check the version, the level and the data."""
+    b.src.fill(0)
+    b.reference(f"restart_{key}#ref")
+    b.comm.Barrier()
+    t0 = time.perf_counter()
+    found = client.restart_test(CKPT)
+    t1 = time.perf_counter()
+    if found is not None:
+        client.restart(CKPT, found)
+    t2 = time.perf_counter()
+    for part, seconds in (("test", t1 - t0), ("read", t2 - t1), ("total", t2 - t0)):
+        b.record(f"restart_{part}_{key}", seconds, f"restart_{key}#ref")
+    got = client.last_restart
+    if found != version or got is None or got.level != level:
+        raise RuntimeError(f"rank {b.rank}: restart_test found v{found} restored from "
+                           f"{got.level if got else None}; expected v{version} from {level}")
+    if fingerprint(b.src) != expect:
+        raise RuntimeError(f"rank {b.rank}: the restored array differs from the checkpointed one")
+
+
+def stop_backends(b, cfg):
+    """Async mode, rank 0: shut down the backends this run started and remove their sockets."""
+    if b.args.mode != "async" or b.rank != 0:
+        return
+    try:
+        from veloc_backend import control, lifecycle
+    except ImportError:
+        return
+    for ep, _ in control.job_backends(cfg):
+        control.shutdown(ep, drain_first=True)
+        deadline = time.monotonic() + 60
+        while lifecycle.ping(ep, timeout=1.0) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        shutil.rmtree(ep.dir, ignore_errors=True)
+
+
+def engine_timings(client):
+    engine = getattr(getattr(client, "host", None), "engine", None)
+    return [list(t) for t in getattr(engine, "timings", None) or []]
+
+
+def run_size(b, nbytes):
+    import veloc
+    tag = f"s{nbytes}"
+    base = os.path.join(b.shm, tag)
+    scratch_root = os.path.join(base, "scratch")
+    persistent_root = os.path.join(b.disk, tag, "persistent")
+    disk_limits = os.path.join(b.disk, tag, "limits")
+    if b.rank == 0:
+        for d in (scratch_root, persistent_root, disk_limits):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+    b.comm.Barrier()
+    cfg = {"scratch": os.path.join(scratch_root, "{node}"), "persistent": persistent_root,
+           "mode": b.args.mode, "scratch_versions": 2, "max_versions": 2}
+    extra = {}
+    b.src = np.random.default_rng(1000 + b.rank).random(nbytes // 8)
+    b.ref = np.empty_like(b.src)
+    np.copyto(b.ref, b.src)                       # allocate the reference buffer's pages
+    expect = fingerprint(b.src)
+    try:
+        bench_limits(b, base, disk_limits)
+        client = veloc.init(cfg, comm=b.comm)
+        try:
+            client.protect("a", b.src)
+            last = bench_checkpoints(b, client)
+            if b.args.engine_timings:
+                extra["engine_timings"] = engine_timings(client)
+            for _ in range(b.args.reps):
+                timed_restart(b, client, "scratch", last, "scratch", expect)
+        finally:
+            client.finalize()
+        caches = ("warm", "cold") if b.args.persistent_cache == "both" else (b.args.persistent_cache,)
+        for cache in caches:
+            for _ in range(b.args.reps):
+                stop_backends(b, cfg)
+                b.comm.Barrier()
+                if b.rank == 0:                   # every node lost its scratch
+                    clear_dir(scratch_root)
+                    if cache == "cold":
+                        evict_tree(persistent_root)
+                b.comm.Barrier()
+                time.sleep(b.args.settle)         # the new job starts a while later
+                client = veloc.init(cfg, comm=b.comm)
+                try:
+                    client.protect("a", b.src)
+                    timed_restart(b, client, f"persistent_{cache}", last, "persistent", expect)
+                finally:
+                    client.finalize()
+    finally:
+        stop_backends(b, cfg)
+        b.src = b.ref = None
+        b.comm.Barrier()
+        if b.rank == 0:
+            shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(os.path.join(b.disk, tag), ignore_errors=True)
+    return extra
+
+
+# -- report ---------------------------------------------------------------------------
+ROWS = [  # key, label, limit key for "x limit"
+    ("memcpy", "np.copyto -> preallocated (memcpy)", None),
+    ("np_save_cold", "np.save -> fresh tmpfs file, cold", None),
+    ("np_save_hot", "np.save -> fresh tmpfs file, hot", None),
+    ("write_fresh_cold", "os.write -> fresh tmpfs file, cold", None),
+    ("write_fresh_hot", "os.write -> fresh tmpfs file, hot", None),
+    ("pwrite_allocated", "os.pwrite -> allocated tmpfs file", None),
+    ("disk_write_cold", "os.write+fsync -> fresh disk file, cold", None),
+    ("disk_write_hot", "os.write+fsync -> fresh disk file, hot", None),
+    ("preadv_tmpfs", "preadv tmpfs file -> array", None),
+    ("disk_read_warm", "preadv disk file (page cache) -> array", None),
+    ("disk_read_cold", "preadv disk file (evicted) -> array", None),
+    ("ckpt_local_first", "ckpt begin+mem (local write), v1", "write_fresh_cold"),
+    ("ckpt_local_fresh", "ckpt begin+mem, v2-v3 (fresh pages)", "write_fresh_cold"),
+    ("ckpt_local_steady", "ckpt begin+mem, steady (recycled)", "pwrite_allocated"),
+    ("ckpt_end_first", "checkpoint_end, v1", "disk_write_cold"),
+    ("ckpt_end_steady", "checkpoint_end, steady", "disk_write_cold"),
+    ("ckpt_wait_steady", "checkpoint_wait for the previous, steady", "disk_write_cold"),
+    ("ckpt_total_first", "begin+mem+end, v1", None),
+    ("ckpt_total_steady", "begin+mem+end, steady", None),
+    ("checkpoint_call", "checkpoint() call, steady", None),
+    ("restart_test_scratch", "restart_test, scratch", None),
+    ("restart_read_scratch", "restart, scratch", "preadv_tmpfs"),
+    ("restart_total_scratch", "restart_test+restart, scratch", "preadv_tmpfs"),
+    ("restart_total_persistent_warm", "restart_test+restart, persistent warm", "disk_read_warm"),
+    ("restart_total_persistent_cold", "restart_test+restart, persistent cold", "disk_read_cold"),
+]
+
+
+def slowest(raw):
+    """Per repetition, the slowest rank's time."""
+    return [max(reps) for reps in zip(*raw)]
+
+
+def summarize(raw, pair):
+    """``{key: {"n", "median_s", "best_s", "x_memcpy"}}`` from ``raw[key][rank][rep]``."""
+    out = {}
+    for key, per_rank in raw.items():
+        if "#ref" in key:
+            continue
+        t = slowest(per_rank)
+        row = {"n": len(t), "median_s": statistics.median(t), "best_s": min(t), "worst_s": max(t)}
+        if key == "memcpy":
+            row["x_memcpy"] = 1.0
+        elif key in pair and pair[key] in raw:
+            ref = slowest(raw[pair[key]])
+            row["x_memcpy"] = statistics.median(r / x for r, x in zip(ref, t) if x > 0)
+        out[key] = row
+    return out
+
+
+def report(args, nranks, nbytes, summary, extra, load):
+    lines = ["", f"## {human(nbytes)} per rank, {nranks} ranks, mode {args.mode}, {args.reps} reps, "
+             f"settle {args.settle:g} s; load average before/after {load[0]:.2f}/{load[1]:.2f}"]
+    hdr = (f"{'measurement':40} {'n':>2} {'GB/s/rank':>9} {'best':>6} {'worst':>6} {'x memcpy':>8} "
+           f"{'x limit':>7}  limit")
+    lines += [hdr, "-" * len(hdr)]
+    for key, label, limit in ROWS:
+        row = summary.get(key)
+        if row is None or (key == "ckpt_wait_steady" and args.mode == "sync"):
+            continue                      # sync mode: nothing runs in the background
+        if args.mode == "async" and key.startswith("ckpt_end"):
+            limit = None                  # async: checkpoint_end only hands the version over
+        gbs, best, worst = (nbytes / row[k] / 1e9 for k in ("median_s", "best_s", "worst_s"))
+        ratio = row.get("x_memcpy")
+        cell = ""
+        if limit and ratio and summary.get(limit, {}).get("x_memcpy"):
+            cell = f"{ratio / summary[limit]['x_memcpy']:7.2f}  {limit}"
+        lines.append(f"{label:40} {row['n']:2d} {gbs:9.2f} {best:6.2f} {worst:6.2f} "
+                     f"{ratio if ratio is not None else float('nan'):8.3f} {cell}")
+    ms = {k: 1e3 * r["median_s"] for k, r in summary.items()}
+    small = ["ckpt_wait_steady", "ckpt_begin_steady", "ckpt_mem_steady", "ckpt_end_steady", "call_wait",
+             "drain", "restart_test_scratch", "restart_read_scratch", "restart_test_persistent_warm",
+             "restart_read_persistent_warm", "restart_test_persistent_cold", "restart_read_persistent_cold"]
+    lines.append("medians (ms, slowest rank): " + ", ".join(f"{k}={ms[k]:.1f}" for k in small if k in ms))
+    if extra.get("engine_timings"):
+        per = {}
+        for _name, version, module, secs in extra["engine_timings"]:
+            if version > 3:
+                per.setdefault(module, []).append(secs)
+        lines.append("engine modules on the leader, steady versions, medians over all local ranks' files "
+                     "(ms, diagnostic): " + ", ".join(f"{m}={1e3 * statistics.median(v):.0f}"
+                                                      for m, v in per.items()))
+    return "\n".join(lines)
+
+
+# -- main -----------------------------------------------------------------------------
+def memory_refusal(args, local):
+    if args.force:
+        return None
+    avail = mem_available()
+    for nbytes in args.size_list:
+        need = local * nbytes * 6
+        if avail is not None and need > avail * 0.9:
+            return (f"# {human(nbytes)}/rank needs about {need / GIB:.1f} GiB of RAM + tmpfs for {local} ranks "
+                    f"on this node, {avail / GIB:.1f} GiB available: refusing (--force to try anyway)")
+    return None
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if not under_mpi() and not os.environ.get(ENV_SHM):
+        return launch(args, argv)
+
+    _raise_on_sigterm()
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    shm, disk = os.environ.get(ENV_SHM), os.environ.get(ENV_DISK)
+    owned = not (shm and disk)            # started under mpiexec by hand: we own the folders
+    if owned:
+        dirs = None
+        if rank == 0:
+            dirs = (tempfile.mkdtemp(prefix="veloc-bench-", dir=args.shm_dir),
+                    tempfile.mkdtemp(prefix="veloc-bench-", dir=args.disk_dir))
+        shm, disk = comm.bcast(dirs, root=0)
+    b = Bench(comm, args, shm, disk)
+    try:
+        node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        local = node_comm.Get_size()
+        node_comm.Free()
+        refusal = comm.bcast(memory_refusal(args, local) if rank == 0 else None, root=0)
+        if refusal:
+            if rank == 0:
+                print(refusal, flush=True)
+            code = 2
+        else:
+            results = {}
+            for nbytes in args.size_list:
+                load0 = os.getloadavg()[0]
+                b.times, b.pair = {}, {}
+                extra = run_size(b, nbytes)
+                load = (load0, os.getloadavg()[0])
+                raw = {key: comm.allgather(mine) for key, mine in sorted(b.times.items())}
+                summary = summarize(raw, b.pair)
+                results[nbytes] = {"summary": summary, "raw": raw, "load_average": load, **extra}
+                if rank == 0:
+                    print(report(args, comm.Get_size(), nbytes, summary, extra, load), flush=True)
+            if rank == 0 and args.json:
+                doc = {"command": " ".join([sys.executable] + sys.argv), "mode": args.mode,
+                       "ranks": comm.Get_size(), "reps": args.reps, "settle_s": args.settle,
+                       "host": platform.node(), "cpus": os.cpu_count(),
+                       "note": "seconds; raw[key][rank][rep]; summary uses the slowest rank per rep; "
+                               "key#ref = the np.copyto timed right before each rep of key",
+                       "sizes": {str(n): r for n, r in results.items()}}
+                with open(args.json, "w") as f:
+                    json.dump(doc, f, indent=1)
+                print(f"# wrote {args.json}")
+            code = 0
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if owned:                       # (a wrapper, when there is one, removes its own folders)
+            shutil.rmtree(shm, ignore_errors=True)
+            shutil.rmtree(disk, ignore_errors=True)
+        if comm.Get_size() > 1:
+            comm.Abort(1)               # the other ranks may be waiting in a collective
+        return 1
+    comm.Barrier()
+    if owned and rank == 0:
+        shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(disk, ignore_errors=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
