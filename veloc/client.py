@@ -142,8 +142,10 @@ class Client(RestartMixin):
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT, FILE_MODE)
             try:
                 use_mapping = recycled is not None and recycled >= total
-                if use_mapping:
-                    os.posix_fallocate(fd, 0, total)   # ENOSPC here, never SIGBUS in the copy
+                if use_mapping and os.fstat(fd).st_blocks * 512 < total:
+                    # Holes would be allocated by page faults in the copy, where a full
+                    # tmpfs means SIGBUS; allocate them here, where it means ENOSPC.
+                    os.posix_fallocate(fd, 0, total)
                 write_rank_file(fd, header, infos, [v for _, v in snaps], total, use_mapping)
                 os.fsync(fd)
             finally:
