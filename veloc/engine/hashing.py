@@ -37,5 +37,12 @@ def digest_file(path, algorithm=DEFAULT_ALGORITHM):
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             return digest_buffer(b"", algorithm)
-        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+        with map_readonly(f.fileno(), size) as mapped:
             return digest_buffer(mapped, algorithm)
+
+
+def map_readonly(fd, size):
+    """A read-only shared mapping of a whole file, pre-faulted in one call (MAP_POPULATE):
+    several times cheaper than taking one page fault per 4 KiB page while reading."""
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)

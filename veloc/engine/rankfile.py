@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import CorruptCheckpointError
 from .fileio import pwrite_all
+from .hashing import map_readonly
 
 MAGIC = b"VELOCRK1"
 PREFIX = struct.Struct("<8sII")
@@ -128,7 +129,7 @@ class RankFile:
         try:
             self.size = os.fstat(self._file.fileno()).st_size
             self.meta, self.regions = self._parse_header()
-            self._map = mmap.mmap(self._file.fileno(), self.size, access=mmap.ACCESS_READ)
+            self._map = map_readonly(self._file.fileno(), self.size)
         except BaseException:
             self._file.close()
             raise
