@@ -136,42 +136,6 @@ def test_no_checkpoint_starts_fresh_then_restarts_at_the_end(dirs, reference):
     assert_bit_exact(out, reference)
 
 
-@pytest.mark.timeout(240)
-def test_restart_from_scratch_without_persistent(dirs, reference):
-    """No persistent level at all: every rank restores the newest version from scratch."""
-    cfg = write_config(dirs, persistent=False)
-    out = dirs["tmp"] / "out.npy"
-    crash(cfg, out)
-    version, levels = restart(cfg, out)
-    assert (version, levels) == (FAIL_AT, {"scratch": 4})
-    assert_bit_exact(out, reference)
-
-
-@pytest.mark.timeout(240)
-def test_restart_from_persistent_after_losing_all_scratch(dirs, reference):
-    """Every node lost its scratch: every rank restores from persistent storage."""
-    cfg = write_config(dirs)
-    out = dirs["tmp"] / "out.npy"
-    crash(cfg, out)
-    for node in set(NODES):
-        shutil.rmtree(dirs["scratch"] / node)
-    version, levels = restart(cfg, out)
-    assert (version, levels) == (FAIL_AT, {"persistent": 4})
-    assert_bit_exact(out, reference)
-
-
-@pytest.mark.timeout(240)
-def test_lost_node_restores_from_persistent_others_from_scratch(dirs, reference):
-    """Node n1 lost its scratch: its 2 ranks read persistent, n0's ranks read scratch."""
-    cfg = write_config(dirs)
-    out = dirs["tmp"] / "out.npy"
-    crash(cfg, out)
-    shutil.rmtree(dirs["scratch"] / "n1")
-    version, levels = restart(cfg, out)
-    assert (version, levels) == (FAIL_AT, {"scratch": 2, "persistent": 2})
-    assert_bit_exact(out, reference)
-
-
 def flip_bytes(path):
     """Corrupt a file in place (same size): invert 16 bytes in the middle of it."""
     data = bytearray(path.read_bytes())
@@ -180,62 +144,61 @@ def flip_bytes(path):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.timeout(240)
-def test_corrupt_scratch_file_falls_back_to_persistent_copy(dirs, reference):
-    """Rank 0's newest file on scratch is corrupt: rank 0 reads the persistent copy of the
-    same version, the other ranks still read scratch."""
-    cfg = write_config(dirs)
-    out = dirs["tmp"] / "out.npy"
-    crash(cfg, out)
-    data = version_dir(scratch_of(dirs, 0), FAIL_AT) / "r0.vck"
-    assert data.is_file(), f"layout changed? {sorted(data.parent.parent.rglob('*'))}"
-    flip_bytes(data)
-    version, levels = restart(cfg, out)
-    assert (version, levels) == (FAIL_AT, {"scratch": 3, "persistent": 1})
-    assert_bit_exact(out, reference)
+def newest_of_rank0(dirs, suffix):
+    path = version_dir(scratch_of(dirs, 0), FAIL_AT) / f"r0.{suffix}"
+    assert path.is_file(), f"layout changed? {sorted(path.parent.parent.rglob('*'))}"
+    return path
 
 
-@pytest.mark.timeout(240)
-def test_corrupt_scratch_file_without_persistent_falls_back_to_older_version(dirs, reference):
-    """Rank 0's newest file is corrupt and there is no other copy: everybody agrees on the
-    previous version, which is still on scratch."""
-    cfg = write_config(dirs, persistent=False)
-    out = dirs["tmp"] / "out.npy"
-    crash(cfg, out)
-    data = version_dir(scratch_of(dirs, 0), FAIL_AT) / "r0.vck"
-    assert data.is_file(), f"layout changed? {sorted(data.parent.parent.rglob('*'))}"
-    flip_bytes(data)
-    version, levels = restart(cfg, out)
-    assert (version, levels) == (FAIL_AT - EVERY, {"scratch": 4})
-    assert_bit_exact(out, reference)
+def lose_all_scratch(dirs):
+    for node in set(NODES):
+        shutil.rmtree(dirs["scratch"] / node)
 
 
-@pytest.mark.timeout(240)
-def test_corrupt_manifest_falls_back_to_older_version(dirs, reference):
-    """Rank 0's newest manifest on scratch is garbage (e.g. a torn write on a bad disk):
-    the job restarts from the previous version, and checkpointing the newest version
-    number again must overwrite the bad copy instead of failing."""
-    cfg = write_config(dirs, persistent=False)
-    out = dirs["tmp"] / "out.npy"
-    crash(cfg, out)
-    manifest = version_dir(scratch_of(dirs, 0), FAIL_AT) / "r0.manifest.json"
-    assert manifest.is_file(), f"layout changed? {sorted(manifest.parent.parent.rglob('*'))}"
-    manifest.write_text("{ not json")
-    version, levels = restart(cfg, out)
-    assert (version, levels) == (FAIL_AT - EVERY, {"scratch": 4})
-    assert_bit_exact(out, reference)
-
-
-@pytest.mark.timeout(240)
-def test_newest_version_missing_for_one_rank_everywhere(dirs, reference):
-    """Rank 1 lost the newest version on every level: all ranks agree on the older one."""
-    cfg = write_config(dirs)
-    out = dirs["tmp"] / "out.npy"
-    crash(cfg, out)
+def lose_rank1_newest_everywhere(dirs):
     doomed = rank_files(scratch_of(dirs, 1), FAIL_AT, 1) + rank_files(dirs["persistent"], FAIL_AT, 1)
     assert len(doomed) >= 2, f"layout changed? {sorted(dirs['persistent'].rglob('*'))}"
     for path in doomed:
         path.unlink()
-    version, levels = restart(cfg, out)
-    assert (version, levels) == (FAIL_AT - EVERY, {"scratch": 4})
+
+
+# name: (persistent level?, damage done after the crash, expected (version, levels), why)
+SCENARIOS = {
+    "scratch_only": (False, lambda dirs: None, (FAIL_AT, {"scratch": 4}),
+                     "no persistent level at all: every rank restores the newest version from scratch"),
+    "all_scratch_lost": (True, lose_all_scratch, (FAIL_AT, {"persistent": 4}),
+                         "every node lost its scratch: every rank restores from persistent storage"),
+    "one_node_lost": (True, lambda dirs: shutil.rmtree(dirs["scratch"] / "n1"),
+                      (FAIL_AT, {"scratch": 2, "persistent": 2}),
+                      "node n1 lost its scratch: its 2 ranks read persistent, n0's ranks read scratch"),
+    "corrupt_file_with_persistent": (True, lambda dirs: flip_bytes(newest_of_rank0(dirs, "vck")),
+                                     (FAIL_AT, {"scratch": 3, "persistent": 1}),
+                                     "rank 0's newest scratch file is corrupt: rank 0 reads the persistent "
+                                     "copy of the same version, the others still read scratch"),
+    "corrupt_file_scratch_only": (False, lambda dirs: flip_bytes(newest_of_rank0(dirs, "vck")),
+                                  (FAIL_AT - EVERY, {"scratch": 4}),
+                                  "rank 0's newest file is corrupt and there is no other copy: everybody "
+                                  "agrees on the previous version, still on scratch"),
+    "corrupt_manifest": (False, lambda dirs: newest_of_rank0(dirs, "manifest.json").write_text("{ not json"),
+                         (FAIL_AT - EVERY, {"scratch": 4}),
+                         "rank 0's newest manifest is garbage (a torn write on a bad disk): the job restarts "
+                         "from the previous version, and checkpointing the newest version number again "
+                         "overwrites the bad copy instead of failing"),
+    "newest_missing_for_one_rank": (True, lose_rank1_newest_everywhere, (FAIL_AT - EVERY, {"scratch": 4}),
+                                    "rank 1 lost the newest version on every level: all ranks agree on the "
+                                    "older one"),
+}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_crash_damage_restart_is_bit_exact(dirs, reference, scenario):
+    """Crash after a checkpoint, damage what the scenario says, restart: the job resumes
+    from the expected version and levels and ends bit-for-bit equal to an uninterrupted run."""
+    persistent, damage, expected, _why = SCENARIOS[scenario]
+    cfg = write_config(dirs, persistent=persistent)
+    out = dirs["tmp"] / "out.npy"
+    crash(cfg, out)
+    damage(dirs)
+    assert restart(cfg, out) == expected
     assert_bit_exact(out, reference)
