@@ -54,6 +54,14 @@ def run_mpi(args, n=2, env=None, timeout=120, nodes=None, check=True, cwd=None):
     return proc
 
 
+def flip_bytes(path):
+    """Corrupt a file in place (same size): invert 16 bytes in the middle of it."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
+    path.write_bytes(bytes(data))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _remove_leaked_mpich_segments():
     """A SIGKILLed rank leaves MPICH's shared-memory segment in /dev/shm; remove the ones

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, run_mpi
+from conftest import REPO, flip_bytes, run_mpi
 
 pytestmark = pytest.mark.e2e
 
@@ -134,14 +134,6 @@ def test_no_checkpoint_starts_fresh_then_restarts_at_the_end(dirs, reference):
     version, levels = restart(cfg, out)
     assert (version, levels) == (STEPS, {"scratch": 4})
     assert_bit_exact(out, reference)
-
-
-def flip_bytes(path):
-    """Corrupt a file in place (same size): invert 16 bytes in the middle of it."""
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
-    path.write_bytes(bytes(data))
 
 
 def newest_of_rank0(dirs, suffix):

@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import REPO, run_mpi
+from conftest import REPO, flip_bytes, run_mpi
 
 pytestmark = pytest.mark.e2e
 
@@ -56,13 +56,6 @@ def restart(cfg, *extra, env=None):
 def lose(dirs, *nodes):
     for node in nodes:
         shutil.rmtree(dirs["scratch"] / node)
-
-
-def flip_bytes(path):
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.timeout(120)
