@@ -161,9 +161,11 @@ class AsyncHost:
     def restore(self, name, version, level):
         self._call("RESTORE", name, int(version), level=level)
 
-    def drain(self):
-        """Wait for this rank's background checkpoints; raise the first failure."""
-        groups, self._outstanding = self._outstanding, []
+    def drain(self, keep=0):
+        """Wait for this rank's background checkpoints but the newest ``keep``; raise the
+        first failure among those waited for."""
+        cut = max(0, len(self._outstanding) - keep)
+        groups, self._outstanding = self._outstanding[:cut], self._outstanding[cut:]
         if not groups:
             return True
         start = time.monotonic()

@@ -99,7 +99,8 @@ class Client(RestartMixin):
 
     # -- checkpoint -----------------------------------------------------------------
     def checkpoint(self, name, version):
-        """``checkpoint_wait()``, then begin, write all regions, end. Collective in sync mode."""
+        """Begin, write all regions, end. Collective in sync mode; see ``checkpoint_begin``
+        for how far it waits for earlier background work in async mode."""
         self._check_open()
         try:
             self.checkpoint_begin(name, version)
@@ -119,7 +120,7 @@ class Client(RestartMixin):
             raise CheckpointError(f"checkpoint_begin({name!r}, {version}) while checkpoint "
                                   f"{self._pending.name!r} v{self._pending.version} is still open: "
                                   "call checkpoint_end first")
-        self.checkpoint_wait()
+        self._wait_for_buffers()
         vdir = self.scratch.version_dir(name, version)
         make_dirs(vdir)
         # Re-checkpointing a version (e.g. after restarting from an older one): uncommit
@@ -217,6 +218,17 @@ class Client(RestartMixin):
         manifest = Manifest(pending.name, pending.version, self.rank, self.size, self.node, "scratch",
                             files=pending.files)
         self.scratch.commit_manifest(manifest)
+
+    def _wait_for_buffers(self):
+        """Async mode: wait for earlier background work only as far as this write needs.
+
+        Versions older than the previous one must be done (this bounds scratch use and
+        reports their failures). The previous version's work is awaited only when no
+        recycled scratch file is ready: its garbage collection is what refills the pool.
+        """
+        self.host.drain(keep=1)
+        if not self.pool.has(self.rank):
+            self.host.drain()
 
     def checkpoint_wait(self):
         """Block until background work of earlier checkpoints is done; raise its first error."""

@@ -93,7 +93,7 @@ class SyncHost:
         plan = self.node_comm.gather((self.rank, level), root=0)
         self._on_leaders(lambda engine: engine.restore(name, version, dict(plan)), RestartError)
 
-    def drain(self):
+    def drain(self, keep=0):
         """Nothing runs in the background in sync mode."""
         return True
 

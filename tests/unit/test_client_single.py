@@ -255,3 +255,29 @@ def test_ckpt_drop_in(cfg):
     ck.restart("legacy", 1)
     assert ck.protected == {"step": 1, "w": [1.0, 2.0]}
     ck.finalize()
+
+
+def test_checkpoint_waits_for_the_previous_version_only_without_a_recycled_file(dirs):
+    """Async policy: versions older than the previous one are always awaited; the previous
+    one only when no recycled scratch file is ready for this rank."""
+    cfg = {"scratch": str(dirs["scratch"] / "{node}"), "scratch_versions": 1}
+    with veloc.init_single(0, cfg) as c:
+        c.protect("a", np.zeros(1000))
+        real_host, calls = c.host, []
+
+        class Recorder:
+            def drain(self, keep=0):
+                calls.append(keep)
+
+        c.host = Recorder()
+        c._wait_for_buffers()
+        assert calls == [1, 0]            # empty pool: wait for everything
+        c.host = real_host
+        for v in (1, 2, 3):
+            c.checkpoint("p", v)
+        assert c.pool.has(0)
+        calls.clear()
+        c.host = Recorder()
+        c._wait_for_buffers()
+        assert calls == [1]               # a recycled file is ready: the previous version may still run
+        c.host = real_host

@@ -153,6 +153,10 @@ class RecyclePool:
         except OSError:
             remove_quietly(path)
 
+    def has(self, rank):
+        """Whether a pooled file of ``rank`` is waiting for reuse."""
+        return bool(self._mine(rank))
+
     def take(self, rank, target):
         """Move a pooled file of ``rank`` to ``target``; return its size, or ``None`` if none."""
         for candidate in self._mine(rank):
