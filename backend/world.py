@@ -43,6 +43,10 @@ checksum and flush keep working) until it is restarted. An engine waiting in a
 collective step is released at once (its :class:`~veloc.engine.module.Peers` aborts);
 one stuck in a data transfer with a dead peer for ``peer_timeout`` more seconds makes
 the backend exit (code :data:`EXIT_STUCK`; its journal keeps the work for the next).
+A member killed by a signal is different: MPICH's ``mpiexec`` then kills the whole world
+at once (nothing hangs; every journal keeps its node's unfinished work for ``veloc
+drain`` or the next ``veloc-run``). Members end with ``MPI_Finalize``, which returns once
+every member has called it (a member that stopped early waits there asleep).
 """
 import contextlib
 import logging
