@@ -14,15 +14,9 @@ import os
 import threading
 from pathlib import Path
 
+from veloc.engine.fileio import fsync_dir
+
 log = logging.getLogger("veloc.backend.journal")
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _scan(data, path):
@@ -154,7 +148,7 @@ class Journal:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         old = getattr(self, "_fd", None)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         if old is not None:

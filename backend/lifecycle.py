@@ -136,14 +136,8 @@ def resolve(cfg, env=None):
 
 
 def scratch_base(config, node):
-    """The node's scratch folder for the whole job: the scratch path with ``{node}``
-    filled in, cut before the first component that depends on ``{rank}``."""
-    parts = []
-    for part in Path(config.scratch).parts:
-        if "{rank" in part:
-            break
-        parts.append(part.replace("{node}", node))
-    return Path(*parts) if parts else Path(".")
+    """The node's scratch folder for the whole job (:meth:`veloc.config.Config.node_scratch`)."""
+    return config.node_scratch(node)
 
 
 def log_path(config, node, ep):

@@ -194,6 +194,17 @@ class Config:
         """Node-local scratch root with ``{node}``/``{rank}`` filled in."""
         return Path(self.scratch.format(node=node, rank=rank))
 
+    def node_scratch(self, node):
+        """The node's own scratch folder for the whole job: the scratch path with ``{node}``
+        filled in, cut before the first component that depends on ``{rank}``. The backend's
+        files and the partner and erasure trees live under it."""
+        parts = []
+        for part in Path(self.scratch).parts:
+            if "{rank" in part:
+                break
+            parts.append(part.replace("{node}", node))
+        return Path(*parts) if parts else Path(".")
+
     def persistent_dir(self, node, rank=0):
         """Persistent root, or ``None`` when no persistent level is configured."""
         if self.persistent is None:

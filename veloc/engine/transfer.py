@@ -15,7 +15,6 @@ exception or none does, and no engine is left waiting in a collective.
 import mmap
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -187,12 +186,5 @@ def close_all(files):
 
 
 def node_scratch(config, node):
-    """The node's own scratch folder: the scratch path with ``{node}`` filled in, cut before
-    the first component that depends on ``{rank}`` (the partner and erasure trees live in
-    ``.partner`` and ``.erasure`` under it, next to the backend's ``.veloc-backend``)."""
-    parts = []
-    for part in Path(config.scratch).parts:
-        if "{rank" in part:
-            break
-        parts.append(part.replace("{node}", node))
-    return Path(*parts) if parts else Path(".")
+    """The node's own scratch folder (see :meth:`veloc.config.Config.node_scratch`)."""
+    return config.node_scratch(node)
