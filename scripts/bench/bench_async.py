@@ -44,23 +44,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import GIB, MIB, find_mpiexec, human, parse_size
+
 REPO = Path(__file__).resolve().parents[2]
-MIB, GIB = 1 << 20, 1 << 30
 HEAT_LINE = re.compile(r"heat: done at iteration (\d+) \((\d+) iterations in this run, ([\d.]+) s; "
                        r"(\d+) checkpoints, ([\d.]+) s\)")
-
-
-def parse_size(text):
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": MIB, "G": GIB}.get(text[-1:], 1)
-    value = int(float(text.rstrip("KMG")) * mult)
-    if value < 4096 or value % 8:
-        raise argparse.ArgumentTypeError(f"size {text!r}: need a multiple of 8 bytes, at least 4 KiB")
-    return value
-
-
-def human(n):
-    return f"{n / GIB:g} GiB" if n >= GIB else f"{n / MIB:g} MiB"
 
 
 def parse_args(argv=None):
@@ -97,11 +85,6 @@ def python_env(extra=None):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra or {})
     return env
-
-
-def mpiexec():
-    local = Path(sys.executable).parent / "mpiexec"
-    return str(local) if local.exists() else shutil.which("mpiexec")
 
 
 def stop_backends(cfg, runtime):
@@ -170,7 +153,7 @@ def worker(opts):
 def run_blocking(opts, shm, disk, runtime):
     env = python_env({"BENCH_SHM": str(shm), "BENCH_DISK": str(disk),
                       "VELOC_RUNTIME_DIR": str(runtime)})
-    args = [mpiexec(), "-n", str(opts.np), sys.executable, __file__, "--worker",
+    args = [find_mpiexec(), "-n", str(opts.np), sys.executable, __file__, "--worker",
             "--sizes", ",".join(str(s) for s in opts.sizes), "--versions", str(opts.versions),
             "--back-to-back", str(opts.back_to_back), "--scratch-versions", str(opts.scratch_versions)]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=3600)
@@ -207,7 +190,7 @@ def run_blocking(opts, shm, disk, runtime):
 # ---------------------------------------------------------------- part: heat
 
 def heat_run(opts, rows, cols, cfg=None, runtime=None):
-    args = [mpiexec(), "-n", str(opts.np), sys.executable, str(REPO / "examples" / "heat.py"),
+    args = [find_mpiexec(), "-n", str(opts.np), sys.executable, str(REPO / "examples" / "heat.py"),
             "--rows", str(rows), "--cols", str(cols), "--steps", str(opts.steps)]
     args += ["--config", str(cfg), "--every", str(opts.every)] if cfg else ["--no-checkpoint"]
     env = python_env({"VELOC_RUNTIME_DIR": str(runtime)} if runtime else None)

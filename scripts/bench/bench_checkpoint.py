@@ -58,31 +58,15 @@ import zlib
 
 import numpy as np
 
-MIB = 1 << 20
-GIB = 1 << 30
-MAX_IO = 1 << 30
+from benchlib import (GIB, clear_dir, evict_tree, find_mpiexec, human, mem_available, parse_size,
+                      read_file_into, unlink, write_file)
+
 ENV_SHM, ENV_DISK = "VELOC_BENCH_SHM_DIR", "VELOC_BENCH_DISK_DIR"
 MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 CKPT = "bench"
 
 
 # -- command line and launcher ----------------------------------------------------------
-def parse_size(text):
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": MIB, "G": GIB}.get(text[-1:], 1)
-    value = int(float(text.rstrip("KMG")) * mult)
-    if value < 4096 or value % 8:
-        raise argparse.ArgumentTypeError(f"size {text!r}: need a multiple of 8 bytes, at least 4 KiB")
-    return value
-
-
-def human(nbytes):
-    for unit, scale in (("GiB", GIB), ("MiB", MIB), ("KiB", 1 << 10)):
-        if nbytes >= scale and nbytes % scale == 0:
-            return f"{nbytes // scale} {unit}"
-    return f"{nbytes} B"
-
-
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,11 +97,6 @@ def parse_args(argv):
 
 def under_mpi():
     return any(key in os.environ for key in MPI_ENV)
-
-
-def find_mpiexec():
-    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    return here if os.access(here, os.X_OK) else shutil.which("mpiexec")
 
 
 def _raise_on_sigterm():
@@ -156,89 +135,12 @@ def launch(args, argv):
         shutil.rmtree(disk, ignore_errors=True)
 
 
-# -- file helpers ---------------------------------------------------------------------
-def write_all(fd, view, positioned):
-    view = memoryview(view).cast("B")
-    done = 0
-    while done < len(view):
-        chunk = view[done:done + MAX_IO]
-        done += os.pwrite(fd, chunk, done) if positioned else os.write(fd, chunk)
-
-
-def write_file(path, view, fsync=False, fresh=True):
-    """Write ``view`` to a new file (``fresh``) or over an existing one of the same size."""
-    fd = os.open(path, os.O_WRONLY | (os.O_CREAT | os.O_EXCL if fresh else 0), 0o600)
-    try:
-        write_all(fd, view, not fresh)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_file_into(path, view):
-    view = memoryview(view).cast("B")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:done + MAX_IO]], done)
-            if n == 0:
-                raise OSError(f"{path}: short read at byte {done}")
-            done += n
-    finally:
-        os.close(fd)
-
-
-def unlink(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def evict_tree(root):
-    """Drop the (fsynced, clean) pages of every file under ``root`` from the page cache."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            try:
-                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def clear_dir(path):
-    """Remove everything inside ``path`` (not ``path`` itself)."""
-    for entry in os.listdir(path):
-        full = os.path.join(path, entry)
-        if os.path.isdir(full) and not os.path.islink(full):
-            shutil.rmtree(full, ignore_errors=True)
-        else:
-            unlink(full)
-
-
 def fingerprint(arr):
     try:
         import xxhash
         return xxhash.xxh3_128_hexdigest(arr.view("u1"))
     except ImportError:
         return zlib.crc32(arr.view("u1"))
-
-
-def mem_available():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 # -- timing ---------------------------------------------------------------------------
