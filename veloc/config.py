@@ -110,7 +110,7 @@ def module_keys(priority, **extra):
 # Extension sections. A module registers its section here (see engine/modules/*).
 SECTION_KEYS = {
     "checksum": module_keys(10, algorithm=Key(_choice("xxh3_128", "xxh3_64"), "xxh3_128")),
-    "flush": module_keys(50, interval=Key(_int(), None)),
+    "flush": module_keys(50, interval=Key(_int(), None), direct_io=Key(_bool, True)),
     "partner": module_keys(30),
     "erasure": module_keys(40, scheme=Key(_choice("xor", "rs"), "xor"), group_size=Key(_int(2), 4),
                            parity=Key(_int(1), None), interval=Key(_int(), None), backend=Key(_text, None)),

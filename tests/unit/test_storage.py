@@ -10,6 +10,7 @@ from veloc.engine import fileio
 from veloc.engine.levels import LevelStore, RecyclePool
 from veloc.engine.manifest import FileEntry, Manifest, verify_files
 from veloc.engine.rankfile import ALIGN, RankFile, build_header, dtype_descr, write_rank_file
+from veloc.engine.write_mappings import WriteMappings
 from veloc.errors import CorruptCheckpointError
 from veloc.regions import Region
 
@@ -30,9 +31,12 @@ def write_file(path, arrays, use_mapping=False, preexisting=0):
     if preexisting:
         path.write_bytes(b"\xff" * preexisting)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    mappings = WriteMappings(keep=1)
     try:
-        write_rank_file(fd, header, infos, [v for _, v in snaps], total, use_mapping)
+        mapped = mappings.get(fd, total) if use_mapping else None
+        write_rank_file(fd, header, infos, [v for _, v in snaps], total, mapped)
     finally:
+        mappings.close()
         os.close(fd)
     return total
 
@@ -193,3 +197,73 @@ def test_copy_file_falls_back_and_hashes(tmp_path):
     assert fileio.copy_file(src, tmp_path / "dst2") == 3 << 20
     assert (tmp_path / "dst2").read_bytes() == src.read_bytes()
     assert stat.S_IMODE((tmp_path / "dst2").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("size", [(1 << 20), (1 << 20) + 1, (9 << 20) + 4095, 12 << 20])
+@pytest.mark.parametrize("hashed", [False, True])
+def test_direct_copy_is_exact_and_uses_o_direct(tmp_path, monkeypatch, size, hashed):
+    from veloc.engine.hashing import digest_file, hasher
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(size))
+    calls = []
+    real = fileio._copy_direct
+    monkeypatch.setattr(fileio, "_copy_direct", lambda *a: calls.append(real(*a)) or calls[-1])
+    h = hasher() if hashed else None
+    assert fileio.copy_file(src, tmp_path / "dst", on_chunk=h.update if h else None, direct=True) == size
+    assert (tmp_path / "dst").read_bytes() == src.read_bytes()
+    assert stat.S_IMODE((tmp_path / "dst").stat().st_mode) == 0o600
+    if h:
+        assert h.hexdigest() == digest_file(src)
+    if fileio.O_DIRECT:   # the file system under tmp_path (disk) takes O_DIRECT: bulk went direct
+        assert calls == [size - size % fileio.DIRECT_ALIGN]
+
+
+@pytest.mark.parametrize("refusal", ["fcntl", "pwrite"])
+def test_direct_copy_falls_back_when_refused(tmp_path, monkeypatch, refusal):
+    from veloc.engine.hashing import digest_file, hasher
+    import errno
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom((5 << 20) + 77))
+    if refusal == "fcntl":
+        monkeypatch.setattr(fileio, "_set_direct", lambda fd, enable: False)
+    else:
+        real_pwrite = os.pwrite
+        fail = iter([True])
+
+        def pwrite(fd, data, offset):
+            if next(fail, False):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_pwrite(fd, data, offset)
+        monkeypatch.setattr(fileio.os, "pwrite", pwrite)
+    h = hasher()
+    assert fileio.copy_file(src, tmp_path / "dst", on_chunk=h.update, direct=True) == (5 << 20) + 77
+    assert (tmp_path / "dst").read_bytes() == src.read_bytes()
+    assert h.hexdigest() == digest_file(src)
+
+
+def test_write_mappings_are_kept_per_inode_and_bounded(tmp_path):
+    """A recycled file (same inode, new name) is written through the mapping kept from
+    its last checkpoint; a resized file is remapped; at most ``keep`` are held."""
+    mappings = WriteMappings(keep=2)
+    paths = [tmp_path / f"f{i}" for i in range(3)]
+    fds = [os.open(p, os.O_RDWR | os.O_CREAT, 0o600) for p in paths]
+    try:
+        first = mappings.get(fds[0], 8192)
+        first[:4] = b"abcd"
+        os.replace(paths[0], tmp_path / "renamed")            # recycled under a new name
+        again = os.open(tmp_path / "renamed", os.O_RDWR)
+        assert mappings.get(again, 8192) is first
+        os.close(again)
+        assert (tmp_path / "renamed").read_bytes()[:4] == b"abcd"
+        smaller = mappings.get(fds[0], 4096)                  # resized: a new mapping
+        assert smaller is not first and first.closed and os.fstat(fds[0]).st_size == 4096
+        mappings.get(fds[1], 4096)
+        mappings.get(fds[2], 4096)
+        assert len(mappings) == 2 and smaller.closed           # oldest evicted
+        mappings.forget(fds[2])
+        assert len(mappings) == 1
+    finally:
+        mappings.close()
+        for fd in fds:
+            os.close(fd)
+    assert len(mappings) == 0

@@ -31,14 +31,50 @@ def digest_buffer(buffer, algorithm=DEFAULT_ALGORITHM):
     return h.hexdigest()
 
 
-def digest_file(path, algorithm=DEFAULT_ALGORITHM):
-    """Hex digest of a whole file, hashed straight from a read-only mapping."""
+def digest_file(path, algorithm=DEFAULT_ALGORITHM, mapped_files=None):
+    """Hex digest of a whole file, hashed straight from a read-only mapping (kept in
+    ``mapped_files`` for later modules of the same pipeline run, when given)."""
+    if mapped_files is not None:
+        mapped = mapped_files.get(path)
+        return digest_buffer(b"" if mapped is None else mapped, algorithm)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             return digest_buffer(b"", algorithm)
         with map_readonly(f.fileno(), size) as mapped:
             return digest_buffer(mapped, algorithm)
+
+
+class MappedFiles:
+    """Read-only, pre-faulted mappings of files, shared by the modules of one pipeline run.
+
+    The checksum module maps a scratch file to hash it; the flush then writes the same
+    pages to persistent storage from the same mapping instead of mapping (and faulting
+    in) the file again. The engine closes them when the run ends. Thread-safe for
+    distinct paths (one per rank file, as :meth:`Module.for_each_rank` uses them).
+    """
+
+    def __init__(self):
+        self._maps = {}
+
+    def get(self, path):
+        """The mapping of ``path`` (created on first use); ``None`` for an empty file."""
+        key = str(path)
+        if key not in self._maps:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                self._maps[key] = map_readonly(f.fileno(), size) if size else None
+        return self._maps[key]
+
+    def peek(self, path):
+        """The mapping of ``path`` if one was made in this run, else ``None``."""
+        return self._maps.get(str(path))
+
+    def close(self):
+        for mapped in self._maps.values():
+            if mapped is not None:
+                mapped.close()
+        self._maps.clear()
 
 
 def map_readonly(fd, size):

@@ -6,13 +6,23 @@ command for one checkpoint version on behalf of all the node's local ranks at on
 collective modules (partner, erasure) can act once per node per version.
 """
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import BackendError
 from .levels import LevelStore, RecyclePool
 
 CHECKPOINT, RESTART, TEST = "CHECKPOINT", "RESTART", "TEST"
+
+_helpers = threading.local()   # CPU seconds of for_each_rank helper threads, per caller thread
+
+
+def helper_cpu_seconds():
+    """CPU seconds the calling thread's :meth:`Module.for_each_rank` helpers used so far
+    (the engine adds them to a module's own thread CPU time in its timing log)."""
+    return getattr(_helpers, "seconds", 0.0)
 
 
 @dataclass
@@ -24,6 +34,10 @@ class Command:
     ranks: list
     nranks: int
     plan: dict = field(default_factory=dict)   # RESTART: {rank: level to restore from}
+    # CHECKPOINT: ranks whose scratch digests this pipeline run has just computed (checksum
+    # module), so later modules of the same run copy those files without hashing them again
+    fresh_digests: set = field(default_factory=set)
+    mapped: object = None    # CHECKPOINT: hashing.MappedFiles of this run, set by the engine
 
 
 class Peers:
@@ -169,6 +183,31 @@ class Module:
                                  "nodes (sync mode over MPI, or backends launched as one MPI job, e.g. by "
                                  "veloc-run); the %s level stays empty", self.name, self.level)
         return False
+
+    def for_each_rank(self, ranks, work):
+        """Run ``work(rank)`` for every local rank, up to ``max_parallelism`` at once, and
+        return the results in rank order; after all finished, the first failure in rank
+        order is raised. For the per-rank data passes (hashing, copies): their native code
+        releases the GIL, and on a node whose cores all run application ranks, which wait
+        for each other every iteration, spreading this work over the cores holds the
+        ranks back at the same time instead of one after another."""
+        ranks = list(ranks)
+        workers = min(len(ranks), self.ctx.config.max_parallelism)
+        if workers <= 1:
+            return [work(rank) for rank in ranks]
+        cpu = []
+
+        def timed(rank):
+            start = time.thread_time()
+            try:
+                return work(rank)
+            finally:
+                cpu.append(time.thread_time() - start)
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"veloc-{self.name}") as pool:
+            futures = [pool.submit(timed, rank) for rank in ranks]
+        _helpers.seconds = helper_cpu_seconds() + sum(cpu)
+        return [f.result() for f in futures]
 
     def checkpoint(self, cmd):
         return False

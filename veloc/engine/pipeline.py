@@ -10,8 +10,9 @@ modules communicate with the other nodes' engines.
 import time
 
 from ..errors import CheckpointError, RestartError, VelocError
+from .hashing import MappedFiles
 from .levels import LEVEL_ORDER
-from .module import CHECKPOINT, EngineContext
+from .module import CHECKPOINT, EngineContext, helper_cpu_seconds
 from .modules.checksum import ChecksumModule
 from .modules.erasure import ErasureModule
 from .modules.flush import FlushModule
@@ -55,6 +56,14 @@ class Engine:
         failure and raise together instead of waiting for each other.
         """
         assert cmd.kind == CHECKPOINT
+        cmd.mapped = MappedFiles()
+        try:
+            self._run_checkpoint(cmd)
+        finally:
+            cmd.mapped.close()
+            cmd.mapped = None
+
+    def _run_checkpoint(self, cmd):
         error = None
         for module in self.modules:
             if not module.enabled:
@@ -66,7 +75,7 @@ class Engine:
                                           f"stopped before {module.name}: {failures[0]}")
             if error is not None:
                 continue
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time() + helper_cpu_seconds()
             try:
                 did = module.checkpoint(cmd)
             except (VelocError, OSError) as exc:
@@ -74,9 +83,11 @@ class Engine:
                 self.log.error("%s", error)
                 continue
             elapsed = time.perf_counter() - start
+            cpu = time.thread_time() + helper_cpu_seconds() - cpu_start
             if did:
                 self.timings = (self.timings + [(cmd.name, cmd.version, module.name, elapsed)])[-256:]
-                self.log.info("%s v%d: %s done in %.3f s", cmd.name, cmd.version, module.name, elapsed)
+                self.log.info("%s v%d: %s done in %.3f s (%.3f s CPU)", cmd.name, cmd.version, module.name,
+                              elapsed, cpu)
         if error is not None:
             raise CheckpointError(error)
 

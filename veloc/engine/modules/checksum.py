@@ -19,15 +19,18 @@ class ChecksumModule(Module):
         return self.ctx.config.chksum
 
     def checkpoint(self, cmd):
-        for rank in cmd.ranks:
-            store = self.ctx.scratch(rank)
-            manifest = store.read_manifest(cmd.name, cmd.version, rank)
-            if manifest is None:
-                continue
-            vdir = store.version_dir(cmd.name, cmd.version)
-            for entry in manifest.files:
-                entry.digest = digest_file(vdir / entry.name, self.algorithm)
-            manifest.checksum = self.algorithm
-            manifest.record_module(self.name, algorithm=self.algorithm)
-            store.commit_manifest(manifest)
+        self.for_each_rank(cmd.ranks, lambda rank: self._digest_rank(cmd, rank))
         return True
+
+    def _digest_rank(self, cmd, rank):
+        store = self.ctx.scratch(rank)
+        manifest = store.read_manifest(cmd.name, cmd.version, rank)
+        if manifest is None:
+            return
+        vdir = store.version_dir(cmd.name, cmd.version)
+        for entry in manifest.files:
+            entry.digest = digest_file(vdir / entry.name, self.algorithm, mapped_files=cmd.mapped)
+        manifest.checksum = self.algorithm
+        manifest.record_module(self.name, algorithm=self.algorithm)
+        store.commit_manifest(manifest)
+        cmd.fresh_digests.add(rank)

@@ -23,6 +23,7 @@ class FlushModule(Module):
         super().__init__(ctx)
         interval = self.section.get("interval")
         self.interval = ctx.config.persistent_interval if interval is None else interval
+        self.direct_io = self.section["direct_io"]
 
     def default_enabled(self):
         return self.ctx.config.persistent is not None and self.ctx.config.persistent_interval >= 0
@@ -30,18 +31,24 @@ class FlushModule(Module):
     def checkpoint(self, cmd):
         if not self.due(cmd):
             return False
-        for rank in cmd.ranks:
-            src = self.ctx.scratch(rank)
-            manifest = src.read_manifest(cmd.name, cmd.version, rank)
-            if manifest is None:
-                raise CheckpointError(f"flush of {cmd.name} v{cmd.version}: rank {rank} has no committed "
-                                      f"scratch copy on node {self.ctx.node}")
-            dst = self.ctx.persistent(rank)
-            copy_verified(manifest, src, dst, "flush")
-            out = manifest.copy_for("persistent")
-            out.record_module(self.name, every=self.every, interval=self.interval)
-            dst.commit_manifest(out)
+        self.for_each_rank(cmd.ranks, lambda rank: self._flush_rank(cmd, rank))
         return True
+
+    def _flush_rank(self, cmd, rank):
+        src = self.ctx.scratch(rank)
+        manifest = src.read_manifest(cmd.name, cmd.version, rank)
+        if manifest is None:
+            raise CheckpointError(f"flush of {cmd.name} v{cmd.version}: rank {rank} has no committed "
+                                  f"scratch copy on node {self.ctx.node}")
+        dst = self.ctx.persistent(rank)
+        # digests computed moments ago by this run's checksum module from these very
+        # files are not recomputed (a whole hash pass of backend CPU per version); a
+        # copy that went bad in between still fails its check at restart
+        copy_verified(manifest, src, dst, "flush", direct=self.direct_io,
+                      verify=rank not in cmd.fresh_digests, mapped_files=cmd.mapped)
+        out = manifest.copy_for("persistent")
+        out.record_module(self.name, every=self.every, interval=self.interval)
+        dst.commit_manifest(out)
 
     def available(self, name, ranks):
         out = {}
@@ -66,20 +73,24 @@ class FlushModule(Module):
         return True
 
 
-def copy_verified(manifest, src, dst, what):
+def copy_verified(manifest, src, dst, what, direct=False, verify=True, mapped_files=None):
     """Copy every file of ``manifest`` from level ``src`` to level ``dst``, checking digests.
 
     The digest is computed on the bytes as they are copied, so a copy that would carry
-    corrupted data is refused (the destination is never committed).
+    corrupted data is refused (the destination is never committed); ``verify=False``
+    checks sizes only. ``direct``: write with O_DIRECT where the destination file system
+    takes it (``[flush] direct_io``), from the mapping an earlier module of this pipeline
+    run made of the file (``mapped_files``), if any.
     """
     sdir = src.version_dir(manifest.name, manifest.version)
     ddir = dst.version_dir(manifest.name, manifest.version)
     make_dirs(ddir)
     for entry in manifest.files:
-        h = hasher(manifest.checksum) if (manifest.checksum and entry.digest) else None
+        h = hasher(manifest.checksum) if (verify and manifest.checksum and entry.digest) else None
         try:
+            source_map = mapped_files.peek(sdir / entry.name) if mapped_files is not None else None
             size = copy_file(sdir / entry.name, ddir / entry.name, durable=dst.durable,
-                             on_chunk=h.update if h else None)
+                             on_chunk=h.update if h else None, direct=direct, source_map=source_map)
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{what}: {sdir / entry.name} is missing") from None
         except OSError as exc:
