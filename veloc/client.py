@@ -13,6 +13,7 @@ from .engine.fileio import FILE_MODE, fsync_dir, make_dirs, remove_quietly, temp
 from .engine.levels import RecyclePool
 from .engine.manifest import FileEntry, Manifest
 from .engine.rankfile import build_header, write_rank_file
+from .engine.write_mappings import WriteMappings
 from .errors import CheckpointError, ConfigError, VelocError
 from .names import check_file_name, check_name, check_version
 from .regions import Region
@@ -49,6 +50,7 @@ class Client(RestartMixin):
         self._closed = False
         self.scratch = self._agree_on_setup(self._prepare_scratch)
         self.pool = RecyclePool(self.config.scratch_dir(self.node, self.rank))
+        self.mappings = WriteMappings(keep=(self.config.scratch_versions or 1) + self.pool.keep)
         self.host = self._make_host()
 
     # -- setup ----------------------------------------------------------------------
@@ -142,12 +144,16 @@ class Client(RestartMixin):
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT, FILE_MODE)
             try:
-                use_mapping = recycled is not None and recycled >= total
-                if use_mapping and os.fstat(fd).st_blocks * 512 < total:
-                    # Holes would be allocated by page faults in the copy, where a full
-                    # tmpfs means SIGBUS; allocate them here, where it means ENOSPC.
-                    os.posix_fallocate(fd, 0, total)
-                write_rank_file(fd, header, infos, [v for _, v in snaps], total, use_mapping)
+                mapped = None
+                if recycled is not None and recycled >= total > 0:
+                    if os.fstat(fd).st_blocks * 512 < total:
+                        # Holes would be allocated by page faults in the copy, where a full
+                        # tmpfs means SIGBUS; allocate them here, where it means ENOSPC.
+                        os.posix_fallocate(fd, 0, total)
+                    mapped = self.mappings.get(fd, total)
+                elif recycled is not None:
+                    self.mappings.forget(fd)
+                write_rank_file(fd, header, infos, [v for _, v in snaps], total, mapped)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -250,6 +256,7 @@ class Client(RestartMixin):
                 self.host.drain()
         finally:
             self._closed = True
+            self.mappings.close()
             self.host.close()
 
     def __enter__(self):

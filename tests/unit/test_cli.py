@@ -302,7 +302,7 @@ def test_inconsistent_header_is_shown_but_never_extracted(tmp_path, capsys):
     def make(path, regions, payloads):
         header, infos, total = build_header("x", 1, 0, regions)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        write_rank_file(fd, header, infos, payloads, total, False)
+        write_rank_file(fd, header, infos, payloads, total)
         os.close(fd)
     path = tmp_path / "r0.vck"
     make(path, [{"id": "o", "kind": "array", "dtype": "|O", "shape": [2], "order": "C", "nbytes": 16}],

@@ -15,7 +15,6 @@ Written by each application rank (``checkpoint_mem``); read by each rank on rest
 by the ``veloc`` command-line tool.
 """
 import json
-import mmap
 import os
 import struct
 import zlib
@@ -95,23 +94,21 @@ def build_header(name, version, rank, regions):
     return header, infos, max(total, len(header))
 
 
-def write_rank_file(fd, header, infos, views, total, use_mapping):
+def write_rank_file(fd, header, infos, views, total, mapped=None):
     """Write header and region buffers into the open file ``fd`` (opened read-write).
 
-    ``use_mapping``: the file is recycled scratch space already at least ``total`` bytes
-    long; copy through a pre-faulted shared mapping (about twice as fast as ``pwrite``
-    on tmpfs). Otherwise ``pwrite`` each buffer. The file ends up exactly ``total`` bytes.
+    ``mapped``: a shared writable mapping of the whole file, exactly ``total`` bytes, of
+    recycled (already allocated) scratch space; the buffers are copied into it (about
+    twice as fast as ``pwrite`` on tmpfs). Otherwise ``pwrite`` each buffer. The file
+    ends up exactly ``total`` bytes.
     """
-    if use_mapping and total > 0:
-        os.ftruncate(fd, total)
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        with mmap.mmap(fd, total, flags=flags) as mapped:
-            mapped[:len(header)] = header
-            for info, view in zip(infos, views):
-                if info.nbytes:
-                    dst = np.frombuffer(mapped, np.uint8, info.nbytes, info.offset)
-                    np.copyto(dst, np.frombuffer(view, np.uint8))
-                    del dst
+    if mapped is not None:
+        mapped[:len(header)] = header
+        for info, view in zip(infos, views):
+            if info.nbytes:
+                dst = np.frombuffer(mapped, np.uint8, info.nbytes, info.offset)
+                np.copyto(dst, np.frombuffer(view, np.uint8))
+                del dst
         return
     pwrite_all(fd, header, 0)
     for info, view in zip(infos, views):
