@@ -33,7 +33,9 @@ version, if any, is restored and rank 0 prints one line::
 
     veloc: restarted from version 30 (levels: scratch=2, persistent=2)
 
-and at the end ``heat: done at iteration N ...``.
+and at the end ``heat: done at iteration N ...``. With ``--timed-from IT`` that line
+also gives the time of the iterations after IT alone (and of their checkpoints): the
+steady state, once the first checkpoints have allocated their node-local storage.
 """
 import argparse
 import contextlib
@@ -68,6 +70,8 @@ def parse_args(argv=None):
                    help="kill --fail-rank right after iteration IT (and its checkpoint)")
     p.add_argument("--fail-rank", type=int, default=0, metavar="R", help="rank that dies")
     p.add_argument("--out", help="rank 0 gathers the final grid and saves it to this .npy")
+    p.add_argument("--timed-from", type=int, default=None, metavar="IT",
+                   help="also report the time of the iterations after IT (steady state)")
     p.add_argument("--no-checkpoint", action="store_true",
                    help="plain run without veloc (the reference)")
     args = p.parse_args(argv)
@@ -228,6 +232,7 @@ def run(args, comm):
 
     t_ckpt = 0.0
     n_ckpt = 0
+    steady = None   # [start time, checkpoint seconds, checkpoints] from --timed-from on
     with session as ckpt:
         if ckpt is not None:
             ckpt.protect("grid", cur[1:n + 1])
@@ -237,6 +242,8 @@ def run(args, comm):
         first = int(it[0])
         t_start = time.perf_counter()
         while it[0] < args.steps:
+            if steady is None and args.timed_from is not None and it[0] >= args.timed_from:
+                steady = [time.perf_counter(), t_ckpt, n_ckpt]
             exchange_halos(comm, cur, up, down)
             jacobi_step(cur, nxt, i0, i1)
             cur, nxt = nxt, cur
@@ -249,14 +256,17 @@ def run(args, comm):
                 n_ckpt += 1
             if args.fail_at is not None and it[0] == args.fail_at:
                 die(comm, int(it[0]), args.fail_rank)
-        elapsed = time.perf_counter() - t_start
+        t_end = time.perf_counter()
+        elapsed = t_end - t_start
         if args.out:
             full = gather_grid(comm, cur, args.rows, args.cols, lo, hi)
             if rank == 0:
                 np.save(args.out, full)
         if rank == 0:
             print(f"heat: done at iteration {int(it[0])} ({int(it[0]) - first} iterations "
-                  f"in this run, {elapsed:.3f} s; {n_ckpt} checkpoints, {t_ckpt:.3f} s)",
+                  f"in this run, {elapsed:.3f} s; {n_ckpt} checkpoints, {t_ckpt:.3f} s)"
+                  + (f"; after iteration {args.timed_from}: {t_end - steady[0]:.3f} s, "
+                     f"{n_ckpt - steady[2]} checkpoints, {t_ckpt - steady[1]:.3f} s" if steady else ""),
                   flush=True)
     return int(it[0])
 

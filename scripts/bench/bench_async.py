@@ -20,7 +20,11 @@ persistent on disk), against the same run with ``--no-checkpoint``; runs alterna
 part of every checkpoint, not ``veloc.init`` nor the final drain), the time the loop
 spent inside ``checkpoint()``, and the whole ``mpiexec`` wall time (includes starting
 the backend and draining the last version at exit). Overhead = async / plain - 1 per
-adjacent pair, median over pairs.
+adjacent pair, median over pairs. The loop time is also reported from iteration
+``every * (scratch_versions + 1)`` on ("steady"): the first ``scratch_versions + 1``
+checkpoints write freshly allocated tmpfs pages, which on this VM cost a host page
+fault each (about 0.35 GB/s, see bench_checkpoint's "fresh" rows); later ones reuse
+those files, as every checkpoint of a long run does.
 
     python scripts/bench/bench_async.py                       # both parts, defaults below
     python scripts/bench/bench_async.py --part blocking --sizes 256M,1G --versions 6
@@ -48,7 +52,8 @@ from benchlib import GIB, MIB, find_mpiexec, human, parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 HEAT_LINE = re.compile(r"heat: done at iteration (\d+) \((\d+) iterations in this run, ([\d.]+) s; "
-                       r"(\d+) checkpoints, ([\d.]+) s\)")
+                       r"(\d+) checkpoints, ([\d.]+) s\); after iteration \d+: ([\d.]+) s, "
+                       r"(\d+) checkpoints, ([\d.]+) s")
 
 
 def parse_args(argv=None):
@@ -70,6 +75,9 @@ def parse_args(argv=None):
                         "veloc-backend arguments (e.g. '--nice 19'); default: the ranks start "
                         "it with its defaults")
     p.add_argument("--no-persistent", action="store_true", help="heat part: scratch only")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="heat part: extra top-level config line for the async runs (repeatable), "
+                        "e.g. --set max_parallelism=1")
     p.add_argument("--shm-dir", default="/dev/shm")
     p.add_argument("--disk-dir", default="/tmp")
     p.add_argument("--json", metavar="OUT", help="write every raw time to OUT")
@@ -191,7 +199,8 @@ def run_blocking(opts, shm, disk, runtime):
 
 def heat_run(opts, rows, cols, cfg=None, runtime=None):
     args = [find_mpiexec(), "-n", str(opts.np), sys.executable, str(REPO / "examples" / "heat.py"),
-            "--rows", str(rows), "--cols", str(cols), "--steps", str(opts.steps)]
+            "--rows", str(rows), "--cols", str(cols), "--steps", str(opts.steps),
+            "--timed-from", str(steady_from(opts))]
     args += ["--config", str(cfg), "--every", str(opts.every)] if cfg else ["--no-checkpoint"]
     env = python_env({"VELOC_RUNTIME_DIR": str(runtime)} if runtime else None)
     t = time.perf_counter()
@@ -201,7 +210,14 @@ def heat_run(opts, rows, cols, cfg=None, runtime=None):
     if proc.returncode or not match:
         raise SystemExit(f"heat run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return {"loop": float(match.group(3)), "ckpt": float(match.group(5)),
-            "checkpoints": int(match.group(4)), "wall": wall}
+            "checkpoints": int(match.group(4)), "wall": wall, "steady_loop": float(match.group(6)),
+            "steady_checkpoints": int(match.group(7)), "steady_ckpt": float(match.group(8))}
+
+
+def steady_from(opts):
+    """The iteration after which the scratch files are recycled: the first
+    ``scratch_versions + 1`` checkpoints write freshly allocated tmpfs pages."""
+    return opts.every * (opts.scratch_versions + 1)
 
 
 def run_heat(opts, shm, disk, runtime):
@@ -219,6 +235,7 @@ def run_heat(opts, shm, disk, runtime):
                      f"scratch_versions = {opts.scratch_versions}"]
             if not opts.no_persistent:
                 lines += [f"persistent = {disk}/{tag}", "max_versions = 2"]
+            lines += [" = ".join(part.strip() for part in item.split("=", 1)) for item in opts.set]
             cfg.write_text("\n".join(lines) + "\n")
             if opts.backend_args is not None:     # start the node's backend here
                 sys.path.insert(0, str(REPO))
@@ -233,17 +250,25 @@ def run_heat(opts, shm, disk, runtime):
               f"({async_[-1]['checkpoints']} checkpoints, {async_[-1]['ckpt']:.2f} s in checkpoint())",
               flush=True)
     loop = [a["loop"] / p["loop"] - 1 for p, a in zip(plain, async_)]
+    steady = [a["steady_loop"] / p["steady_loop"] - 1 for p, a in zip(plain, async_)]
     wall = [a["wall"] / p["wall"] - 1 for p, a in zip(plain, async_)]
     med = lambda runs, k: statistics.median(r[k] for r in runs)   # noqa: E731
     print(f"\n== examples/heat.py, {opts.np} ranks, grid {rows} x {cols} ({opts.heat_mib} MiB per rank), "
           f"{opts.steps} iterations, async checkpoint every {opts.every} "
           f"({async_[0]['checkpoints']} versions), persistent {'off' if opts.no_persistent else disk}"
-          + (f", backend args {opts.backend_args!r}" if opts.backend_args else ""))
+          + (f", backend args {opts.backend_args!r}" if opts.backend_args else "")
+          + (f", config {', '.join(opts.set)}" if opts.set else ""))
     print(f"  {'':28} {'plain':>8} {'async':>8} {'overhead':>9}")
     print(f"  {'loop time (s, median)':28} {med(plain, 'loop'):8.2f} {med(async_, 'loop'):8.2f} "
           f"{statistics.median(loop):+9.1%}   (pairs: {', '.join(f'{x:+.1%}' for x in loop)})")
     print(f"  {'  of which in checkpoint()':28} {'':8} {med(async_, 'ckpt'):8.2f} "
           f"{med(async_, 'ckpt') / med(plain, 'loop'):+9.1%}")
+    print(f"  {f'steady, after iteration {steady_from(opts)} (s)':28} {med(plain, 'steady_loop'):8.2f} "
+          f"{med(async_, 'steady_loop'):8.2f} {statistics.median(steady):+9.1%}   "
+          f"(pairs: {', '.join(f'{x:+.1%}' for x in steady)})")
+    print(f"  {'  of which in checkpoint()':28} {'':8} {med(async_, 'steady_ckpt'):8.2f} "
+          f"{med(async_, 'steady_ckpt') / med(plain, 'steady_loop'):+9.1%}   "
+          f"({async_[0]['steady_checkpoints']} checkpoints into recycled scratch files)")
     print(f"  {'mpiexec wall time (s)':28} {med(plain, 'wall'):8.2f} {med(async_, 'wall'):8.2f} "
           f"{statistics.median(wall):+9.1%}   (incl. backend start and final drain)")
     return {"plain": plain, "async": async_, "rows": rows, "cols": cols}
