@@ -159,7 +159,10 @@ class AsyncHost:
         return level, list(reasons)
 
     def restore(self, name, version, level):
-        self._call("RESTORE", name, int(version), level=level)
+        """Have the backend bring this rank's copy to scratch from ``level`` (``None``:
+        nothing to bring, the rank reads its copy in place)."""
+        if level is not None:
+            self._call("RESTORE", name, int(version), level=level)
 
     def drain(self, keep=0):
         """Wait for this rank's background checkpoints but the newest ``keep``; raise the

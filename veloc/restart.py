@@ -7,8 +7,10 @@ lacks it, ``restart_test`` agrees on the newest version that *every* rank can re
 from *some* level after verifying it, falling back to older versions.
 """
 import logging
+import os
 from dataclasses import dataclass
 
+from .engine.levels import LevelStore
 from .engine.rankfile import RankFile
 from .errors import CorruptCheckpointError, RestartError, VelocError
 from .names import check_name, check_version
@@ -51,7 +53,7 @@ class RestartMixin:
         for version in sorted(common, reverse=True):
             level, reasons = self.host.verify(name, version)
             if self.host.all_true(level is not None):
-                self._plans[(name, version)] = level
+                self._plans[(name, version)] = (level, self._copy_stamp(self._level_store(level), name, version))
                 return version
             if level is None:
                 log.warning("rank %d: %s v%d not restorable here (%s); trying an older version",
@@ -69,25 +71,46 @@ class RestartMixin:
         self.restart_end(success=True)
 
     def restart_begin(self, name, version):
-        """Collective: bring this rank's copy of ``version`` to scratch from its fastest intact level."""
+        """Collective: open this rank's copy of ``version`` at its fastest intact level: read in
+        place from scratch or (a rank file alone) from persistent; brought back to scratch
+        from partner or erasure levels, and with routed files from persistent."""
         self._check_open()
         name = check_name(name, error=RestartError)
         version = check_version(version, error=RestartError)
         if self._pending is not None or self._restoring is not None:
             raise RestartError("restart_begin called while a checkpoint or restart is open")
         self.checkpoint_wait()
-        level = getattr(self, "_plans", {}).get((name, version))
+        level, stamp = getattr(self, "_plans", {}).get((name, version), (None, None))
         reasons = []
-        if level is None:
+        verified_now = level is None
+        if verified_now:
             level, reasons = self.host.verify(name, version)
         if not self.host.all_true(level is not None):
             detail = "; ".join(reasons) if reasons else "another rank cannot restore it"
             raise RestartError(f"cannot restart {name!r} v{version} on rank {self.rank}: {detail}. "
                                f"Use restart_test({name!r}) to find a version every rank can restore")
-        self.host.restore(name, version, level)
+        store = self._level_store(level)
+        in_place = level == "persistent" and self._regions_only(store, name, version)
+        # Collective in sync mode, so every rank takes part; a rank reading a persistent
+        # copy in place asks for nothing: bringing it back to scratch first would allocate
+        # fresh tmpfs pages, the slowest step of a restart (the next checkpoint refills
+        # scratch anyway).
+        self.host.restore(name, version, None if in_place else level)
+        if in_place:
+            log.info("rank %d: reading %s v%d in place from %s", self.rank, name, version, store.root)
+        else:
+            store = self.scratch
+        # Hash the file again on open unless its digests were just checked: by the verify
+        # above, by restart_test with the copy unchanged since, or by the restore from
+        # persistent, which verifies every byte it copies. (Partner and erasure restores
+        # arrive over MPI and are checked here, end to end.)
+        if level == "scratch" or in_place:
+            checked = verified_now or (stamp is not None and stamp == self._copy_stamp(store, name, version))
+        else:
+            checked = level == "persistent"
         manifest = rankfile = error = None
         try:
-            manifest, rankfile = self._open_restored(name, version)
+            manifest, rankfile = self._open_restored(store, name, version, check_digest=not checked)
         except VelocError as exc:
             error = RestartError(f"rank {self.rank}: cannot open {name} v{version}: {exc}")
         if not self.host.all_true(error is None):
@@ -96,16 +119,54 @@ class RestartMixin:
             raise error or RestartError(f"restart of {name!r} v{version} failed on another rank")
         self._restoring = _Restoring(name, version, level, manifest, rankfile)
 
-    def _open_restored(self, name, version):
-        """This rank's scratch manifest and rank file of a restored version, digest verified."""
-        manifest = self.scratch.read_manifest(name, version, self.rank)
+    def _level_store(self, level):
+        """This rank's store at ``level`` where the rank itself can read it (scratch and
+        persistent), else ``None`` (partner and erasure copies live on other nodes)."""
+        if level == "scratch":
+            return self.scratch
+        if level == "persistent":
+            root = self.config.persistent_dir(self.node, self.rank)
+            return None if root is None else LevelStore("persistent", root)
+        return None
+
+    def _regions_only(self, store, name, version):
+        """Whether this rank's copy at ``store`` is a rank file alone (no routed files,
+        which are handed to the application by path and so must come back to scratch)."""
+        try:
+            manifest = store.read_manifest(name, version, self.rank) if store is not None else None
+        except CorruptCheckpointError:
+            return False
+        return manifest is not None and all(f.kind == "regions" for f in manifest.files)
+
+    def _copy_stamp(self, store, name, version):
+        """Identity of this rank's copy at ``store`` (manifest and files: inode, size,
+        mtime), or ``None``: equal stamps mean nothing was rewritten in between."""
+        try:
+            manifest = store.read_manifest(name, version, self.rank) if store is not None else None
+        except CorruptCheckpointError:
+            return None
         if manifest is None:
-            raise CorruptCheckpointError(f"{name} v{version} vanished from scratch")
+            return None
+        vdir = store.version_dir(name, version)
+        paths = [store.manifest_path(name, version, self.rank)] + [vdir / e.name for e in manifest.files]
+        try:
+            return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in map(os.stat, paths))
+        except OSError:
+            return None
+
+    def _open_restored(self, store, name, version, check_digest=True):
+        """This rank's manifest and rank file of ``version`` at ``store`` (scratch, after a
+        restore, or persistent, read in place), digest verified unless ``check_digest`` is
+        False (checked moments ago)."""
+        manifest = store.read_manifest(name, version, self.rank)
+        if manifest is None:
+            raise CorruptCheckpointError(f"{name} v{version} vanished from {store.level}")
         entry = manifest.file("regions")
         if entry is None:
             return manifest, None
-        rankfile = RankFile(self.scratch.version_dir(name, version) / entry.name)
-        if entry.digest and manifest.checksum and rankfile.digest(manifest.checksum) != entry.digest:
+        rankfile = RankFile(store.version_dir(name, version) / entry.name)
+        if (check_digest and entry.digest and manifest.checksum
+                and rankfile.digest(manifest.checksum) != entry.digest):
             rankfile.close()
             raise CorruptCheckpointError(f"{rankfile.path}: {manifest.checksum} mismatch on read")
         return manifest, rankfile

@@ -89,7 +89,8 @@ class SyncHost:
         return table[self.rank]
 
     def restore(self, name, version, level):
-        """Bring this rank's copy to scratch from ``level`` (collective)."""
+        """Bring this rank's copy to scratch from ``level`` (collective; ``None``: nothing
+        to bring for this rank, which reads its copy in place)."""
         plan = self.node_comm.gather((self.rank, level), root=0)
         self._on_leaders(lambda engine: engine.restore(name, version, dict(plan)), RestartError)
 

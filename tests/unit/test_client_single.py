@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import veloc
+from conftest import flip_bytes
 from veloc.errors import CheckpointError, ConfigError, RestartError
 
 
@@ -181,9 +182,47 @@ def test_corrupt_scratch_restores_from_persistent(cfg, dirs):
         assert c.restart_test("q") == 1
         c.restart("q", 1)
         assert np.array_equal(b, np.arange(5000.0)) and c.last_restart.level == "persistent"
-    # the scratch copy was repaired from persistent
+    # read in place: nothing was copied back to scratch, whose bad copy is still refused
     with veloc.init_single(0, {"scratch": cfg["scratch"]}) as c:
-        assert c.restart_test("q") == 1
+        assert c.restart_test("q") is None
+
+
+def test_lost_scratch_reads_persistent_in_place_and_routed_files_come_back(cfg, dirs, monkeypatch):
+    """After losing scratch, a rank file alone is read where it is on persistent, hashed
+    once (by restart_test); a version with routed files is brought back to scratch."""
+    import shutil
+    from veloc.engine.rankfile import RankFile
+    opened, hashed = [], []
+    real_init, real_digest = RankFile.__init__, RankFile.digest
+    monkeypatch.setattr(RankFile, "__init__", lambda self, path: opened.append(path) or real_init(self, path))
+    monkeypatch.setattr(RankFile, "digest", lambda self, alg: hashed.append(self.path) or real_digest(self, alg))
+    with veloc.init_single(0, cfg) as c:
+        a = np.arange(3000.0)
+        c.protect("a", a)
+        c.checkpoint("p", 1)
+        c.checkpoint_begin("p", 2)
+        with open(c.route_file("notes.txt"), "w") as f:
+            f.write("v2")
+        c.checkpoint_mem()
+        c.checkpoint_end()
+    shutil.rmtree(dirs["scratch"])
+    with veloc.init_single(0, cfg) as c:
+        b = np.zeros(3000)
+        c.protect("a", b)
+        opened.clear()
+        assert c.restart_test("p", max_version=1) == 1
+        c.restart("p", 1)
+        assert np.array_equal(b, np.arange(3000.0)) and c.last_restart.level == "persistent"
+        assert opened[-1] == vck(dirs, "p", 1, level="persistent") and hashed == []
+        assert not (next(dirs["scratch"].iterdir()) / "p" / "v1" / "r0.vck").exists()
+        b[:] = 0
+        assert c.restart_test("p") == 2
+        c.restart_begin("p", 2)
+        routed = c.route_file("notes.txt")
+        assert routed.startswith(str(dirs["scratch"])) and open(routed).read() == "v2"
+        c.recover_mem()
+        c.restart_end()
+        assert np.array_equal(b, np.arange(3000.0)) and c.last_restart.level == "persistent"
 
 
 def test_versioning_keeps_newest(cfg, dirs):
@@ -281,3 +320,29 @@ def test_checkpoint_waits_for_the_previous_version_only_without_a_recycled_file(
         c._wait_for_buffers()
         assert calls == [1]               # a recycled file is ready: the previous version may still run
         c.host = real_host
+
+
+def test_restart_hashes_once_unless_the_copy_changed_after_restart_test(cfg, dirs, monkeypatch):
+    """restart_test verifies the copy; restart reads it without hashing it again, unless
+    the scratch file was rewritten in between: then the read checks it and refuses it."""
+    from veloc.engine.rankfile import RankFile
+    calls = []
+    real_digest = RankFile.digest
+    monkeypatch.setattr(RankFile, "digest", lambda self, alg: calls.append(self.path) or real_digest(self, alg))
+    a = np.arange(4096.0)
+    with veloc.init_single(0, cfg) as c:
+        c.protect("a", a)
+        c.checkpoint("h", 1)
+        a[:] = 0
+        assert c.restart_test("h") == 1
+        c.restart("h", 1)
+        assert np.array_equal(a, np.arange(4096.0)) and calls == []
+        c.restart("h", 1)                      # no fresh plan: verified again right here
+        assert calls == []
+        assert c.restart_test("h") == 1
+        a[:] = 0
+        path = vck(dirs, "h", 1)
+        flip_bytes(path)                       # rewritten after restart_test's verification
+        with pytest.raises(RestartError, match="mismatch on read"):
+            c.restart("h", 1)
+        assert calls == [path] and (a == 0).all()   # refused before any array was touched
