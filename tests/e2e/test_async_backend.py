@@ -201,6 +201,7 @@ WORLD_APP = textwrap.dedent("""
         if how == f"vnode1-dies-at-{i}":
             os._exit(1)
     if how == "crash":
+        comm.Barrier()      # every rank's checkpoint() returned (submitted), then all die
         os._exit(1)
     ck.finalize()
 """)
