@@ -7,8 +7,9 @@ all ranks at once (barrier before every timed repetition):
   limits     np.copyto into a preallocated buffer (memcpy, the reference of every ratio);
              np.save and os.write into a fresh tmpfs file; os.pwrite over an
              already-allocated tmpfs file (what recycling scratch files buys);
-             os.write + fsync into a fresh file on the persistent disk; preadv of a
-             tmpfs file into the array (the limit of restart)
+             os.write + fsync into a fresh file on the persistent disk, and the same
+             with O_DIRECT (the flush's limit); preadv of a tmpfs file into the array
+             (the limit of restart)
   checkpoint veloc.init with scratch on tmpfs, persistent on disk, scratch_versions = 2,
              max_versions = 2. Per version: checkpoint_wait, then begin + mem (the local
              write: all that async mode blocks for) and checkpoint_end (sync mode: commit,
@@ -44,6 +45,7 @@ Every file is removed at the end, also on error.
 """
 import argparse
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -59,7 +61,7 @@ import zlib
 import numpy as np
 
 from benchlib import (GIB, clear_dir, evict_tree, find_mpiexec, human, mem_available, parse_size,
-                      read_file_into, unlink, write_file)
+                      read_file_into, unlink, write_file, write_file_direct)
 
 ENV_SHM, ENV_DISK = "VELOC_BENCH_SHM_DIR", "VELOC_BENCH_DISK_DIR"
 MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
@@ -210,6 +212,12 @@ def bench_limits(b, base, disk_dir):
     for heat, settle in (("cold", True), ("hot", False)):
         b.repeat(f"disk_write_{heat}", lambda: write_file(disk_file, a, fsync=True), reps=min(b.args.reps, 3),
                  before=lambda: unlink(disk_file), settle=settle)
+    aligned = mmap.mmap(-1, a.nbytes - a.nbytes % 4096)
+    aligned[:] = memoryview(a).cast("B")[:len(aligned)]
+    b.repeat("disk_write_direct", lambda: write_file_direct(disk_file + ".direct", aligned),
+             reps=min(b.args.reps, 3), before=lambda: unlink(disk_file + ".direct"), settle=True)
+    unlink(disk_file + ".direct")
+    aligned.close()
     b.repeat("disk_read_warm", lambda: read_file_into(disk_file, b.ref))
     b.repeat("disk_read_cold", lambda: read_file_into(disk_file, b.ref), reps=min(b.args.reps, 3),
              before=lambda: evict_tree(disk_dir))
@@ -351,15 +359,16 @@ ROWS = [  # key, label, limit key for "x limit"
     ("pwrite_allocated", "os.pwrite -> allocated tmpfs file", None),
     ("disk_write_cold", "os.write+fsync -> fresh disk file, cold", None),
     ("disk_write_hot", "os.write+fsync -> fresh disk file, hot", None),
+    ("disk_write_direct", "O_DIRECT write+fsync -> fresh disk file", None),
     ("preadv_tmpfs", "preadv tmpfs file -> array", None),
     ("disk_read_warm", "preadv disk file (page cache) -> array", None),
     ("disk_read_cold", "preadv disk file (evicted) -> array", None),
     ("ckpt_local_first", "ckpt begin+mem (local write), v1", "write_fresh_cold"),
     ("ckpt_local_fresh", "ckpt begin+mem, v2-v3 (fresh pages)", "write_fresh_cold"),
     ("ckpt_local_steady", "ckpt begin+mem, steady (recycled)", "pwrite_allocated"),
-    ("ckpt_end_first", "checkpoint_end, v1", "disk_write_cold"),
-    ("ckpt_end_steady", "checkpoint_end, steady", "disk_write_cold"),
-    ("ckpt_wait_steady", "checkpoint_wait for the previous, steady", "disk_write_cold"),
+    ("ckpt_end_first", "checkpoint_end, v1", "disk_write_direct"),
+    ("ckpt_end_steady", "checkpoint_end, steady", "disk_write_direct"),
+    ("ckpt_wait_steady", "checkpoint_wait for the previous, steady", "disk_write_direct"),
     ("ckpt_total_first", "begin+mem+end, v1", None),
     ("ckpt_total_steady", "begin+mem+end, steady", None),
     ("checkpoint_call", "checkpoint() call, steady", None),

@@ -52,6 +52,18 @@ def write_file(path, view, fsync=False, fresh=True):
         os.close(fd)
 
 
+def write_file_direct(path, aligned):
+    """Write the page-aligned buffer ``aligned`` (e.g. an anonymous ``mmap``; its length a
+    multiple of 4096) to a new file with ``O_DIRECT``, then fsync: the disk's own limit,
+    without the page cache (what the flush does)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
+    try:
+        write_all(fd, aligned, True)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_file_into(path, view):
     view = memoryview(view).cast("B")
     fd = os.open(path, os.O_RDONLY)
