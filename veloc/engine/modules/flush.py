@@ -6,9 +6,10 @@ directory fsync). The copy is written with O_DIRECT from the mapping the checksu
 made of the file moments before (``[flush] direct_io``): no page-cache copy, no
 writeback, and no second hash of data whose digest was just computed; ranks are flushed
 in parallel (``max_parallelism``). On RESTART it copies them back to scratch, verifying
-digests on the way. Frequency: ``[flush] every = N`` versions and/or ``persistent_interval`` seconds
-(VELOC's key: 0 = every version, < 0 = never); a time-based decision is taken by node 0
-and shared, so every node flushes the same versions.
+digests on the way. Frequency: ``[flush] every = N`` versions and/or
+``persistent_interval`` seconds (VELOC's key: 0 = every version, < 0 = never); a
+time-based decision is taken by node 0 and shared, so every node flushes the same
+versions.
 """
 
 from ...errors import CheckpointError, CorruptCheckpointError
