@@ -23,6 +23,7 @@ items of every local rank for the same call):
 """
 import contextlib
 
+from veloc.engine.debris import collect_temps
 from veloc.engine.module import CHECKPOINT, Command, Peers
 from veloc.engine.pipeline import Engine
 from veloc.errors import CheckpointError, CorruptCheckpointError
@@ -177,15 +178,8 @@ class EngineExecutor:
         removed = 0
         for rank in ranks:
             store = self.engine.ctx.persistent(rank)
-            if store is None:
-                continue
-            vdir = store.version_dir(name, version)
-            for tmp in vdir.glob(f".r{int(rank)}.*.tmp") if vdir.is_dir() else ():
-                try:
-                    tmp.unlink()
-                    removed += 1
-                except OSError:
-                    pass
+            if store is not None:      # only dead writers' files (veloc.engine.debris)
+                removed += collect_temps(store.version_dir(name, version), f"r{int(rank)}.").files
         if removed:
             self.log.info("%s v%d: removed %d temporary file(s) of an interrupted copy in the "
                           "persistent folder", name, version, removed)

@@ -45,8 +45,58 @@ def fsync_dir(path):
 
 
 def temp_name(path):
-    """A unique hidden temporary name next to ``path`` (same directory, so rename is atomic)."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    """A unique hidden temporary name next to ``path`` (same directory, so rename is atomic):
+    ``.<name>.<writer tag>.<random>.tmp``. The writer tag (:func:`writer_tag`) names the
+    process that writes it, so crash-debris collection (``veloc.engine.debris``) can tell
+    a temporary file of a live writer from one a killed writer left behind."""
+    return path.with_name(f".{path.name}.{writer_tag()}.{secrets.token_hex(4)}.tmp")
+
+
+_TAG = (None, None)    # (pid, tag) of this process; recomputed after a fork
+
+
+def writer_tag():
+    """``<boot>-<pid>-<start>``: this machine's boot (8 hex digits of the kernel's boot id),
+    this process's pid and its start time (clock ticks since boot), which together name
+    one process across pid reuse, reboots and machines."""
+    global _TAG
+    pid = os.getpid()
+    if _TAG[0] != pid:
+        _TAG = (pid, f"{boot_tag()}-{pid}-{process_start(pid) or 0}")
+    return _TAG[1]
+
+
+def boot_tag():
+    """8 hex digits identifying this machine's current boot (the host name's hash where
+    the kernel has no boot id)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip().replace("-", "")[:8]
+    except OSError:
+        import hashlib
+        import socket
+        return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def process_start(pid):
+    """Start time of live process ``pid`` in clock ticks since boot, ``None`` if it does
+    not exist or is a zombie, ``0`` where ``/proc`` does not say."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    except (OSError, IndexError):
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return 0
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
 
 
 def pwrite_all(fd, view, offset):

@@ -10,6 +10,7 @@ modules communicate with the other nodes' engines.
 import time
 
 from ..errors import CheckpointError, RestartError, VelocError
+from .debris import collect_engine
 from .hashing import MappedFiles
 from .levels import LEVEL_ORDER
 from .module import CHECKPOINT, EngineContext, LevelUnreachable, helper_cpu_seconds
@@ -117,6 +118,7 @@ class Engine:
     def available(self, name, ranks, max_version=None):
         """``{rank: {version: [levels, fastest first]}}`` from manifests only (no data read)."""
         out = {rank: {} for rank in ranks}
+        collect_engine(self.ctx, name, ranks, logger=self.log)    # crash debris, at restart
         for module in self.levels:
             for rank, versions in module.available(name, ranks).items():
                 for v in versions:

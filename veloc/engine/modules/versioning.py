@@ -6,6 +6,7 @@ persistent (VELOC's keys; 0 = keep all). It never deletes the newest version tha
 complete at a level (every rank's manifest present), so a failed newer checkpoint can
 never cost the last good one. Scratch files go to the recycle pool for reuse.
 """
+from ..debris import collect_engine
 from ..module import Module
 
 
@@ -19,6 +20,7 @@ class VersioningModule(Module):
             persistent = self.ctx.persistent(rank)
             if persistent is not None:
                 self._collect(persistent, cmd, rank, cfg.max_versions, None)
+        collect_engine(self.ctx, cmd.name, cmd.ranks, before=cmd.version, logger=self.ctx.log)
         return True
 
     def _collect(self, store, cmd, rank, keep, pool):
