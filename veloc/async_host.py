@@ -32,8 +32,11 @@ from .errors import BackendError, CheckpointError, RestartError, VelocError
 from .ipc import BackendConnection
 
 START_TIMEOUT = 60.0      # s: find or start the node's backend
-REQUEST_TIMEOUT = 30.0    # s: any single answer from a live backend
-WAIT_SLICE = 5.0          # s: one server-side wait; a hung backend is detected per slice
+# Liveness: the backend answers every request on a connection thread of its own, also
+# while its engine runs a long flush, and a "wait" returns after at most half the
+# heartbeat ([backend] heartbeat_timeout) with what is still pending; so a backend that
+# answers nothing for a whole heartbeat is hung, stopped or dead: BackendError.
+WAIT_SHARE = 0.5          # of the heartbeat: one server-side wait
 AUTO_IDLE_EXIT = 120      # s: a backend started by a rank exits when idle this long
 
 
@@ -64,6 +67,7 @@ class AsyncHost(HostAgreement):
         self.session = comm.bcast(uuid.uuid4().hex[:12] if comm.Get_rank() == 0 else None, root=0)
         self._seq = 0
         self._outstanding = []       # groups of this rank's checkpoints not yet waited for
+        self.heartbeat = config.section("backend")["heartbeat_timeout"]
         self.conn = None
         self.conn = self._connect()
 
@@ -91,7 +95,9 @@ class AsyncHost(HostAgreement):
         if errors:
             raise BackendError(f"async mode: no backend for node {self.node}: {errors[0]}")
         self.log.info("rank %d: using backend at %s", self.rank, ep.socket)
-        return BackendConnection(ep.socket, REQUEST_TIMEOUT)
+        owner = (f"node {self.node}'s veloc backend (pid {lifecycle.read_pid(ep)}, socket {ep.socket}, "
+                 f"log {lifecycle.log_path(self.config, self.node, ep)})")
+        return BackendConnection(ep.socket, self.heartbeat, owner=owner)
 
     # ------------------------------------------------------------ backend calls
     def _submit(self, kind, name, version=None, **extra):
@@ -111,9 +117,8 @@ class AsyncHost(HostAgreement):
             left = [g for g in groups if g not in results]
             if not left:
                 return results
-            slice_s = WAIT_SLICE if block else 0
-            reply = self.conn.request({"op": "wait", "groups": left, "timeout": slice_s},
-                                      timeout=slice_s + REQUEST_TIMEOUT)
+            slice_s = self.heartbeat * WAIT_SHARE if block else 0
+            reply = self.conn.request({"op": "wait", "groups": left, "timeout": slice_s})
             results.update(reply["results"])
             lost = [g for g in reply.get("unknown", []) if g not in results]
             if lost:

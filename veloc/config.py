@@ -42,6 +42,16 @@ def _int(minimum=None):
     return parse
 
 
+def _seconds(key, raw):
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise ConfigError(f"config key '{key}' = {raw!r}: expected a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"config key '{key}' = {raw!r}: must be a positive number of seconds")
+    return value
+
+
 def _choice(*accepted):
     def parse(key, raw):
         value = str(raw).strip()
@@ -115,6 +125,8 @@ SECTION_KEYS = {
     "erasure": module_keys(40, scheme=Key(_choice("xor", "rs"), "xor"), group_size=Key(_int(2), 4),
                            parity=Key(_int(1), None), interval=Key(_int(), None), backend=Key(_text, None)),
     "versioning": module_keys(90),
+    # async mode: a backend that answers no request for this long is hung (BackendError)
+    "backend": {"heartbeat_timeout": Key(_seconds, 5.0)},
 }
 
 

@@ -158,9 +158,10 @@ class BackendConnection:
     that change state carry a unique ``key`` so the backend ignores a replayed one.
     """
 
-    def __init__(self, socket_path, timeout=30.0):
+    def __init__(self, socket_path, timeout=30.0, owner=None):
         self.socket_path = str(socket_path)
         self.timeout = float(timeout)
+        self.owner = owner or f"veloc backend at {self.socket_path}"   # for error messages
         self._sock = None
         self._lock = threading.Lock()
 
@@ -228,8 +229,10 @@ class BackendConnection:
         except socket.timeout:
             self._close()     # the reply may still arrive: never reuse this stream
             raise BackendError(
-                f"veloc backend at {self.socket_path} did not answer {msg['op']!r} within "
-                f"{wait:g} s; it may be hung: check its log, or kill it and restart") from None
+                f"{self.owner} did not answer {msg['op']!r} within {wait:g} s: it is hung, stopped "
+                "or overloaded; check its log, kill it (its journal keeps unfinished work for the next "
+                "backend) and restart the job, or raise [backend] heartbeat_timeout on a loaded "
+                "node") from None
         except ProtocolError as exc:
             self._close()
             raise BackendError(f"bad reply from backend at {self.socket_path}: {exc}") from None
