@@ -9,7 +9,7 @@ import logging
 import os
 
 from .config import load_config, node_id
-from .engine.debris import collect_rank_scratch
+from .engine.debris import claim_rank_scratch
 from .engine.fileio import FILE_MODE, fsync_dir, make_dirs, remove_quietly, temp_name
 from .engine.levels import RecyclePool
 from .engine.manifest import FileEntry, Manifest
@@ -60,7 +60,7 @@ class Client(RestartMixin):
         self._lineage = {}         # name -> where this run's versions of it start (see _start_lineage)
         self.scratch = self._agree_on_setup(self._prepare_scratch)
         self.pool = RecyclePool(self.config.scratch_dir(self.node, self.rank))
-        collect_rank_scratch(self.scratch, self.rank, self.pool, None if single else self.size, log)
+        self._claim = claim_rank_scratch(self.scratch, self.rank, self.pool, None if single else self.size, log)
         self.mappings = WriteMappings(keep=(self.config.scratch_versions or 1) + self.pool.keep)
         self.host = self._make_host()
 
@@ -326,6 +326,7 @@ class Client(RestartMixin):
             self._closed = True
             self.mappings.close()
             self.host.close()
+            self._claim.release()
         if error is not None:
             raise error
         if failure is not None:

@@ -206,3 +206,51 @@ def test_versioning_collects_older_uncommitted_scratch_files_only(dirs):
         assert not store.version_dir("run", 2).exists()
         assert (store.version_dir("run", 9) / "r0.vck").exists()
         assert store.rank_versions("run", 0) == [1, 3]
+
+
+CLAIMANT = textwrap.dedent("""
+    import sys, time
+    from veloc.engine.debris import claim_rank_scratch
+    from veloc.engine.levels import LevelStore
+    claim = claim_rank_scratch(LevelStore("scratch", sys.argv[1]), int(sys.argv[2]))
+    print("claimed" if claim.fd is not None else "refused", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_live_client_of_the_same_rank_keeps_its_uncommitted_files(tmp_path, writers):
+    """Another job on the same scratch with the same rank number is alive: its uncommitted
+    files may be a checkpoint in progress, so only dead writers' temps are collected."""
+    from veloc.engine.levels import RecyclePool
+    store = LevelStore("scratch", tmp_path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    other = subprocess.Popen([sys.executable, "-c", CLAIMANT, str(tmp_path), "0"], env=env,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "claimed"
+        vdir = store.version_dir("other_job", 4)
+        vdir.mkdir(parents=True)
+        (vdir / "r0.vck").write_bytes(b"in progress")
+        dead = writers(vdir / "r0.vck")
+        dead.kill()
+        pool = RecyclePool(tmp_path, keep_per_rank=1)
+        pool.dir.mkdir()
+        for name in ("r0.aaaa.vck", "r0.bbbb.vck"):
+            (pool.dir / name).write_bytes(b"p")
+        claim = debris.claim_rank_scratch(store, 0, pool, nranks=1)
+        assert claim.fd is None and claim.holder() == other.pid
+        assert claim.tally.files == 1 and not dead.tmp.exists()
+        assert (vdir / "r0.vck").exists() and len(list(pool.dir.iterdir())) == 2
+        mine = debris.claim_rank_scratch(store, 1, pool, nranks=1)     # rank 1 is free here...
+        assert mine.fd is not None
+        mine.release()
+    finally:
+        other.kill()
+        other.wait(10)
+        other.stdout.close()
+    claim = debris.claim_rank_scratch(store, 0, pool, nranks=1)       # ...and rank 0 now too
+    try:
+        assert claim.fd is not None and not (vdir / "r0.vck").exists()
+        assert len(list(pool.dir.iterdir())) == 1
+    finally:
+        claim.release()

@@ -10,7 +10,6 @@ import importlib
 import importlib.util
 import os
 import signal
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -126,20 +125,3 @@ def test_heartbeat_timeout_is_checked():
             veloc.config.load_config({**base, "backend": {"heartbeat_timeout": bad}})
     env = {"VELOC_BACKEND_HEARTBEAT_TIMEOUT": "2.5"}
     assert veloc.config.load_config(base, env).section("backend")["heartbeat_timeout"] == 2.5
-
-
-def median_detection(runs=5):
-    """``python tests/unit/test_heartbeat.py``: median detection time over a few runs."""
-    import subprocess
-    import sys
-    times = []
-    for _ in range(runs):
-        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", str(Path(__file__)), "-k", "stopped"],
-                             capture_output=True, text=True, cwd=REPO, timeout=120).stdout
-        line = next(x for x in out.splitlines() if "detected after" in x)
-        times.append(float(line.split("after ")[1].split(" s")[0]))
-    print(f"detection times {times}; median {statistics.median(times):.2f} s")
-
-
-if __name__ == "__main__":
-    median_detection()

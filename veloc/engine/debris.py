@@ -19,12 +19,14 @@ Who collects what, and why that never touches a copy a live process is writing:
   (a live copy writes to its file all along; a wrong guess makes a stalled copy fail
   at its rename, never commits a torn file).
 - **A rank's own scratch files, at init** (``Client.__init__``, every application rank,
-  before its first write): its uncommitted rank files (``r<rank>.*`` with no
-  ``r<rank>.manifest.json`` next to them), its recycle-pool files beyond the pool's size
-  and pool files of rank numbers this job does not have (version folders stay: another
-  process may just have created one to write into it).
+  before its first write, holding its :class:`RankClaim`): its uncommitted rank files
+  (``r<rank>.*`` with no ``r<rank>.manifest.json`` next to them), its recycle-pool files
+  beyond the pool's size and unclaimed pool files of rank numbers this job does not have
+  (version folders stay: another process may just have created one to write into it).
   Only the rank itself writes ``r<rank>.*`` files of a version before their manifest is
-  committed, and it has not started yet; the node's engine writes uncommitted rank files
+  committed, and it has not started yet; the claim (an ``flock`` held from ``init`` to
+  ``finalize``) proves no other live process is rank ``rank`` on this scratch (another
+  job with the same scratch folder); the node's engine writes uncommitted rank files
   only while restoring for this rank, which asks for that later.
 - **Engine trees, at restart and in versioning** (the node's engine: sync-mode leader or
   active backend, between commands, so none of its own copies is in flight): everything
@@ -39,6 +41,7 @@ Who collects what, and why that never touches a copy a live process is writing:
 Every collection logs at INFO what it removed (files, bytes, folders); nothing here
 raises for a file that vanished or cannot be removed.
 """
+import fcntl
 import logging
 import os
 import re
@@ -48,9 +51,10 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CorruptCheckpointError
-from .fileio import boot_tag, process_start
+from ..errors import CorruptCheckpointError, VelocError
+from .fileio import FILE_MODE, boot_tag, make_dirs, process_start
 from .levels import _MANIFEST, _VDIR, LevelStore
+from .striping import GroupStore
 from .transfer import node_scratch
 
 log = logging.getLogger("veloc.debris")
@@ -59,7 +63,6 @@ _TAGGED = re.compile(r"\.(?P<final>.+)\.(?P<boot>[0-9a-f]{8})-(?P<pid>\d+)-(?P<s
 _LEGACY = re.compile(r"\.(?P<final>.+)\.[0-9a-f]{8}\.tmp")
 _RANK_FILE = re.compile(r"r(\d+)\.(?:vck|f\..+)")
 _POOL_FILE = re.compile(r"r(\d+)\.[0-9a-f]+\.vck")
-GROUP_RECORD = "group.json"
 _MARKS = weakref.WeakKeyDictionary()   # engine context -> {(root, name): versions below swept}
 
 
@@ -87,11 +90,6 @@ class Tally:
         except OSError:
             return
         self.dirs += 1
-
-    def add(self, other):
-        self.files, self.bytes, self.dirs = self.files + other.files, self.bytes + other.bytes, self.dirs + other.dirs
-        self.where |= other.where
-        return self
 
     def report(self, logger, who):
         if self.files or self.dirs:
@@ -165,17 +163,85 @@ def _sweep_rank_dir(vdir, ranks, tally, uncommitted=True):
             tally.remove(e.path)
 
 
+def _unclaimed(root, rank):
+    claim = RankClaim(root, int(rank))
+    if not claim.acquire():
+        return False
+    claim.release()
+    return True
+
+
 def _prune(vdir, tally):
     tally.rmdir(vdir)
     tally.rmdir(vdir.parent)      # the name folder, once its last version is gone
 
 
 # -- at init, by an application rank -----------------------------------------------
-def collect_rank_scratch(store: LevelStore, rank: int, pool=None, nranks=None, logger=None) -> Tally:
+class RankClaim:
+    """An exclusive ``flock`` on ``<scratch root>/.owners/r<rank>.lock``, held by the live
+    client of rank ``rank`` on that scratch from ``init`` to ``finalize`` (the kernel drops
+    it however the process ends). Holding it, a rank knows no other live process writes
+    ``r<rank>.*`` files there (another job with the same scratch folder and rank number)."""
+
+    def __init__(self, root, rank):
+        self.path = Path(root) / ".owners" / f"r{int(rank)}.lock"
+        self.fd = None
+        self.tally = Tally()
+
+    def acquire(self):
+        """Take the claim without waiting; False if a live process holds it."""
+        try:
+            make_dirs(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        except (OSError, VelocError):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)    # for the message of the next claimant
+        except OSError:
+            pass
+        return True
+
+    def holder(self):
+        """The pid written by the process holding the claim, or ``None``."""
+        try:
+            return int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = release
+
+
+def claim_rank_scratch(store: LevelStore, rank: int, pool=None, nranks=None, logger=None) -> RankClaim:
     """Called by application rank ``rank`` in ``veloc.init`` before it writes anything:
-    its own debris on scratch (every checkpoint name) and in its recycle pool. Never
-    raises: debris that cannot be collected now is logged and left for later."""
-    return _guarded(_collect_rank_scratch, logger, store, rank, pool, nranks, logger)
+    claims its files on scratch (:class:`RankClaim`, released by ``finalize``) and collects
+    its own debris there (every checkpoint name) and in its recycle pool. Without the
+    claim (another live process is rank ``rank`` on this scratch) only dead writers'
+    temporary files go. Never raises: what cannot be collected now is left for later."""
+    claim = RankClaim(store.root, rank)
+    owned = claim.acquire()
+    if not owned:
+        (logger or log).info("debris: rank %d's files on %s are claimed by a live client (pid %s, not "
+                             "finalized); collecting only temporary files of dead writers", rank, store.root,
+                             claim.holder())
+    claim.tally = collect_rank_scratch(store, rank, pool if owned else None, nranks, logger, owned)
+    return claim
+
+
+def collect_rank_scratch(store, rank, pool=None, nranks=None, logger=None, owned=True) -> Tally:
+    """The collection of :func:`claim_rank_scratch`; ``owned``: the caller holds the claim."""
+    return _guarded(_collect_rank_scratch, logger, store, rank, pool, nranks, logger, owned)
 
 
 def _guarded(step, logger, *args):
@@ -186,18 +252,18 @@ def _guarded(step, logger, *args):
         return Tally()
 
 
-def _collect_rank_scratch(store, rank, pool, nranks, logger):
+def _collect_rank_scratch(store, rank, pool, nranks, logger, owned):
     tally = Tally()
     for _, vdir in _version_dirs(store.root):
-        _sweep_rank_dir(vdir, {rank}, tally)   # folders stay: other processes may be filling them
+        _sweep_rank_dir(vdir, {rank}, tally, uncommitted=owned)   # folders stay: others may fill them
     if pool is not None:
         mine = []
         for e in _entries(pool.dir):
             m = _POOL_FILE.fullmatch(e.name)
             if m and int(m.group(1)) == rank:
                 mine.append(e.path)
-            elif m and nranks is not None and int(m.group(1)) >= nranks:
-                tally.remove(e.path)      # a rank this job does not have
+            elif m and nranks is not None and int(m.group(1)) >= nranks and _unclaimed(store.root, m.group(1)):
+                tally.remove(e.path)      # a rank this job does not have, and no live process is
             elif _dead_temp(e):
                 tally.remove(e.path)
         for path in sorted(mine)[pool.keep:]:
@@ -229,11 +295,14 @@ def collect_temps(folder, prefix, logger=None):
 def _collect_engine(ctx, name, ranks, before, logger):
     tally = Tally()
     marks = _MARKS.setdefault(ctx, {})
+    settled = {}        # persistent root -> newest complete version (ranks may share a root)
     for rank in sorted(set(ranks)):
         stores = [(ctx.scratch(rank), before)]
         persistent = ctx.persistent(rank)
         if persistent is not None:
-            stores.append((persistent, newest_complete(persistent, name)))
+            if persistent.root not in settled:
+                settled[persistent.root] = newest_complete(persistent, name)
+            stores.append((persistent, settled[persistent.root]))
         for store, below in stores:
             # versions under an earlier sweep's mark were swept by this process already:
             # new debris there only comes from a crash, and a new process sweeps it all
@@ -253,8 +322,8 @@ def _collect_engine(ctx, name, ranks, before, logger):
         for _, vdir in _version_dirs(owner.path, name):
             _sweep_rank_dir(vdir, None, tally)
             _prune(vdir, tally)
-    for _, vdir in _version_dirs(base / ".erasure", name):
-        if (vdir / GROUP_RECORD).exists():
+    for _, vdir, committed in GroupStore(base / ".erasure").version_dirs(name):
+        if committed:
             for e in _entries(vdir):
                 if _dead_temp(e):
                     tally.remove(e.path)

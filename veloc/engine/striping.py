@@ -65,6 +65,21 @@ class GroupStore:
                 out.append(int(m.group(1)))
         return sorted(out)
 
+    def version_dirs(self, name):
+        """``[(version, folder, committed)]`` of every version folder of ``name`` here; a
+        folder without a group record is an interrupted encoding or a dropped victim (crash
+        debris, ``veloc.engine.debris``, once no encoding runs on this node)."""
+        try:
+            dirs = list((self.root / name).iterdir())
+        except OSError:
+            return []
+        out = []
+        for d in dirs:
+            m = _VDIR.fullmatch(d.name)
+            if m and d.is_dir():
+                out.append((int(m.group(1)), d, (d / RECORD).exists()))
+        return sorted(out)
+
     def read_record(self, name, version):
         """The committed record or ``None``; CorruptCheckpointError if unreadable."""
         path = self.version_dir(name, version) / RECORD
