@@ -254,3 +254,16 @@ def test_a_live_client_of_the_same_rank_keeps_its_uncommitted_files(tmp_path, wr
         assert len(list(pool.dir.iterdir())) == 1
     finally:
         claim.release()
+
+
+def test_newest_complete_needs_every_ranks_manifest(tmp_path):
+    from veloc.engine.manifest import FileEntry, Manifest
+    store = LevelStore("persistent", tmp_path)
+    assert debris.newest_complete(store, "run") is None
+    for version, ranks in ((1, (0, 1)), (2, (0, 1)), (3, (1,))):
+        for rank in ranks:
+            store.commit_manifest(Manifest("run", version, rank, 2, "n0", "persistent",
+                                           files=[FileEntry(f"r{rank}.vck", 1, "regions")]))
+    assert debris.newest_complete(store, "run") == 2          # v3 lacks rank 0
+    store.commit_manifest(Manifest("run", 3, 0, 2, "n0", "persistent", files=[FileEntry("r0.vck", 1, "regions")]))
+    assert debris.newest_complete(store, "run") == 3

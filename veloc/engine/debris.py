@@ -340,8 +340,12 @@ def _collect_engine(ctx, name, ranks, before, logger):
 
 
 def newest_complete(store, name):
-    """The newest version of ``name`` every rank of its job committed at ``store``, or None."""
-    for version, ranks in sorted(store.versions(name).items(), reverse=True):
+    """The newest version of ``name`` every rank of its job committed at ``store``, or None
+    (reads version folders newest first and stops at the first complete one)."""
+    for version, vdir in sorted(_version_dirs(store.root, name), reverse=True):
+        ranks = sorted(int(m.group(1)) for m in map(_MANIFEST.fullmatch, (e.name for e in _entries(vdir))) if m)
+        if not ranks:
+            continue
         try:
             manifest = store.read_manifest(name, version, ranks[0])
         except CorruptCheckpointError:    # an unreadable manifest: not a complete version

@@ -7,6 +7,7 @@ in the sync-mode leader or the active backend (copies between levels).
 import contextlib
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import secrets
@@ -66,6 +67,7 @@ def writer_tag():
     return _TAG[1]
 
 
+@functools.lru_cache(maxsize=1)
 def boot_tag():
     """8 hex digits identifying this machine's current boot (the host name's hash where
     the kernel has no boot id)."""
