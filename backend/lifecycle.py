@@ -204,7 +204,7 @@ def _log_tail(path, n=20):
     return "\n".join(lines[-n:])
 
 
-def wait_ready(ep, deadline, start=None, log_file=None):
+def wait_ready(ep, deadline, start=None, log_file=None, hung_after=None, silent_since=None):
     """Poll until the backend at ``ep`` answers a ping; BackendError at ``deadline``.
 
     With ``start`` (a callable returning the ``Popen`` of a new backend), a backend is
@@ -212,15 +212,32 @@ def wait_ready(ep, deadline, start=None, log_file=None):
     (a killed multi-threaded process may keep its lock a moment after its main thread
     is gone). A started backend that exits is an error, unless it exited because another
     backend holds the lock (then that one is waited for).
+
+    ``hung_after`` (seconds): a backend that serves already (it holds the lock, its pid
+    file names a live process — written once it listens — and its socket exists) but
+    answers no ping for that long is hung or stopped: BackendError at once, instead of
+    at ``deadline`` (which is meant for one that is still starting). ``silent_since``: when
+    the caller's own first ping went unanswered.
     """
     proc = None
     while True:
         if proc is None and start is not None and not backend_alive(ep):
             cleanup_stale(ep)
             proc = start()
-        reply = ping(ep, timeout=max(0.2, min(2.0, deadline - time.monotonic())))
+        limit = 2.0 if hung_after is None else max(0.2, min(2.0, hung_after / 2))
+        reply = ping(ep, timeout=max(0.2, min(limit, deadline - time.monotonic())))
         if reply is not None:
             return reply
+        if hung_after is not None and _serving(ep):
+            silent_since = time.monotonic() if silent_since is None else silent_since
+            if time.monotonic() - silent_since >= hung_after:
+                raise BackendError(
+                    f"veloc backend for node {ep.node_id} (pid {read_pid(ep)}) serves {ep.socket} but "
+                    f"answered nothing for {hung_after:g} s ([backend] heartbeat_timeout): it is hung or "
+                    f"stopped; check {log_file or 'its log'}, kill it (its journal keeps unfinished work "
+                    "for the next backend), and start the job again")
+        else:
+            silent_since = None
         if proc is not None and proc.poll() is not None:
             if proc.returncode != EXIT_ALREADY_RUNNING:
                 raise BackendError(
@@ -233,6 +250,21 @@ def wait_ready(ep, deadline, start=None, log_file=None):
                 f"{ep.socket} within the start-up timeout: it is hung or still starting; "
                 f"check {log_file or 'its log'}, kill it, and try again")
         time.sleep(0.05)
+
+
+def _serving(ep):
+    """Whether a backend is past its start-up at ``ep``: lock held, socket bound, and a pid
+    file (written once it listens) naming a live process."""
+    pid = read_pid(ep)
+    if pid is None or not ep.socket.exists() or not backend_alive(ep):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def config_file(cfg, config, ep):
@@ -260,14 +292,17 @@ def _ini_value(value):
     return text
 
 
-def ensure_backend(cfg_path, env=None, timeout=30.0, extra_args=()):
+def ensure_backend(cfg_path, env=None, timeout=30.0, extra_args=(), hung_after=None):
     """Return the :class:`~veloc.ipc.Endpoint` of a live backend for this node, starting
     one if there is none. Called by every rank in async mode; however many race, one
     backend starts. ``cfg_path``: an INI path, a mapping or a ``veloc.Config``. Raises
-    :class:`BackendError` within about ``timeout`` seconds."""
+    :class:`BackendError` within about ``timeout`` seconds, or about ``hung_after``
+    seconds for a backend that serves but does not answer (see :func:`wait_ready`)."""
     env = dict(os.environ if env is None else env)
     config, node, ep = resolve(cfg_path, env)
-    if ping(ep) is not None:
+    first = 2.0 if hung_after is None else max(0.2, min(2.0, hung_after / 2))
+    asked = time.monotonic()
+    if ping(ep, timeout=first) is not None:
         return ep
     deadline = time.monotonic() + timeout
     fd = acquire_lock(ep.spawn_lock, timeout)
@@ -275,11 +310,12 @@ def ensure_backend(cfg_path, env=None, timeout=30.0, extra_args=()):
         raise BackendError(f"could not take {ep.spawn_lock} within {timeout:g} s: another "
                            "process is stuck starting the backend; remove the file if not")
     try:
-        if ping(ep) is not None:
+        if ping(ep, timeout=first) is not None:
             return ep
         log_file = log_path(config, node, ep)
         cfg_file = config_file(cfg_path, config, ep)
-        wait_ready(ep, deadline, lambda: spawn(cfg_file, env, log_file, extra_args), log_file)
+        wait_ready(ep, deadline, lambda: spawn(cfg_file, env, log_file, extra_args), log_file, hung_after,
+                   asked)
         return ep
     finally:
         release_lock(fd, ep.spawn_lock, unlink=True)

@@ -78,17 +78,18 @@ class AsyncHost(HostAgreement):
         lifecycle = _lifecycle()
         cfg = self.config.source if Path(self.config.source).is_file() else self.config
         extra = ("--idle-exit", str(AUTO_IDLE_EXIT))
+        wait = {"timeout": START_TIMEOUT, "extra_args": extra, "hung_after": self.heartbeat}
         ep, error = None, None
         leader = self.node_comm.Get_rank() == 0
         try:
             if leader:
-                ep = lifecycle.ensure_backend(cfg, timeout=START_TIMEOUT, extra_args=extra)
+                ep = lifecycle.ensure_backend(cfg, **wait)
         except VelocError as exc:
             error = str(exc)
         error = self.node_comm.bcast(error, root=0)
         if error is None and not leader:
             try:
-                ep = lifecycle.ensure_backend(cfg, timeout=START_TIMEOUT, extra_args=extra)
+                ep = lifecycle.ensure_backend(cfg, **wait)
             except VelocError as exc:
                 error = str(exc)
         errors = [e for e in self.comm.allgather(error) if e]

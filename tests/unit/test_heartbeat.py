@@ -100,6 +100,25 @@ def test_stopped_backend_is_a_backend_error_within_the_heartbeat(backend):
     assert f"within {heartbeat:g} s" in message and "kill it" in message and "heartbeat_timeout" in message, message
 
 
+def test_stopped_backend_found_at_init_is_a_backend_error_within_the_heartbeat(backend):
+    """A job starting next to a stopped backend does not wait out the start-up timeout (60 s):
+    the backend serves (lock, pid file, socket) but answers nothing for a heartbeat."""
+    heartbeat = 1.5
+    cfg, pid = backend(heartbeat, 0)
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(BackendError) as info:
+            veloc.init_single(0, cfg)
+        detected = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    message = str(info.value)
+    print(f"stopped backend found at init after {detected:.2f} s (heartbeat_timeout = {heartbeat} s)")
+    assert heartbeat <= detected <= heartbeat + 1.5, detected
+    assert "node hb0" in message and f"pid {pid}" in message and "kill it" in message, message
+
+
 def test_long_engine_run_is_not_hung(backend):
     heartbeat = 1.0
     cfg, pid = backend(heartbeat, 3.5)
