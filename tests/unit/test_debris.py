@@ -170,6 +170,8 @@ def test_engine_collects_partner_erasure_and_persistent_debris_at_restart(dirs, 
         (LevelStore("scratch", base).version_dir("run", 2) / "r0.vck").read_bytes())
     ptree.commit_manifest(src.copy_for("partner"))
     (ptree.version_dir("run", 1) / "r5.vck").write_bytes(b"q" * 32)
+    transfer = writers(ptree.version_dir("run", 1) / "r6.vck")     # a partner transfer killed midway
+    transfer.kill()
     # erasure: uncommitted folder (no group record) removed; committed one untouched
     etree = base / ".erasure" / "run"
     (etree / "v1").mkdir(parents=True)
@@ -190,7 +192,7 @@ def test_engine_collects_partner_erasure_and_persistent_debris_at_restart(dirs, 
     assert not (etree / "v1").exists()
     assert sorted(p.name for p in (etree / "v2").iterdir()) == ["group.json", "s0.p0.par"]
     msgs = [r.getMessage() for r in caplog.records if f"node {node}'s engine" in r.getMessage()]
-    assert msgs and "collected 4 file(s)" in msgs[0], msgs
+    assert msgs and "collected 5 file(s)" in msgs[0], msgs
 
 
 def test_versioning_collects_older_uncommitted_scratch_files_only(dirs):
