@@ -34,9 +34,12 @@ Who collects what, and why that never touches a copy a live process is writing:
   the local ranks' uncommitted persistent files of versions older than the newest
   version complete at persistent (the persistent tree is shared by every node's engine,
   and an engine handles versions in order, so every engine is past those; empty version
-  folders there likewise); in versioning, the local ranks' uncommitted scratch files of
-  versions older than the one just checkpointed (ranks only write newer ones), and the
-  version folders that leaves empty.
+  folders there likewise). A process's first sweep of a persistent tree reads its newest
+  ``RECENT_PERSISTENT`` version folders only (a crash leaves debris in the versions being
+  flushed then, the newest; a parallel file system is slow to list), later sweeps every
+  version from the previous sweep's mark on. In versioning, the local ranks' uncommitted
+  scratch files of versions older than the one just checkpointed (ranks only write newer
+  ones), and the version folders that leaves empty.
 
 Every collection logs at INFO what it removed (files, bytes, folders); nothing here
 raises for a file that vanished or cannot be removed.
@@ -59,6 +62,7 @@ from .transfer import node_scratch
 
 log = logging.getLogger("veloc.debris")
 FOREIGN_GRACE_S = 3600.0
+RECENT_PERSISTENT = 16     # version folders of a name a new process sweeps on persistent
 _TAGGED = re.compile(r"\.(?P<final>.+)\.(?P<boot>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)\.[0-9a-f]{8}\.tmp")
 _LEGACY = re.compile(r"\.(?P<final>.+)\.[0-9a-f]{8}\.tmp")
 _RANK_FILE = re.compile(r"r(\d+)\.(?:vck|f\..+)")
@@ -295,28 +299,29 @@ def collect_temps(folder, prefix, logger=None):
 def _collect_engine(ctx, name, ranks, before, logger):
     tally = Tally()
     marks = _MARKS.setdefault(ctx, {})
-    settled = {}        # persistent root -> newest complete version (ranks may share a root)
+    trees = {}      # (level, root) -> [store, local ranks with that root]: each folder read once
     for rank in sorted(set(ranks)):
-        stores = [(ctx.scratch(rank), before)]
-        persistent = ctx.persistent(rank)
-        if persistent is not None:
-            if persistent.root not in settled:
-                settled[persistent.root] = newest_complete(persistent, name)
-            stores.append((persistent, settled[persistent.root]))
-        for store, below in stores:
-            # versions under an earlier sweep's mark were swept by this process already:
-            # new debris there only comes from a crash, and a new process sweeps it all
-            key = (str(store.root), name, rank)
-            floor = marks.get(key) if before is not None else None
-            for version, vdir in _version_dirs(store.root, name):
-                old = below is not None and version < below
-                if floor is not None and version < floor:
-                    continue
-                _sweep_rank_dir(vdir, {rank}, tally, uncommitted=old)
-                if old:
-                    tally.rmdir(vdir)
-            if below is not None:
-                marks[key] = below
+        for store in (ctx.scratch(rank), ctx.persistent(rank)):
+            if store is not None:
+                trees.setdefault((store.level, str(store.root)), [store, set()])[1].add(rank)
+    for (level, root), (store, owned) in trees.items():
+        below = before if level == "scratch" else newest_complete(store, name)
+        # versions under an earlier sweep's mark were swept by this process already: new
+        # debris there only comes from a crash, and a new process sweeps again
+        key = (root, name, frozenset(owned))
+        floor = marks.get(key) if before is not None else None
+        vdirs = sorted(_version_dirs(store.root, name), reverse=True)
+        if level == "persistent" and floor is None:
+            vdirs = vdirs[:RECENT_PERSISTENT]
+        for version, vdir in vdirs:
+            if floor is not None and version < floor:
+                break
+            old = below is not None and version < below
+            _sweep_rank_dir(vdir, owned, tally, uncommitted=old)
+            if old:
+                tally.rmdir(vdir)
+        if below is not None:
+            marks[key] = below
     base = node_scratch(ctx.config, ctx.node)
     for owner in _entries(base / ".partner"):
         for _, vdir in _version_dirs(owner.path, name):
