@@ -103,7 +103,7 @@ def test_stopped_backend_is_a_backend_error_within_the_heartbeat(backend):
 def test_stopped_backend_found_at_init_is_a_backend_error_within_the_heartbeat(backend):
     """A job starting next to a stopped backend does not wait out the start-up timeout (60 s):
     the backend serves (lock, pid file, socket) but answers nothing for a heartbeat."""
-    heartbeat = 1.5
+    heartbeat = float(os.environ.get("VELOC_TEST_HEARTBEAT", "1.5"))
     cfg, pid = backend(heartbeat, 0)
     os.kill(pid, signal.SIGSTOP)
     t0 = time.monotonic()
