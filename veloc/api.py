@@ -5,6 +5,7 @@ Called by the application on every rank (``init``) or by one process (``init_sin
 """
 from .client import Client
 from .errors import CheckpointError, ConfigError
+from .regions import restore_in_place
 
 
 def init(cfg, comm=None):
@@ -49,9 +50,17 @@ class Ckpt:
         return -1 if found is None else found
 
     def restart(self, name, version):
-        self._client.protect(0, self.protected, pickle=True)
+        """Restore ``protected``: refilled in place when it is a dict, list, set, bytearray
+        or object of the checkpointed type, else replaced by the restored object."""
+        self._client.protect(0, None, pickle=True)     # None: the restored object comes back as is
         self._client.restart(name, version)
-        self.protected = self._client.recovered.pop(0)
+        restored = self._client.recovered.pop(0)
+        try:
+            if restore_in_place(self.protected, restored):
+                return
+        except TypeError:
+            pass                                        # another type: VELOC replaces the attribute
+        self.protected = restored
 
     def finalize(self, drain=True):
         self._client.finalize(drain)

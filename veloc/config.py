@@ -6,8 +6,19 @@ live in sections (``[checksum]``, ``[flush]``, ...). Every key may be overridden
 environment: ``VELOC_<KEY>`` for a top-level key, ``VELOC_<SECTION>_<KEY>`` for a key in
 a section. Unknown keys, unknown sections and bad values raise :class:`ConfigError`
 naming the key and what is accepted (VELOC ignores typos; we do not).
+
+Every top-level key VELOC's own runtime reads is accepted. Those that have a meaning
+here are mapped to it (``persistent_interval``, ``ec_interval``, ``max_versions``,
+``scratch_versions``, ``chksum``, ``failure_domain``, ``max_parallelism``, ...); the
+others (``COMPAT_ONLY``: ``axl_config``, ``axl_type``, ``threaded``, ``meta``, ...) are
+parsed, kept, and logged once per process at INFO as having no effect here.
+
+``scratch_versions`` defaults to ``DEFAULT_SCRATCH_VERSIONS`` (2): scratch keeps the
+two newest versions of each rank and recycles the files of older ones, so a default
+configuration never fills node memory; ``0`` keeps every version (VELOC's default).
 """
 import configparser
+import logging
 import os
 import socket
 import string
@@ -19,6 +30,8 @@ from .errors import ConfigError
 from .names import check_node_id
 
 TOP = "__top__"
+DEFAULT_SCRATCH_VERSIONS = 2
+log = logging.getLogger("veloc.config")
 
 
 def _bool(key, raw):
@@ -89,7 +102,7 @@ TOP_KEYS = {
     "ec_interval": Key(_int(), 0),           # seconds; 0 = every version, < 0 = never
     "watchdog_interval": Key(_int(0), 0),
     "max_versions": Key(_int(0), 0),         # on persistent; 0 = keep all
-    "scratch_versions": Key(_int(0), 0),     # on scratch; 0 = keep all
+    "scratch_versions": Key(_int(0), DEFAULT_SCRATCH_VERSIONS),   # on scratch; 0 = keep all
     "failure_domain": Key(_text),
     "chksum": Key(_bool, True),
     "meta": Key(_path_template),
@@ -97,7 +110,29 @@ TOP_KEYS = {
     "axl_type": Key(_choice("default", "native", "AXL_XFER_SYNC", "AXL_XFER_ASYNC_DW",
                             "AXL_XFER_ASYNC_BBAPI", "AXL_XFER_ASYNC_CPPR", "posix", "pthread")),
     "log_prefix": Key(_path_template),
+    # Read by VELOC's runtime, no effect here (see COMPAT_ONLY).
+    "axl_config": Key(_path_template),
+    "threaded": Key(_bool, False),
+    "aggregated": Key(_bool, False),
+    "cache": Key(_path_template),
+    "daos_pool": Key(_text),
+    "daos_cont": Key(_text),
 }
+
+# Keys VELOC's runtime reads that have no effect here, and why (logged once at INFO).
+COMPAT_ONLY = {
+    "axl_config": "the flush module copies files itself, without the AXL library",
+    "axl_type": "the flush module copies files itself, without the AXL library",
+    "threaded": "the engine runs on a node leader rank (sync) or in veloc-backend (async); "
+                "no MPI_THREAD_MULTIPLE is needed",
+    "aggregated": "each rank's file is flushed to persistent storage on its own",
+    "cache": "routed files are written to scratch",
+    "meta": "checksums and sizes live in each copy's manifest next to its files",
+    "watchdog_interval": "a dead or hung backend is detected by the client itself",
+    "daos_pool": "the persistent level is a POSIX path (persistent = PATH); DAOS is not used",
+    "daos_cont": "the persistent level is a POSIX path (persistent = PATH); DAOS is not used",
+}
+_told = set()
 
 
 def module_keys(priority, **extra):
@@ -218,8 +253,17 @@ class Config:
         return _build(merged, self.source)
 
 
+def _tell_compat_only(keys):
+    """Log once per process, at INFO, each VELOC key given that has no effect here."""
+    for key in sorted(set(keys) & set(COMPAT_ONLY) - _told):
+        _told.add(key)
+        log.info("config key %s is accepted for VELOC compatibility and has no effect here (%s)",
+                 key, COMPAT_ONLY[key])
+
+
 def _build(raw, source):
     top = _parse_keys(raw.get(TOP, {}), TOP_KEYS, "at top level", source)
+    _tell_compat_only(raw.get(TOP, {}))
     sections = {}
     for name, keys in raw.items():
         if name == TOP:

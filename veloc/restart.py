@@ -177,19 +177,20 @@ class RestartMixin:
         return info.nbytes
 
     def recover_mem(self, ids=None):
-        """Restore protected regions (all, or ``ids``) in place; pickled ones into ``recovered``."""
+        """Restore protected regions (all, or ``ids``) in place; a pickled object in place when
+        it is a dict, list, set, bytearray or has a ``__dict__``, else into ``recovered[id]``."""
         state = self._require_restoring("recover_mem")
         wanted = list(self.regions) if ids is None else list(ids)
         unknown = [i for i in wanted if i not in self.regions]
         if unknown:
             raise RestartError(f"cannot recover {unknown!r}: protect them first (protected: {list(self.regions)})")
         pairs = []
-        for region_id in wanted:     # validate everything before touching any array
-            info = self._region_info(region_id)
-            self.regions[region_id].check_restorable(info, state.rankfile.path)
-            pairs.append((self.regions[region_id], info))
-        for region, info in pairs:
-            region.restore(state.rankfile, info, self.recovered)
+        for region_id in wanted:     # validate (and unpickle) everything before touching anything
+            info, region = self._region_info(region_id), self.regions[region_id]
+            region.check_restorable(info, state.rankfile.path)
+            pairs.append((region, info, region.load(state.rankfile, info)))
+        for region, info, loaded in pairs:
+            region.restore(state.rankfile, info, self.recovered, loaded)
 
     def restart_end(self, success=True):
         """Close the restored version; record ``last_restart`` when ``success``."""
