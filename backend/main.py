@@ -121,11 +121,11 @@ class Backend:
             if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
                 raise ValueError("'wait' needs 'groups': a list of strings")
             results, unknown = self.queue.wait_groups(groups, _timeout(msg))
-            return {"results": results, "unknown": unknown,
+            return {"results": results, "unknown": unknown, "progress": self.queue.progress(),
                     "pending": [g for g in groups if g not in results and g not in unknown]}
         if op == "drain":
             drained = self.queue.drain(_timeout(msg))
-            return {"drained": drained, "pending": self.queue.busy(),
+            return {"drained": drained, "pending": self.queue.busy(), "progress": self.queue.progress(),
                     "failures": self.queue.failures[-16:]}
         if op == "shutdown":
             drain = bool(msg.get("drain", False))

@@ -21,6 +21,7 @@ from .cli_levels import (UsageError, checkpoint_states, fields_of, levels_reache
 from .config import load_config, node_id
 from .errors import VelocError
 from .names import check_name, check_node_id
+from .progress import EVERY, ProgressReporter
 
 Command = namedtuple("Command", "name help arguments run")
 
@@ -230,14 +231,28 @@ def _extract(args):
     return 0
 
 
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _drain_args(p):
     _cfg_arg(p)
-    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (default: wait)")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="give up after S seconds (default: wait)")
+    p.add_argument("--progress", type=_seconds, default=EVERY, metavar="S",
+                   help=f"print the versions and bytes still pending and the rate every S seconds of "
+                        f"waiting (default {EVERY:g})")
 
 
 def _drain(args):
     from veloc_backend.control import drain
-    done = drain(args.cfg, timeout=args.timeout)
+    reporter = ProgressReporter(args.progress, emit=lambda line: print(line, flush=True), where="pending: ")
+    done = drain(args.cfg, timeout=args.timeout, progress=reporter)
     for failure in done["failures"]:
         print(f"failed: {failure.get('group')}: {failure.get('error')}", file=sys.stderr)
     print("drained" if done["drained"] else f"not drained: {done['pending']} item(s) still pending")
