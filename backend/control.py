@@ -9,6 +9,7 @@ import time
 
 from veloc import ipc
 from veloc.errors import BackendError
+from veloc.progress import format_progress
 
 from . import lifecycle
 from .journal import read_pending
@@ -75,6 +76,8 @@ def format_status(entries):
         lines.append(f"node {st['node']}: backend pid {st['pid']}, up {st['uptime']:.0f} s, "
                      f"{st['pending']} pending, {c.get('done', 0)} done, {c.get('failed', 0)} "
                      f"failed, {st.get('clients', 0)} client(s); log {st.get('log')}")
+        if st.get("pending") and st.get("progress"):
+            lines.append("  " + format_progress(st["progress"], st.get("uptime", 0)).rsplit(";", 1)[0])
         for group, age in st.get("running", {}).items():
             lines.append(f"  running  {group} ({age:.1f} s)")
         for group in st.get("queued", []):
