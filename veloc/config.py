@@ -25,6 +25,7 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Mapping, Optional
 
 from .errors import ConfigError
 from .names import check_node_id
@@ -209,7 +210,11 @@ def _parse_keys(raw_keys, schema, where, source):
 
 @dataclass(frozen=True)
 class Config:
-    """Frozen, validated configuration shared by the client, the sync engine and the backend."""
+    """Frozen, validated configuration shared by the client, the sync engine and the backend.
+
+    Top-level keys are attributes (``cfg.scratch``, ``cfg.scratch_versions``, ...); a
+    section's typed keys are ``cfg.section("flush")``. Build one with :func:`load_config`.
+    """
     values: MappingProxyType
     sections: MappingProxyType
     source: str = "<mapping>"
@@ -221,15 +226,15 @@ class Config:
             return values[key]
         raise AttributeError(key)
 
-    def section(self, name):
+    def section(self, name: str) -> Mapping:
         """Typed keys of extension section ``name`` (defaults filled in)."""
         return self.sections[name]
 
-    def scratch_dir(self, node, rank=0):
+    def scratch_dir(self, node: str, rank: int = 0) -> Path:
         """Node-local scratch root with ``{node}``/``{rank}`` filled in."""
         return Path(self.scratch.format(node=node, rank=rank))
 
-    def node_scratch(self, node):
+    def node_scratch(self, node: str) -> Path:
         """The node's own scratch folder for the whole job: the scratch path with ``{node}``
         filled in, cut before the first component that depends on ``{rank}``. The backend's
         files and the partner and erasure trees live under it."""
@@ -240,13 +245,13 @@ class Config:
             parts.append(part.replace("{node}", node))
         return Path(*parts) if parts else Path(".")
 
-    def persistent_dir(self, node, rank=0):
+    def persistent_dir(self, node: str, rank: int = 0) -> Optional[Path]:
         """Persistent root, or ``None`` when no persistent level is configured."""
         if self.persistent is None:
             return None
         return Path(self.persistent.format(node=node, rank=rank))
 
-    def replace(self, **top):
+    def replace(self, **top) -> "Config":
         """A copy with some top-level keys replaced (validated again)."""
         merged = {sec: dict(keys) for sec, keys in self.raw.items()}
         merged.setdefault(TOP, {}).update({k: v for k, v in top.items()})
@@ -277,10 +282,13 @@ def _build(raw, source):
     return Config(MappingProxyType(top), MappingProxyType(sections), source, frozen_raw)
 
 
-def load_config(cfg, environ=None):
-    """Build a :class:`Config` from an INI path, a mapping, or a ``Config`` (returned as is).
+def load_config(cfg, environ: Optional[Mapping[str, str]] = None) -> "Config":
+    """Build a :class:`Config` from an INI path, a mapping, or a ``Config`` (returned as is);
+    any process, local.
 
-    Environment overrides (``VELOC_<KEY>``) apply to paths and mappings.
+    Environment overrides (``VELOC_<KEY>``, ``VELOC_<SECTION>_<KEY>``; from ``environ``,
+    default ``os.environ``) apply to paths and mappings. Raises ConfigError naming the key,
+    the file and what is accepted.
     """
     if isinstance(cfg, Config):
         return cfg
@@ -295,7 +303,7 @@ def load_config(cfg, environ=None):
     return _build(raw, source)
 
 
-def node_id(environ=None):
+def node_id(environ: Optional[Mapping[str, str]] = None) -> str:
     """This process's node identity: ``VELOC_NODE_ID`` if set, else the host name."""
     environ = os.environ if environ is None else environ
     return check_node_id(environ.get("VELOC_NODE_ID") or socket.gethostname().split(".")[0])
