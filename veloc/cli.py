@@ -24,6 +24,7 @@ from .names import check_name, check_node_id
 from .progress import EVERY, ProgressReporter
 
 Command = namedtuple("Command", "name help arguments run")
+NODE_LOCAL = ("scratch", "partner")
 
 
 # -- argument types and shared arguments ----------------------------------------------
@@ -178,6 +179,9 @@ def _ls(args):
     print("versions and the levels holding a complete copy:")
     for (name, version), held in levels_reached(states).items():
         print(f"  {name} v{version}: {' '.join(held) if held else 'no complete copy at any level'}")
+    if any(s.missing and s.level in NODE_LOCAL for s in states):
+        print(f"note: the node-local levels ({', '.join(NODE_LOCAL)}) show the share of node(s) "
+              f"{', '.join(nodes)} only: run ls on every node, or use --all-nodes for virtual nodes")
     return 0
 
 
