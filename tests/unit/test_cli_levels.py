@@ -1,7 +1,7 @@
 """``veloc ls`` checks sizes (a truncated copy is ``truncated``, not ``complete``), lists
 the levels holding each version, and ``--all-nodes`` finds every virtual node's scratch.
 Checkpoints come from ``veloc.init_single`` (no mpiexec); the partner and erasure levels
-of a real 4-node job are covered in tests/e2e/test_cli_levels.py."""
+of a real 4-node job are covered in tests/e2e/test_ls_verify_levels.py."""
 import json
 import os
 
