@@ -18,6 +18,8 @@ items of every local rank for the same call):
 - ``AVAILABLE`` — ``{rank: {version: [levels]}}`` (restart_test).
 - ``VERIFY`` — ``{rank: [fastest intact level or None, reasons]}``.
 - ``RESTORE`` — bring each rank's copy back to scratch from its ``level``.
+- ``SUPERSEDE`` — a new run of ``name`` starts at ``threshold``: remove the node's
+  copies of versions ``>= threshold`` at every level (``{level: [versions]}``).
 """
 import contextlib
 
@@ -27,7 +29,7 @@ from veloc.errors import CheckpointError, CorruptCheckpointError
 
 from . import world as world_mod
 
-KINDS = (CHECKPOINT, "AVAILABLE", "VERIFY", "RESTORE")
+KINDS = (CHECKPOINT, "AVAILABLE", "VERIFY", "RESTORE", "SUPERSEDE")
 
 
 def backend_peers():
@@ -160,6 +162,8 @@ class EngineExecutor:
                                                        int(first["nranks"])))
         elif kind == "AVAILABLE":
             info["value"] = self.engine.available(name, ranks, first.get("max_version"))
+        elif kind == "SUPERSEDE":
+            info["value"] = self.engine.supersede(name, int(first["threshold"]), ranks)
         elif kind == "VERIFY":
             table = self.engine.verify(name, int(version), ranks, first.get("nranks"))
             info["value"] = {r: list(v) for r, v in table.items()}

@@ -27,7 +27,8 @@ from mpi4py import MPI
 
 from .engine.levels import LevelStore
 from .engine.module import CHECKPOINT
-from .errors import BackendError, RestartError, VelocError
+from .host_base import HostAgreement
+from .errors import BackendError, CheckpointError, RestartError, VelocError
 from .ipc import BackendConnection
 from .progress import ProgressReporter
 
@@ -51,7 +52,7 @@ def _lifecycle():
         return importlib.import_module("backend.lifecycle")
 
 
-class AsyncHost:
+class AsyncHost(HostAgreement):
     """The backend connection of one application rank (async mode)."""
 
     def __init__(self, config, comm, rank, node, logger):
@@ -136,9 +137,6 @@ class AsyncHost:
         return result.get("value")
 
     # ------------------------------------------------------------ host interface
-    def all_true(self, flag):
-        return self.comm.allreduce(bool(flag), op=MPI.LAND)
-
     def checkpoint(self, name, version):
         """Hand the committed version to the backend; returns without waiting."""
         self._outstanding.append(self._submit(CHECKPOINT, name, int(version)))
@@ -153,6 +151,11 @@ class AsyncHost:
         for level, root in roots:
             if root is not None:
                 LevelStore(level, root).remove(name, version, self.rank, prune=False)
+
+    def supersede(self, name, threshold):
+        """Have the backend remove the node's copies of ``name`` at versions ``>= threshold``
+        (queued behind unfinished work, which may still be writing such copies)."""
+        return self._call("SUPERSEDE", name, error=CheckpointError, threshold=int(threshold)) or {}
 
     def available(self, name, max_version):
         value = self._call("AVAILABLE", name, max_version=max_version)

@@ -15,7 +15,7 @@ from .engine.levels import RecyclePool
 from .engine.manifest import FileEntry, Manifest
 from .engine.rankfile import build_header, write_rank_file
 from .engine.write_mappings import WriteMappings
-from .errors import CheckpointError, ConfigError, VelocError
+from .errors import BackendError, CheckpointError, ConfigError, VelocError
 from .names import check_file_name, check_name, check_version
 from .regions import Region
 from .restart import RestartMixin
@@ -31,6 +31,14 @@ class _Pending:
         self.files = []          # FileEntry list
         self.routed = {}         # original base name -> path
         self.mem_written = False
+        self.failure = None      # why this rank cannot commit the version (CheckpointError)
+
+
+class _Declined(str):
+    """``checkpoint_end(success=False)`` on this rank: not an error of its own."""
+
+    def __new__(cls):
+        return super().__new__(cls, "checkpoint_end(success=False) was called")
 
 
 RegionId = Union[int, str]
@@ -59,6 +67,7 @@ class Client(RestartMixin):
         self._pending = None
         self._restoring = None
         self._closed = False
+        self._lineage = {}         # name -> where this run's versions of it start (see _start_lineage)
         self.scratch = self._agree_on_setup(self._prepare_scratch)
         self.pool = RecyclePool(self.config.scratch_dir(self.node, self.rank))
         self.mappings = WriteMappings(keep=(self.config.scratch_versions or 1) + self.pool.keep)
@@ -125,30 +134,47 @@ class Client(RestartMixin):
 
         Sync mode returns when every level is done; async mode once this rank's scratch copy
         is committed (see ``checkpoint_begin`` for how far it waits for earlier background
-        work). Raises CheckpointError on every rank if any rank failed (the version is then
-        discarded everywhere), BackendError in async mode if the backend fails."""
+        work). A failure on any rank is raised on every rank as a :class:`CheckpointError`
+        naming the rank, node, path and cause; the version is then discarded everywhere and
+        earlier versions are untouched. BackendError in async mode if the backend fails."""
         self._check_open()
         try:
             self.checkpoint_begin(name, version)
             self.checkpoint_mem()
-        except VelocError:
+        except Exception as exc:
+            error = self._as_checkpoint_error(exc)
             if self._pending is not None:
+                self._pending.failure = error
                 self.checkpoint_end(success=False)
             else:   # begin failed here: still take part in the agreement, then discard
-                self._agree_and_discard(name, version)
-            raise
+                self._agree_and_discard(name, version, error=error)
+            raise error from (exc if error is not exc else None)
         self.checkpoint_end(success=True)
+
+    def _as_checkpoint_error(self, exc):
+        """``exc`` as a VelocError that names this rank and node (an OS error also its path
+        and cause); veloc's own errors are returned unchanged."""
+        if isinstance(exc, VelocError):
+            return exc
+        if isinstance(exc, OSError):
+            where = f" {exc.filename}" if exc.filename else ""
+            return CheckpointError(f"rank {self.rank} on node {self.node}: OS error at{where}: "
+                                   f"{exc.strerror or exc}; earlier versions are untouched")
+        return CheckpointError(f"rank {self.rank} on node {self.node}: {type(exc).__name__}: {exc}")
 
     def checkpoint_begin(self, name: str, version: int) -> None:
         """Open version ``version`` (int >= 0) of checkpoint ``name`` (``[A-Za-z0-9_.]+``) on this
-        rank; local. Async mode first waits for older background work as far as this write
-        needs it. Raises CheckpointError (bad name/version, a checkpoint still open)."""
+        rank; local (collective at a run's first checkpoint of ``name``: see ``_start_lineage``).
+        Async mode first waits for older background work as far as this write needs it.
+        Raises CheckpointError (bad name/version, a checkpoint still open)."""
         self._check_open()
         name, version = check_name(name), check_version(version)
         if self._pending is not None:
             raise CheckpointError(f"checkpoint_begin({name!r}, {version}) while checkpoint "
                                   f"{self._pending.name!r} v{self._pending.version} is still open: "
                                   "call checkpoint_end first")
+        if name not in self._lineage:
+            self._start_lineage(name, version)
         self._wait_for_buffers()
         vdir = self.scratch.version_dir(name, version)
         make_dirs(vdir)
@@ -156,6 +182,28 @@ class Client(RestartMixin):
         # the old copy first, readable or not, without pruning the shared directory.
         self.scratch.remove(name, version, self.rank, prune=False)
         self._pending = _Pending(name, version, vdir)
+
+    def _start_lineage(self, name, version):
+        """Collective, at this run's first checkpoint of ``name``: copies left by earlier
+        runs that would look newer than this run's versions are removed from every level.
+
+        A run that restarted ``name`` from version ``r`` continues it: the versions above
+        ``r`` (the crashed run's, which not every rank could restore) are superseded. A
+        run that did not restart ``name`` starts it anew at ``version``: every copy at
+        ``version`` or above is superseded. Older copies stay restorable until this run's
+        versions are complete at their level and versioning collects them. Without this,
+        versioning would keep the old run's higher-numbered copies and delete the versions
+        this run has just written, and a restart would go back to the old run.
+        """
+        restored = self.last_restart.version if (self.last_restart and self.last_restart.name == name) else None
+        threshold = version if restored is None else min(restored + 1, version)
+        removed = self.host.supersede(name, threshold)
+        self._lineage[name] = threshold
+        if removed and self.comm.Get_rank() == 0:
+            what = "restarted from v%d" % restored if restored is not None else "did not restart it"
+            log.warning("%s: this run %s; versions >= v%d left by an earlier run are superseded and "
+                        "were removed: %s", name, what, threshold,
+                        ", ".join(f"{level} v{min(v)}..v{max(v)}" for level, v in removed.items()))
 
     def checkpoint_mem(self, ids: Optional[Iterable[RegionId]] = None) -> None:
         """Write the protected regions (all, or ``ids``) to this rank's scratch file; local,
@@ -210,36 +258,43 @@ class Client(RestartMixin):
     def checkpoint_end(self, success: bool = True) -> None:
         """Commit this rank's scratch copy and run the pipeline; every rank, collective.
 
-        With ``success=False`` (on any rank) the version is discarded everywhere. Raises
-        CheckpointError on every rank if any rank failed to commit or a module failed.
+        With ``success=False`` (on any rank) the version is discarded everywhere. If any rank
+        failed to commit its copy, every rank raises a :class:`CheckpointError` naming that
+        rank and its cause; a failed module raises CheckpointError on every rank too.
         """
         pending = self._require_pending("checkpoint_end")
         self._pending = None
-        error = None
-        if success:
+        error = pending.failure
+        if success and error is None:
             try:
                 self._commit_scratch(pending)
-            except VelocError as exc:
-                error, success = exc, False
-        if not self._agree_and_discard(pending.name, pending.version, success):
-            if error is not None:
-                raise error
-            if success:
-                raise CheckpointError(f"{pending.name} v{pending.version} was discarded: another rank ended "
-                                      "it with success=False or failed to write its copy")
+            except Exception as exc:        # ENOSPC, EIO...: never skip the agreement
+                error = self._as_checkpoint_error(exc)
+        elif error is None:
+            error = _Declined()
+        failure = self._agree_and_discard(pending.name, pending.version, error=error)
+        if failure is None:
+            self.host.checkpoint(pending.name, pending.version)
             return
-        self.host.checkpoint(pending.name, pending.version)
+        if error is not None and not isinstance(error, _Declined):
+            raise error
+        rank, cause = failure
+        if success:
+            raise CheckpointError(f"{pending.name} v{pending.version} was discarded on every rank: rank {rank} "
+                                  f"failed: {cause}")
 
-    def _agree_and_discard(self, name, version, success=False):
-        """Collective: ``True`` if every rank succeeded; otherwise discard the version everywhere."""
-        if self.host.all_true(success):
-            return True
+    def _agree_and_discard(self, name, version, error=None):
+        """Collective: ``None`` if no rank passed an error, else ``(rank, cause)`` of the
+        first failing rank, after this version was discarded everywhere."""
+        failure = self.host.first_failure(str(error) if error is not None else None)
+        if failure is None:
+            return None
         try:
             name, version = check_name(name), check_version(version)
         except VelocError:
             name = version = None     # nothing was written under an invalid name
         self.host.discard(name, version)
-        return False
+        return failure
 
     def _commit_scratch(self, pending):
         for base, path in pending.routed.items():
@@ -287,16 +342,28 @@ class Client(RestartMixin):
     def finalize(self, drain: bool = True) -> None:
         """Every rank, collective: with ``drain``, wait until every level has its copy (async:
         progress is reported on long waits), then release the client. Calling it again does
-        nothing. Raises BackendError as ``checkpoint_wait``."""
+        nothing.
+
+        A background failure on any rank (a level not reached, a failed flush) is raised on
+        every rank, naming the rank that saw it."""
         if self._closed:
             return
+        error = None
         try:
             if drain:
                 self.host.drain()
+        except Exception as exc:
+            error = exc
+        try:
+            failure = self.host.first_failure(None if error is None else str(error))
         finally:
             self._closed = True
             self.mappings.close()
             self.host.close()
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise BackendError(f"finalize: rank {failure[0]} reports: {failure[1]}")
 
     def __enter__(self) -> "Client":
         return self

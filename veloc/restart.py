@@ -69,12 +69,19 @@ class RestartMixin:
         Afterwards ``last_restart`` says which level this rank's data came from. Raises
         RestartError (nothing restorable, regions that do not match the checkpoint)."""
         self.restart_begin(name, version)
+        error = None
         try:
             self.recover_mem()
-        except BaseException:
-            self.restart_end(success=False)
-            raise
-        self.restart_end(success=True)
+        except Exception as exc:
+            error = exc if isinstance(exc, VelocError) else RestartError(
+                f"rank {self.rank} on node {self.node}: restoring {name} v{version} failed: "
+                f"{type(exc).__name__}: {exc}")
+        failure = self.host.first_failure(None if error is None else str(error))
+        self.restart_end(success=failure is None)
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise RestartError(f"restart of {name!r} v{version} failed on rank {failure[0]}: {failure[1]}")
 
     def restart_begin(self, name: str, version: int) -> None:
         """Collective: open this rank's copy of ``version`` at its fastest intact level: read in
@@ -91,9 +98,11 @@ class RestartMixin:
         verified_now = level is None
         if verified_now:
             level, reasons = self.host.verify(name, version)
-        if not self.host.all_true(level is not None):
-            detail = "; ".join(reasons) if reasons else "another rank cannot restore it"
-            raise RestartError(f"cannot restart {name!r} v{version} on rank {self.rank}: {detail}. "
+        failure = self.host.first_failure(None if level is not None else
+                                          ("; ".join(reasons) or "no intact copy at any level"))
+        if failure is not None:
+            rank, detail = failure
+            raise RestartError(f"cannot restart {name!r} v{version}: rank {rank} cannot restore it: {detail}. "
                                f"Use restart_test({name!r}) to find a version every rank can restore")
         store = self._level_store(level)
         in_place = level == "persistent" and self._regions_only(store, name, version)
@@ -119,10 +128,11 @@ class RestartMixin:
             manifest, rankfile = self._open_restored(store, name, version, check_digest=not checked)
         except VelocError as exc:
             error = RestartError(f"rank {self.rank}: cannot open {name} v{version}: {exc}")
-        if not self.host.all_true(error is None):
+        failure = self.host.first_failure(None if error is None else str(error))
+        if failure is not None:
             if rankfile is not None:
                 rankfile.close()
-            raise error or RestartError(f"restart of {name!r} v{version} failed on another rank")
+            raise error or RestartError(f"restart of {name!r} v{version} failed on rank {failure[0]}: {failure[1]}")
         self._restoring = _Restoring(name, version, level, manifest, rankfile)
 
     def _level_store(self, level):

@@ -15,11 +15,12 @@ from mpi4py import MPI
 
 from .engine.module import CHECKPOINT, Command, Peers
 from .engine.pipeline import Engine
+from .host_base import HostAgreement
 from .errors import CheckpointError, RestartError, VelocError
 from .logfile import sync_engine_logger
 
 
-class SyncHost:
+class SyncHost(HostAgreement):
     """The node-local engine host of one application rank (sync mode)."""
 
     def __init__(self, config, comm, rank, node, logger):
@@ -64,9 +65,6 @@ class SyncHost:
             raise error_cls(error)
         return result
 
-    def all_true(self, flag):
-        return self.comm.allreduce(bool(flag), op=MPI.LAND)
-
     def checkpoint(self, name, version):
         cmd = Command(CHECKPOINT, name, version, self.local_ranks, self.nranks)
         self._on_leaders(lambda engine: engine.checkpoint(cmd), CheckpointError)
@@ -81,6 +79,12 @@ class SyncHost:
                     if store is not None:
                         store.remove(name, version, rank, prune=False)
         self._on_leaders(drop, CheckpointError)
+
+    def supersede(self, name, threshold):
+        """Collective: remove the node's copies of ``name`` at versions ``>= threshold`` at
+        every level; ``{level: [versions]}`` removed on this rank's node."""
+        return self._on_leaders(lambda engine: engine.supersede(name, threshold, self.local_ranks),
+                                CheckpointError)
 
     def available(self, name, max_version):
         """This rank's ``{version: [levels]}``."""

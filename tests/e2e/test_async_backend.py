@@ -312,8 +312,10 @@ def wait_log(ajob, node, pattern, timeout=20):
 @pytest.mark.parametrize("hung", VNODES)
 def test_hung_world_member_breaks_the_world_not_the_node(ajob, world_of_two, hung):
     """One backend of the world stops answering (SIGSTOP): the other logs a clear error
-    within the peer timeout and goes on serving its node alone (its application still
-    checkpoints to persistent); nothing waits forever, and everything exits."""
+    within the peer timeout and goes on serving its node alone: its application still
+    checkpoints to persistent, and its checkpoint_wait() says that the configured partner
+    level was not reached for that version (never a silent success); nothing waits
+    forever, and everything exits."""
     other = "vnode1" if hung == "vnode0" else "vnode0"
     os.kill(world_of_two["pids"][hung], signal.SIGSTOP)
     t0 = time.monotonic()
@@ -322,9 +324,12 @@ def test_hung_world_member_breaks_the_world_not_the_node(ajob, world_of_two, hun
     wait_log(ajob, other, f"ERROR .*backend world broken: {why}")
     detected = time.monotonic() - t0
     assert detected < 10
-    proc = run_mpi([ajob["app"], ajob["cfg"], 1, 2, "ok"], n=2, env={**ajob["env"], "VELOC_NODE_ID": other})
-    assert "rank 1 done" in proc.stdout
-    assert persisted(ajob, 2) == ["r0.manifest.json", "r1.manifest.json"]
+    proc = run_mpi([ajob["app"], ajob["cfg"], 1, 2, "ok"], n=2, env={**ajob["env"], "VELOC_NODE_ID": other},
+                   check=False)
+    assert proc.returncode != 0 and "rank 1 done" not in proc.stdout
+    assert re.search(r"rank 1 ERROR BackendError: .*job v1 failed: .*the partner level is configured "
+                     r"\(\[partner\]\) but job v1 cannot reach it", proc.stdout), proc.stdout
+    assert persisted(ajob, 1) == ["r0.manifest.json", "r1.manifest.json"]   # its local levels are done
     with ipc.BackendConnection(world_of_two["eps"][other].socket, 10) as conn:
         assert conn.request({"op": "status"})["world"]["broken"]
     os.kill(world_of_two["pids"][hung], signal.SIGCONT)      # it finds itself alone too
@@ -535,3 +540,17 @@ def test_full_persistent_disk_fails_the_flush_not_the_scratch_copy(ajob):
     finally:
         backend.kill()
         backend.wait()
+
+
+def test_partner_without_a_backend_world_is_an_error_not_a_silent_success(ajob):
+    """Bug: async partner run with plain mpiexec (no veloc-run, so every node's rank starts
+    a standalone backend) went without the partner level and exited 0; a later node loss
+    lost everything. Now the version is reported as missing the level it was configured
+    for, naming the level and the version, and its local levels are still done."""
+    use_partner(ajob, persistent=True)
+    proc = run_mpi([ajob["app"], ajob["cfg"], 1, 3, "ok"], nodes=VNODES, env=ajob["env"], check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "done" not in proc.stdout, out
+    assert re.search(r"BackendError: node vnode\d: background checkpoint of job v1 failed: .*the partner "
+                     r"level is configured \(\[partner\]\) but job v1 cannot reach it", out), out
+    assert persisted(ajob, 1) == ["r0.manifest.json", "r1.manifest.json"]

@@ -11,10 +11,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..errors import BackendError
+from ..errors import BackendError, CheckpointError
 from .levels import LevelStore, RecyclePool
 
 CHECKPOINT, RESTART, TEST = "CHECKPOINT", "RESTART", "TEST"
+
+
+class LevelUnreachable(CheckpointError):
+    """A configured level cannot be written for a version (e.g. a collective level with
+    no other node's engine connected). The engine still runs the other modules, then
+    reports the version as failed at that level: a configured level is a promise."""
 
 _helpers = threading.local()   # CPU seconds of for_each_rank helper threads, per caller thread
 
@@ -174,7 +180,8 @@ class Module:
         return go
 
     def peers_connected(self):
-        """Collective modules: whether other nodes' engines are there to work with; warns once."""
+        """Collective modules, restart side: whether other nodes' engines are there to work
+        with (alone, the level is simply empty); warns once."""
         if self.ctx.peers.size > 1:
             return True
         if not self._warned_alone:
@@ -183,6 +190,18 @@ class Module:
                                  "nodes (sync mode over MPI, or backends launched as one MPI job, e.g. by "
                                  "veloc-run); the %s level stays empty", self.name, self.level)
         return False
+
+    def require_peers(self, cmd):
+        """Collective modules, checkpoint side: raise :class:`LevelUnreachable` when no other
+        node's engine is connected, so the version is reported as missing this level
+        instead of silently going without it."""
+        if self.ctx.peers.size > 1:
+            return
+        raise LevelUnreachable(
+            f"node {self.ctx.node}: the {self.level} level is configured ([{self.name}]) but {cmd.name} "
+            f"v{cmd.version} cannot reach it: only this node's engine is connected. It needs two or "
+            "more nodes: sync mode over MPI across nodes, or in async mode backends launched as one "
+            f"MPI world (veloc-run); or disable [{self.name}]")
 
     def for_each_rank(self, ranks, work):
         """Run ``work(rank)`` for every local rank, up to ``max_parallelism`` at once, and
@@ -216,6 +235,11 @@ class Module:
         return False
 
     # Level modules ---------------------------------------------------------------
+    def supersede(self, name, threshold, ranks):
+        """Remove this node's copies of ``name`` with versions ``>= threshold`` at this level
+        (a new run of ``name`` replaces them); return the versions removed."""
+        return set()
+
     def available(self, name, ranks):
         """``{rank: set(versions)}`` committed at this level (cheap: no data read)."""
         return {}

@@ -12,7 +12,7 @@ import time
 from ..errors import CheckpointError, RestartError, VelocError
 from .hashing import MappedFiles
 from .levels import LEVEL_ORDER
-from .module import CHECKPOINT, EngineContext, helper_cpu_seconds
+from .module import CHECKPOINT, EngineContext, LevelUnreachable, helper_cpu_seconds
 from .modules.checksum import ChecksumModule
 from .modules.erasure import ErasureModule
 from .modules.flush import FlushModule
@@ -65,6 +65,7 @@ class Engine:
 
     def _run_checkpoint(self, cmd):
         error = None
+        unreachable = []      # configured levels this version cannot reach (the others still run)
         for module in self.modules:
             if not module.enabled:
                 continue
@@ -78,6 +79,10 @@ class Engine:
             start, cpu_start = time.perf_counter(), time.thread_time() + helper_cpu_seconds()
             try:
                 did = module.checkpoint(cmd)
+            except LevelUnreachable as exc:
+                unreachable.append(str(exc))
+                self.log.error("%s", exc)
+                continue
             except (VelocError, OSError) as exc:
                 error = f"node {self.ctx.node}: module {module.name} failed on {cmd.name} v{cmd.version}: {exc}"
                 self.log.error("%s", error)
@@ -90,6 +95,24 @@ class Engine:
                               elapsed, cpu)
         if error is not None:
             raise CheckpointError(error)
+        if unreachable:
+            raise CheckpointError("; ".join(unreachable))
+
+    def supersede(self, name, threshold, ranks):
+        """A new run of ``name`` starts at ``threshold``: remove this node's copies of every
+        version ``>= threshold`` at every level, so a copy left by an earlier run can
+        neither be taken for the new run's newer state nor make versioning delete the new
+        run's versions. Returns ``{level: [versions removed]}`` (logged at WARNING)."""
+        removed = {}
+        for module in self.levels:
+            versions = sorted(module.supersede(name, threshold, ranks))
+            if versions:
+                removed[module.level] = versions
+        if removed:
+            self.log.warning("%s: a new run starts at v%d; removed the earlier run's versions >= v%d on node "
+                             "%s: %s", name, threshold, threshold, self.ctx.node,
+                             ", ".join(f"{lvl} {_span(v)}" for lvl, v in removed.items()))
+        return removed
 
     def available(self, name, ranks, max_version=None):
         """``{rank: {version: [levels, fastest first]}}`` from manifests only (no data read)."""
@@ -127,3 +150,10 @@ class Engine:
             except VelocError as exc:
                 raise RestartError(f"node {self.ctx.node}: restoring {name} v{version} from "
                                    f"{module.level} failed: {exc}") from exc
+
+
+def _span(versions):
+    """``v3`` or ``v3..v9 (4 versions)`` for a log line."""
+    if len(versions) == 1:
+        return f"v{versions[0]}"
+    return f"v{versions[0]}..v{versions[-1]} ({len(versions)} versions)"

@@ -96,11 +96,14 @@ class GroupStore:
                 atomic_write_bytes(path, block, durable=self.durable)
         atomic_write_bytes(vdir / RECORD, json.dumps(record, sort_keys=True).encode(), durable=self.durable)
 
-    def take_victim(self, name, version, keep):
+    def take_victim(self, name, version, keep, complete=()):
         """The version garbage collection drops once ``version`` is in (``keep`` newest kept),
-        uncommitted, and its parity files: ``(version or None, [paths])``."""
+        uncommitted, and its parity files: ``(version or None, [paths])``.
+
+        Only while a newer version in ``complete`` (committed by every member of the group)
+        stays: the level never goes without a complete version, even while encoding."""
         older = [v for v in self.versions(name) if v != version]
-        if keep <= 0 or len(older) < keep:
+        if keep <= 0 or len(older) < keep or not set(older[1:]) & set(complete):
             return None, []
         self.uncommit(name, older[0])
         return older[0], sorted(self.version_dir(name, older[0]).glob("s*.p*.par"))

@@ -59,6 +59,7 @@ class ErasureModule(Module):
         self._topology = None
         self._codecs = {}
         self._local = set()
+        self._complete = {}     # name -> versions whose group record every member committed
 
     def default_enabled(self):
         return False
@@ -91,11 +92,14 @@ class ErasureModule(Module):
     def checkpoint(self, cmd):
         if self._problem is not None:       # not raised at construction: only leaders build engines
             raise self._problem
-        if not self.peers_connected() or not self.due(cmd):
+        if not self.due(cmd):
             return False
+        self.require_peers(cmd)
         group = self._my_group()
         self._local.update(cmd.ranks)
         self._encode(cmd.name, cmd.version, cmd.ranks, group, CheckpointError, recycle=True)
+        # _encode returned on every node: every member committed the version's record
+        self._complete.setdefault(cmd.name, set()).add(cmd.version)
         error = local(self._collect, cmd.name)[1]
         if error:
             self.ctx.log.warning("erasure: garbage collection of %s failed: %s", cmd.name, error)
@@ -137,7 +141,8 @@ class ErasureModule(Module):
             chunk = max(1, -(-max(by_node[n][1]["length"] for n in group) // k))
             codec = self._codec(scheme, k, m, backend)
             store.uncommit(name, version)
-            victim = store.take_victim(name, version, self.ctx.config.scratch_versions) if recycle else (None, [])
+            victim = (store.take_victim(name, version, self.ctx.config.scratch_versions,
+                                        complete=self._complete.get(name, set())) if recycle else (None, []))
             files = open_files(self.ctx.scratch, manifests_of(by_node[node][1]))
             return [by_node[n][0] for n in group], group.index(node), k, chunk, codec, victim, files
 
@@ -181,6 +186,13 @@ class ErasureModule(Module):
             store = self._store()
             for version in store.versions(name)[:-keep]:
                 store.remove_version(name, version)
+
+    def supersede(self, name, threshold, ranks):
+        store = self._store()
+        removed = {v for v in store.versions(name) if v >= threshold}
+        for version in removed:
+            store.remove_version(name, version)
+        return removed
 
     # -- RESTART ---------------------------------------------------------------------
     def _records(self, name, version, ranks):

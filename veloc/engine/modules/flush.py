@@ -16,7 +16,7 @@ from ...errors import CheckpointError, CorruptCheckpointError
 from ..fileio import copy_file, make_dirs
 from ..hashing import hasher
 from ..module import Module
-from .scratch import verify_copy
+from .scratch import remove_versions_from, verify_copy
 
 
 class FlushModule(Module):
@@ -53,6 +53,9 @@ class FlushModule(Module):
         out = manifest.copy_for("persistent")
         out.record_module(self.name, every=self.every, interval=self.interval)
         dst.commit_manifest(out)
+
+    def supersede(self, name, threshold, ranks):
+        return remove_versions_from(self.ctx.persistent, name, threshold, ranks)
 
     def available(self, name, ranks):
         out = {}

@@ -38,6 +38,7 @@ class PartnerModule(Module):
         super().__init__(ctx)
         self._topology = None    # (nodes by peer index, {node: partner}) once known
         self._local = set()      # ranks this engine has served (for re-protection)
+        self._complete = {}      # name -> versions whose partner copies every node committed
 
     def default_enabled(self):
         return False
@@ -81,11 +82,14 @@ class PartnerModule(Module):
 
     # -- CHECKPOINT ------------------------------------------------------------------
     def checkpoint(self, cmd):
-        if not self.peers_connected() or not self.due(cmd):
+        if not self.due(cmd):
             return False
+        self.require_peers(cmd)
         self._local.update(cmd.ranks)
         dest = self._partner_index()          # same TopologyError on every node
         self._ship(cmd.name, cmd.version, cmd.ranks, dest, CheckpointError)
+        # _ship returned on every node: the version's partner copies are committed everywhere
+        self._complete.setdefault(cmd.name, set()).add(cmd.version)
         error = local(self._collect, cmd.name)[1]
         if error:
             self.ctx.log.warning("partner: garbage collection of %s failed: %s", cmd.name, error)
@@ -165,11 +169,19 @@ class PartnerModule(Module):
 
     def _victim(self, store, manifest):
         """The copy that garbage collection drops once ``manifest``'s version is in: its
-        version and ``{file name: path}``, uncommitted here so its files can be reused."""
+        version and ``{file name: path}``, uncommitted here so its files can be reused.
+
+        Only while a newer copy of the same rank stays committed that every node's partner
+        committed (this engine saw that version's transfer finish everywhere): the partner
+        level never goes without a complete version, even for the length of a transfer.
+        So with ``scratch_versions = 1`` the new copy takes fresh space and the old one is
+        dropped only after the new one is committed on every node."""
         keep = self.ctx.config.scratch_versions
         name, rank = manifest.name, manifest.rank
         older = sorted(v for v in store.rank_versions(name, rank) if v != manifest.version)
         if keep <= 0 or len(older) < keep:
+            return None, {}
+        if not set(older[1:]) & self._complete.get(name, set()):
             return None, {}
         victim = older[0]
         store.manifest_path(name, victim, rank).unlink(missing_ok=True)
@@ -189,6 +201,19 @@ class PartnerModule(Module):
             for rank, versions in by_rank.items():
                 for version in sorted(versions, reverse=True)[keep:]:
                     store.remove(name, version, rank)
+
+    def supersede(self, name, threshold, ranks):
+        """This node's partner tree: every owner's copies ``>= threshold`` (each node of the
+        job cleans its own tree)."""
+        removed = set()
+        for owner in self._owners():
+            store = self._store(owner)
+            for version, owner_ranks in store.versions(name).items():
+                if version >= threshold:
+                    for rank in owner_ranks:
+                        store.remove(name, version, rank)
+                    removed.add(version)
+        return removed
 
     # -- RESTART ---------------------------------------------------------------------
     def available(self, name, ranks):

@@ -28,6 +28,26 @@ class ScratchLevel(Module):
     def restore(self, name, version, ranks):
         return True  # already there: verify() said so
 
+    def supersede(self, name, threshold, ranks):
+        return remove_versions_from(lambda rank: self.ctx.scratch(rank), name, threshold, ranks,
+                                    pool=self.ctx.pool)
+
+
+def remove_versions_from(store_of, name, threshold, ranks, pool=None):
+    """Remove each rank's copies of ``name`` with versions ``>= threshold`` from its store
+    (``store_of(rank)``, or ``None`` where the level is not configured); rank files go
+    to ``pool(rank)`` for reuse when given. Returns the versions removed."""
+    removed = set()
+    for rank in ranks:
+        store = store_of(rank)
+        if store is None:
+            continue
+        for version in store.rank_versions(name, rank):
+            if version >= threshold:
+                store.remove(name, version, rank, pool=pool(rank) if pool else None)
+                removed.add(version)
+    return removed
+
 
 def verify_copy(store, name, version, rank, nranks=None):
     """``None`` if ``rank``'s copy of ``name``/``version`` in ``store`` is intact, else why not.
