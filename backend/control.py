@@ -9,6 +9,7 @@ import time
 
 from veloc import ipc
 from veloc.errors import BackendError
+from veloc.progress import format_progress
 
 from . import lifecycle
 from .journal import read_pending
@@ -75,6 +76,8 @@ def format_status(entries):
         lines.append(f"node {st['node']}: backend pid {st['pid']}, up {st['uptime']:.0f} s, "
                      f"{st['pending']} pending, {c.get('done', 0)} done, {c.get('failed', 0)} "
                      f"failed, {st.get('clients', 0)} client(s); log {st.get('log')}")
+        if st.get("pending") and st.get("progress"):
+            lines.append("  " + format_progress(st["progress"], st.get("uptime", 0)).rsplit(";", 1)[0])
         for group, age in st.get("running", {}).items():
             lines.append(f"  running  {group} ({age:.1f} s)")
         for group in st.get("queued", []):
@@ -93,27 +96,30 @@ def _journaled(config, node):
         return 0
 
 
-def drain(cfg, env=None, timeout=None, extra_args=()):
+def drain(cfg, env=None, timeout=None, extra_args=(), progress=None):
     """Wait until this node's backend has nothing pending; returns ``{"drained", "pending",
     "failures"}``. With no backend running but unfinished items journaled, starts one
     (with ``extra_args``) to finish them. Raises BackendError if the backend dies or stops
-    answering."""
+    answering. ``progress``: a :class:`veloc.progress.ProgressReporter` fed every slice."""
     env = dict(os.environ if env is None else env)
     config, node, ep = lifecycle.resolve(cfg, env)
     if lifecycle.ping(ep) is None:
         if not _journaled(config, node):
             return {"drained": True, "pending": 0, "failures": [], "backend": None}
         ep = lifecycle.ensure_backend(cfg, env, extra_args=("--idle-exit", "30", *extra_args))
-    return wait_drained(ep, timeout)
+    return wait_drained(ep, timeout, progress)
 
 
-def wait_drained(ep, timeout=None):
+def wait_drained(ep, timeout=None, progress=None):
     """Drain the backend at endpoint ``ep`` (see :func:`drain`)."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    piece = SLICE if progress is None else max(0.05, min(SLICE, progress.every))
     with _conn(ep) as c:
         while True:
-            left = SLICE if deadline is None else max(0.0, min(SLICE, deadline - time.monotonic()))
+            left = piece if deadline is None else max(0.0, min(piece, deadline - time.monotonic()))
             reply = c.request({"op": "drain", "timeout": left}, timeout=left + ANSWER)
+            if progress is not None and not reply["drained"]:
+                progress.update(reply.get("progress"))
             if reply["drained"] or (deadline is not None and time.monotonic() >= deadline):
                 return {"drained": reply["drained"], "pending": reply["pending"],
                         "failures": reply.get("failures", []), "backend": str(ep.socket)}

@@ -78,6 +78,15 @@ class EngineExecutor:
                 self.world.declare_broken(self.peers.broken or str(exc))
                 return self._after_break(batch, kind, name, exc)
 
+    def item_bytes(self, item):
+        """Bytes of the committed scratch copy a CHECKPOINT item hands over (drain
+        progress, ``veloc_backend.workqueue``); 0 for other kinds."""
+        if item.get("kind") != CHECKPOINT:
+            return 0
+        rank = int(item["rank"])
+        manifest = self.engine.ctx.scratch(rank).read_manifest(item["name"], int(item["version"]), rank)
+        return sum(int(f.size) for f in manifest.files) if manifest is not None else 0
+
     # ------------------------------------------------------------ world
     def _turn(self, batch, first):
         """``(mode, reason)`` for this batch; waits for the coordinator when needed."""

@@ -142,10 +142,8 @@ def scratch_base(config, node):
 
 def log_path(config, node, ep):
     """The backend's log file: in ``log_prefix`` if set, else next to scratch."""
-    if config.log_prefix:
-        folder = Path(config.log_prefix.replace("{node}", node).replace("{rank}", "0"))
-    else:
-        folder = scratch_base(config, node).resolve().parent
+    from veloc.logfile import log_folder
+    folder = log_folder(config, node) or scratch_base(config, node).resolve().parent
     return folder / f"veloc-backend-{node}-{ep.key[:8]}.log"
 
 

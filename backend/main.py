@@ -31,6 +31,7 @@ import threading
 import time
 
 from veloc.errors import BackendError, VelocError
+from veloc.logfile import file_handler
 
 from . import lifecycle
 from . import world as world_mod
@@ -71,15 +72,10 @@ def parse_args(argv):
 
 
 def setup_logging(log_file, node):
-    """Log to ``log_file`` (appending) with timestamps, pid and node."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_file)
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s %(levelname)s [{node} pid %(process)d %(threadName)s] %(name)s: %(message)s"))
+    """Log to ``log_file`` (appending, ``0600``) with timestamps, pid and node."""
     root = logging.getLogger()
-    root.addHandler(handler)
+    root.addHandler(file_handler(log_file, node))
     root.setLevel(logging.INFO)
-    os.chmod(log_file, 0o600)
 
 
 def load_executor(spec, config, node):
@@ -125,11 +121,11 @@ class Backend:
             if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
                 raise ValueError("'wait' needs 'groups': a list of strings")
             results, unknown = self.queue.wait_groups(groups, _timeout(msg))
-            return {"results": results, "unknown": unknown,
+            return {"results": results, "unknown": unknown, "progress": self.queue.progress(),
                     "pending": [g for g in groups if g not in results and g not in unknown]}
         if op == "drain":
             drained = self.queue.drain(_timeout(msg))
-            return {"drained": drained, "pending": self.queue.busy(),
+            return {"drained": drained, "pending": self.queue.busy(), "progress": self.queue.progress(),
                     "failures": self.queue.failures[-16:]}
         if op == "shutdown":
             drain = bool(msg.get("drain", False))

@@ -13,14 +13,20 @@ The executor is anything with ``run(batch) -> dict | None`` (a dict may carry
 in order so a client can raise the first one. An executor that raises :class:`Deferred`
 did not start the batch (the backend is stopping): it gets no result and stays in the
 journal for the next backend.
+
+:meth:`WorkQueue.progress` tells a waiting client how far the queue is: versions and
+bytes pending and the rate at which bytes were finished lately. An item's bytes are its
+``nbytes`` field, else what the executor's optional ``item_bytes(item)`` says (0 if it
+has none).
 """
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 log = logging.getLogger("veloc.backend.queue")
+RATE_WINDOW = 30.0     # s: the progress rate counts bytes finished this recently
 
 
 class Deferred(Exception):
@@ -55,6 +61,10 @@ class WorkQueue:
         self.counts = {"submitted": 0, "done": 0, "failed": 0, "replayed": 0}
         self._stopping = False
         self._threads = []
+        self._bytes = {}               # item id -> bytes it covers (progress)
+        self._finished = deque()       # (monotonic time, bytes) of recently finished batches
+        self._since = time.monotonic()
+        self._sizer = getattr(executor, "item_bytes", None)
         with self._cond:
             for rid, item in journal.pending():
                 self._enqueue(rid, dict(item, replayed=True))   # an earlier backend took it
@@ -85,7 +95,20 @@ class WorkQueue:
                     self._keys.popitem(last=False)
             return rid, group
 
+    def _item_bytes(self, item):
+        nbytes = item.get("nbytes")
+        if isinstance(nbytes, int) and not isinstance(nbytes, bool) and nbytes >= 0:
+            return nbytes
+        if self._sizer is None:
+            return 0
+        try:
+            return max(0, int(self._sizer(item)))
+        except Exception as exc:       # progress only: never fail a submission for it
+            log.debug("cannot size item %r: %s", item.get("group"), exc)
+            return 0
+
     def _enqueue(self, rid, item):
+        self._bytes[rid] = self._item_bytes(item)
         group = _group_of(item, rid)
         size = int(item.get("group_size", 1))
         self.results.pop(group, None)      # a resubmitted group starts over
@@ -158,7 +181,7 @@ class WorkQueue:
                     if batch is not None:
                         break
                     self._cond.wait()
-                self._running[batch.group] = (order, time.monotonic())
+                self._running[batch.group] = (order, time.monotonic(), batch)
                 if order is not None:
                     self._busy_orders.add(order)
             self._run(batch, order)
@@ -203,6 +226,7 @@ class WorkQueue:
         with self._cond:
             self._running.pop(batch.group, None)
             self._busy_orders.discard(order)
+            self._finished.append((time.monotonic(), sum(self._bytes.pop(i, 0) for i in batch.ids)))
             self.results[batch.group] = result
             while len(self.results) > self.keep_results:
                 self.results.popitem(last=False)
@@ -261,12 +285,33 @@ class WorkQueue:
                 "waiting": {g: {"have": len(v["items"]), "need": v["size"],
                                 "age": round(now - v["since"], 3)} for g, v in self._groups.items()},
                 "queued": [b.group for b in self._ready],
-                "running": {g: round(now - t, 3) for g, (_, t) in self._running.items()},
+                "running": {g: round(now - t, 3) for g, (_, t, _) in self._running.items()},
                 "pending": self._busy_locked(),
                 "journaled": len(self.journal),
                 "counts": dict(self.counts),
                 "failures": self.failures[-16:],
+                "progress": self._progress_locked(now),
             }
+
+    def progress(self):
+        """``{"groups", "versions", "bytes", "rate"}``: groups and distinct checkpoint
+        versions not finished yet, the bytes they cover, and bytes finished per second
+        over the last ``RATE_WINDOW`` seconds (for drain progress)."""
+        with self._cond:
+            return self._progress_locked(time.monotonic())
+
+    def _progress_locked(self, now):
+        pending = [(rid, it) for g in self._groups.values() for rid, it in zip(g["ids"], g["items"])]
+        pending += [(rid, it) for b in self._ready for rid, it in zip(b.ids, b.items)]
+        pending += [(rid, it) for _, _, b in self._running.values() for rid, it in zip(b.ids, b.items)]
+        while self._finished and now - self._finished[0][0] > RATE_WINDOW:
+            self._finished.popleft()
+        window = max(1e-3, min(RATE_WINDOW, now - self._since))
+        return {"groups": self._busy_locked(),
+                "versions": len({(it.get("name"), it.get("version")) for _, it in pending
+                                 if it.get("version") is not None}),
+                "bytes": sum(self._bytes.get(rid, 0) for rid, _ in pending),
+                "rate": round(sum(n for _, n in self._finished) / window, 1)}
 
     # ------------------------------------------------------------ shutdown
     def stop(self, timeout=None):

@@ -1,6 +1,6 @@
 """veloc: multi-level checkpoint/restart for MPI simulations and DNN training.
 
-See DESIGN.md §1 for the API contract. This module only re-exports.
+The API reference is docs/API.md (and ``help()`` on each call). This module only re-exports.
 """
 from .api import Ckpt, init, init_single
 from .client import Client

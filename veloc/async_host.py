@@ -30,6 +30,7 @@ from .engine.module import CHECKPOINT
 from .host_base import HostAgreement
 from .errors import BackendError, CheckpointError, RestartError, VelocError
 from .ipc import BackendConnection
+from .progress import ProgressReporter
 
 START_TIMEOUT = 60.0      # s: find or start the node's backend
 # Liveness: the backend answers every request on a connection thread of its own, also
@@ -114,6 +115,8 @@ class AsyncHost(HostAgreement):
     def _wait(self, groups, block=True):
         """``{group: result}``; with ``block`` every group is present on return."""
         results = {}
+        progress = ProgressReporter(logger=self.log, where=f"node {self.node}: waiting for the backend: ") \
+            if block and self.rank == self.local_ranks[0] else None      # one line per node
         while True:
             left = [g for g in groups if g not in results]
             if not left:
@@ -127,6 +130,8 @@ class AsyncHost(HostAgreement):
                                    "was it restarted? see its log")
             if not block:
                 return results
+            if progress is not None and len(results) < len(groups):
+                progress.update(reply.get("progress"))
 
     def _call(self, kind, name, version=None, error=RestartError, **extra):
         """Submit a query for all local ranks and return its value (blocking)."""

@@ -1,8 +1,9 @@
-"""The ``veloc`` command-line tool: list, verify and inspect checkpoints.
+"""The ``veloc`` command-line tool: list, verify and inspect checkpoints; drain backends.
 
-Run by a user or a job script on any node, outside the application: it reads the level
-trees named by the application's configuration and the rank files (``.vck``) in them,
-never changes a checkpoint and never unpickles anything. Subcommands are listed in
+Run by a user or a job script on any node, outside the application (also as
+``python -m veloc``): it reads the level trees named by the application's configuration
+(scratch, partner copies, erasure groups, persistent) and the rank files (``.vck``) in
+them, never changes a checkpoint and never unpickles anything. Subcommands are listed in
 ``COMMANDS`` (name, help, arguments, runner); ``main`` dispatches and turns every error
 into one line on stderr. Exit status: 0 success, 1 a copy failed verification, 2 a
 usage, configuration or file error.
@@ -14,13 +15,16 @@ import sys
 from collections import Counter, namedtuple
 from dataclasses import asdict
 
-from .cli_inspect import (UsageError, checkpoint_states, describe_rankfile, extract_region, fields_of,
-                          open_levels, parse_region_id, verify_version)
+from .cli_inspect import describe_rankfile, extract_region, parse_region_id
+from .cli_levels import (UsageError, checkpoint_states, fields_of, levels_reached, nodes_on_disk, open_levels,
+                         verify_version)
 from .config import load_config, node_id
 from .errors import VelocError
 from .names import check_name, check_node_id
+from .progress import EVERY, ProgressReporter
 
 Command = namedtuple("Command", "name help arguments run")
+NODE_LOCAL = ("scratch", "partner")
 
 
 # -- argument types and shared arguments ----------------------------------------------
@@ -51,18 +55,26 @@ def _cfg_arg(p):
 
 
 def _where_args(p):
-    p.add_argument("--node", action="append", metavar="N",
-                   help="node identity whose scratch to read, for {node} in paths; repeat for several "
-                        "nodes (default: VELOC_NODE_ID, else the host name)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--node", action="append", metavar="N",
+                       help="node identity whose scratch to read, for {node} in paths; repeat for several "
+                            "nodes (default: VELOC_NODE_ID, else the host name)")
+    where.add_argument("--all-nodes", action="store_true",
+                       help="read the scratch (and partner and erasure trees) of every node whose scratch "
+                            "folder exists on this machine (virtual nodes: {node} in the scratch path)")
     p.add_argument("--ranks", type=_rank_list, metavar="LIST",
                    help="ranks to look for where a level path contains {rank}, e.g. 0-3,8 "
                         "(default: the ranks found on disk and in the other levels)")
 
 
 def _ls_args(p):
-    p.epilog = ("STATE: complete (every rank the manifests expect is present and checksummed), partial "
-                "(ranks missing or with an unreadable manifest; scratch holds only the chosen nodes' ranks), "
-                "unchecksummed (complete but without content digests).")
+    p.epilog = ("LEVEL: scratch, partner (copies the chosen nodes hold for others), erasure (group records "
+                "and the chosen nodes' parity blocks), persistent. STATE: complete (every rank the manifests "
+                "expect is present, every file has its recorded size, content digests recorded), "
+                "truncated (a file is shorter or longer than its manifest says), partial (ranks or files "
+                "missing, or an unreadable manifest; node-local levels hold only the chosen nodes' share), "
+                "unchecksummed (complete but without content digests). Sizes are checked, contents are "
+                "not: use verify.")
     _cfg_arg(p)
     p.add_argument("name", nargs="?", metavar="NAME", help="only this checkpoint (default: all)")
     _where_args(p)
@@ -70,8 +82,9 @@ def _ls_args(p):
 
 
 def _verify_args(p):
-    p.epilog = ("Prints OK, FAIL (the copy exists but is corrupt) or MISSING per rank, level and version. "
-                "Exit status 1 if any copy FAILs, 2 on a usage or configuration error.")
+    p.epilog = ("Prints OK, FAIL (the copy exists but is corrupt) or MISSING per rank (per node for erasure "
+                "parity blocks), level and version; partner copies and parity blocks are checked against "
+                "their digests too. Exit status 1 if any copy FAILs, 2 on a usage or configuration error.")
     _cfg_arg(p)
     p.add_argument("name", metavar="NAME", help="checkpoint name")
     p.add_argument("version", nargs="?", type=_version, metavar="VERSION",
@@ -97,7 +110,10 @@ def _extract_args(p):
 # -- helpers --------------------------------------------------------------------------
 def _levels(args):
     config = load_config(args.cfg)
-    nodes = [check_node_id(n) for n in args.node] if args.node else [node_id()]
+    if args.all_nodes:
+        nodes = nodes_on_disk(config)
+    else:
+        nodes = [check_node_id(n) for n in args.node] if args.node else [node_id()]
     return nodes, open_levels(config, nodes, args.ranks)
 
 
@@ -160,13 +176,19 @@ def _ls(args):
             print(f"{s.name} v{s.version} {s.level}: ranks {_ranges(s.missing)} of {s.nranks} have no copy")
         for problem in s.problems:
             print(f"{s.name} v{s.version} {s.level}: {problem}")
+    print("versions and the levels holding a complete copy:")
+    for (name, version), held in levels_reached(states).items():
+        print(f"  {name} v{version}: {' '.join(held) if held else 'no complete copy at any level'}")
+    if any(s.missing and s.level in NODE_LOCAL for s in states):
+        print(f"note: the node-local levels ({', '.join(NODE_LOCAL)}) show the share of node(s) "
+              f"{', '.join(nodes)} only: run ls on every node, or use --all-nodes for virtual nodes")
     return 0
 
 
 def _verify(args):
     nodes, levels = _levels(args)
     name = check_name(args.name, error=UsageError)
-    versions = sorted({v for lvl in levels for v in lvl.copies(name)}, reverse=True)
+    versions = sorted({v for lvl in levels for v in lvl.versions(name)}, reverse=True)
     if not versions:
         raise UsageError(f"no checkpoint named {name!r} at any level ({_where(levels, nodes)})")
     if args.version is not None:
@@ -176,9 +198,9 @@ def _verify(args):
         versions = [args.version]
     counts = Counter()
     for version in versions:
-        for status, level, rank, detail in verify_version(levels, name, version):
+        for status, level, who, detail in verify_version(levels, name, version):
             counts[status] += 1
-            print(f"{status:<7} {level:<10} {name} v{version} rank {rank}: {detail}")
+            print(f"{status:<7} {level:<10} {name} v{version} {who}: {detail}")
     print(f"{name}: {counts['OK']} OK, {counts['FAIL']} FAIL, {counts['MISSING']} missing")
     return 1 if counts["FAIL"] else 0
 
@@ -213,14 +235,28 @@ def _extract(args):
     return 0
 
 
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _drain_args(p):
     _cfg_arg(p)
-    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (default: wait)")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="give up after S seconds (default: wait)")
+    p.add_argument("--progress", type=_seconds, default=EVERY, metavar="S",
+                   help=f"print the versions and bytes still pending and the rate every S seconds of "
+                        f"waiting (default {EVERY:g})")
 
 
 def _drain(args):
     from veloc_backend.control import drain
-    done = drain(args.cfg, timeout=args.timeout)
+    reporter = ProgressReporter(args.progress, emit=lambda line: print(line, flush=True), where="pending: ")
+    done = drain(args.cfg, timeout=args.timeout, progress=reporter)
     for failure in done["failures"]:
         print(f"failed: {failure.get('group')}: {failure.get('error')}", file=sys.stderr)
     print("drained" if done["drained"] else f"not drained: {done['pending']} item(s) still pending")
@@ -248,7 +284,8 @@ def build_parser():
         prog="veloc", description="Inspect veloc checkpoints: list versions per level, verify checksums, "
         "show a rank file's regions, extract a region to .npy; drain and show async backends.",
         epilog="exit status: 0 success, 1 a copy failed verification, 2 usage/configuration/file error. "
-        "Scratch is node-local: ls/verify read the scratch of this node (or --node).")
+        "Scratch is node-local: ls/verify read the scratch, partner and erasure trees of this node "
+        "(or --node N, or --all-nodes for every virtual node on this machine).")
     parser.add_argument("--traceback", action="store_true", help="show Python tracebacks of errors (debugging)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS:

@@ -7,6 +7,7 @@ application's leader rank in sync mode, in the backend in async mode).
 """
 import logging
 import os
+from typing import Any, Iterable, Optional, Union
 
 from .config import load_config, node_id
 from .engine.debris import claim_rank_scratch
@@ -41,10 +42,20 @@ class _Declined(str):
         return super().__new__(cls, "checkpoint_end(success=False) was called")
 
 
-class Client(RestartMixin):
-    """Checkpoint/restart client of one application rank."""
+RegionId = Union[int, str]
 
-    def __init__(self, cfg, comm, rank=None, single=False):
+
+class Client(RestartMixin):
+    """Checkpoint/restart client of one application rank.
+
+    Built by :func:`veloc.init` (collective over ``comm``) or :func:`veloc.init_single`
+    (one process on its own); use it as a context manager (leaving the block is
+    ``finalize(drain=True)``). Attributes: ``config``, ``rank``, ``size``, ``node``,
+    ``regions`` (protected regions by id), ``recovered`` (pickled objects restored by the
+    last restart, by id) and ``last_restart`` (:class:`veloc.RestartInfo` or ``None``).
+    """
+
+    def __init__(self, cfg, comm, rank: Optional[int] = None, single: bool = False) -> None:
         self.config = load_config(cfg)
         self.comm = comm
         self.rank = comm.Get_rank() if rank is None else int(rank)
@@ -100,24 +111,34 @@ class Client(RestartMixin):
         return SyncHost(self.config, self.comm, self.rank, self.node, log)
 
     # -- regions --------------------------------------------------------------------
-    def protect(self, region_id, obj, pickle=False):
-        """Register ``obj`` under ``region_id`` (int or name); re-protecting replaces it."""
+    def protect(self, region_id: RegionId, obj: Any, pickle: bool = False) -> None:
+        """Register ``obj`` under ``region_id`` (an int, or a name ``[A-Za-z0-9_.]+``); any rank,
+        local (not collective). Re-protecting an id replaces it.
+
+        ``obj``: a contiguous, writable numpy or cupy array (written from its buffer, restored
+        in place), or with ``pickle=True`` any picklable object: a dict, list, set, bytearray,
+        numpy array or object with ``__dict__`` is restored in place (``recovered[id]`` is the
+        same object), anything else (int, str, tuple, ...) only into ``recovered[id]``.
+        Raises CheckpointError for an object that cannot be protected, ConfigError/
+        CheckpointError for a bad id."""
         region = Region(region_id, obj, use_pickle=pickle)
         self.regions[region.id] = region
 
-    def unprotect(self, region_id):
+    def unprotect(self, region_id: RegionId) -> None:
+        """Stop protecting ``region_id``; local. Raises CheckpointError if it is not protected."""
         if region_id not in self.regions:
             raise CheckpointError(f"cannot unprotect region {region_id!r}: it is not protected")
         del self.regions[region_id]
 
     # -- checkpoint -----------------------------------------------------------------
-    def checkpoint(self, name, version):
-        """Begin, write all regions, end. Collective in sync mode; see ``checkpoint_begin``
-        for how far it waits for earlier background work in async mode.
+    def checkpoint(self, name: str, version: int) -> None:
+        """``checkpoint_begin`` + ``checkpoint_mem`` + ``checkpoint_end``; every rank, collective.
 
-        A failure on any rank is raised on every rank as a :class:`CheckpointError` naming
-        the rank, node, path and cause; the version is then discarded everywhere and
-        earlier versions are untouched."""
+        Sync mode returns when every level is done; async mode once this rank's scratch copy
+        is committed (see ``checkpoint_begin`` for how far it waits for earlier background
+        work). A failure on any rank is raised on every rank as a :class:`CheckpointError`
+        naming the rank, node, path and cause; the version is then discarded everywhere and
+        earlier versions are untouched. BackendError in async mode if the backend fails."""
         self._check_open()
         try:
             self.checkpoint_begin(name, version)
@@ -143,7 +164,11 @@ class Client(RestartMixin):
                                    f"{exc.strerror or exc}; earlier versions are untouched")
         return CheckpointError(f"rank {self.rank} on node {self.node}: {type(exc).__name__}: {exc}")
 
-    def checkpoint_begin(self, name, version):
+    def checkpoint_begin(self, name: str, version: int) -> None:
+        """Open version ``version`` (int >= 0) of checkpoint ``name`` (``[A-Za-z0-9_.]+``) on this
+        rank; local (collective at a run's first checkpoint of ``name``: see ``_start_lineage``).
+        Async mode first waits for older background work as far as this write needs it.
+        Raises CheckpointError (bad name/version, a checkpoint still open)."""
         self._check_open()
         name, version = check_name(name), check_version(version)
         if self._pending is not None:
@@ -182,8 +207,10 @@ class Client(RestartMixin):
                         "were removed: %s", name, what, threshold,
                         ", ".join(f"{level} v{min(v)}..v{max(v)}" for level, v in removed.items()))
 
-    def checkpoint_mem(self, ids=None):
-        """Write the protected regions (all, or ``ids``) to this rank's scratch file."""
+    def checkpoint_mem(self, ids: Optional[Iterable[RegionId]] = None) -> None:
+        """Write the protected regions (all, or ``ids``) to this rank's scratch file; local,
+        once per checkpoint. Raises CheckpointError (no checkpoint open, unknown ids, a full
+        or unwritable scratch: earlier versions stay untouched)."""
         pending = self._require_pending("checkpoint_mem")
         if pending.mem_written:
             raise CheckpointError("checkpoint_mem called twice in one checkpoint")
@@ -217,8 +244,11 @@ class Client(RestartMixin):
         pending.files.append(FileEntry(final.name, total, "regions"))
         pending.mem_written = True
 
-    def route_file(self, original):
-        """File-based mode: the scratch path to write ``original`` to (or read it from on restart)."""
+    def route_file(self, original: Union[str, os.PathLike]) -> str:
+        """File-based mode: the scratch path to write ``original`` to between ``checkpoint_begin``
+        and ``checkpoint_end``, or to read it from between ``restart_begin`` and ``restart_end``;
+        local. Only the base name of ``original`` is used. Raises CheckpointError/RestartError
+        outside those phases or for a base name that is not ``[A-Za-z0-9_.-]+``."""
         base = check_file_name(os.path.basename(os.fspath(original)))
         if self._restoring is not None:
             return self._restored_file(base)
@@ -227,12 +257,12 @@ class Client(RestartMixin):
         pending.routed[base] = path
         return str(path)
 
-    def checkpoint_end(self, success=True):
-        """Commit this rank's scratch copy and run the pipeline (collective in sync mode).
+    def checkpoint_end(self, success: bool = True) -> None:
+        """Commit this rank's scratch copy and run the pipeline; every rank, collective.
 
-        With ``success=False`` the version is discarded everywhere. If any rank failed to
-        commit its copy, every rank raises a :class:`CheckpointError` naming that rank and
-        its cause.
+        With ``success=False`` (on any rank) the version is discarded everywhere. If any rank
+        failed to commit its copy, every rank raises a :class:`CheckpointError` naming that
+        rank and its cause; a failed module raises CheckpointError on every rank too.
         """
         pending = self._require_pending("checkpoint_end")
         self._pending = None
@@ -296,19 +326,25 @@ class Client(RestartMixin):
         if not self.pool.has(self.rank):
             self.host.drain()
 
-    def checkpoint_wait(self):
-        """Block until background work of earlier checkpoints is done; raise its first error."""
+    def checkpoint_wait(self) -> None:
+        """Block until the background work of this rank's earlier checkpoints is done (async
+        mode; returns at once in sync mode); local. Long waits report progress every few
+        seconds (versions and bytes pending, rate). Raises BackendError naming node, module
+        and version of the first background failure, or a dead or hung backend."""
         self._check_open()
         self.host.drain()
 
-    def checkpoint_finished(self):
-        """Whether background work of earlier checkpoints is done (never blocks)."""
+    def checkpoint_finished(self) -> bool:
+        """Whether the background work of this rank's earlier checkpoints is done; local,
+        never blocks, never raises for a background failure (``checkpoint_wait`` does)."""
         finished = getattr(self.host, "finished", None)
         return True if finished is None else finished()
 
     # -- lifecycle ------------------------------------------------------------------
-    def finalize(self, drain=True):
-        """Collective: with ``drain``, wait until every level has its copy; then release.
+    def finalize(self, drain: bool = True) -> None:
+        """Every rank, collective: with ``drain``, wait until every level has its copy (async:
+        progress is reported on long waits), then release the client. Calling it again does
+        nothing.
 
         A background failure on any rank (a level not reached, a failed flush) is raised on
         every rank, naming the rank that saw it."""
@@ -332,10 +368,10 @@ class Client(RestartMixin):
         if failure is not None:
             raise BackendError(f"finalize: rank {failure[0]} reports: {failure[1]}")
 
-    def __enter__(self):
+    def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type, exc, tb) -> bool:
         self.finalize(drain=exc_type is None)
         return False
 

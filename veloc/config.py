@@ -6,19 +6,33 @@ live in sections (``[checksum]``, ``[flush]``, ...). Every key may be overridden
 environment: ``VELOC_<KEY>`` for a top-level key, ``VELOC_<SECTION>_<KEY>`` for a key in
 a section. Unknown keys, unknown sections and bad values raise :class:`ConfigError`
 naming the key and what is accepted (VELOC ignores typos; we do not).
+
+Every top-level key VELOC's own runtime reads is accepted. Those that have a meaning
+here are mapped to it (``persistent_interval``, ``ec_interval``, ``max_versions``,
+``scratch_versions``, ``chksum``, ``failure_domain``, ``max_parallelism``, ...); the
+others (``COMPAT_ONLY``: ``axl_config``, ``axl_type``, ``threaded``, ``meta``, ...) are
+parsed, kept, and logged once per process at INFO as having no effect here.
+
+``scratch_versions`` defaults to ``DEFAULT_SCRATCH_VERSIONS`` (2): scratch keeps the
+two newest versions of each rank and recycles the files of older ones, so a default
+configuration never fills node memory; ``0`` keeps every version (VELOC's default).
 """
 import configparser
+import logging
 import os
 import socket
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Mapping, Optional
 
 from .errors import ConfigError
 from .names import check_node_id
 
 TOP = "__top__"
+DEFAULT_SCRATCH_VERSIONS = 2
+log = logging.getLogger("veloc.config")
 
 
 def _bool(key, raw):
@@ -99,7 +113,7 @@ TOP_KEYS = {
     "ec_interval": Key(_int(), 0),           # seconds; 0 = every version, < 0 = never
     "watchdog_interval": Key(_int(0), 0),
     "max_versions": Key(_int(0), 0),         # on persistent; 0 = keep all
-    "scratch_versions": Key(_int(0), 0),     # on scratch; 0 = keep all
+    "scratch_versions": Key(_int(0), DEFAULT_SCRATCH_VERSIONS),   # on scratch; 0 = keep all
     "failure_domain": Key(_text),
     "chksum": Key(_bool, True),
     "meta": Key(_path_template),
@@ -107,7 +121,29 @@ TOP_KEYS = {
     "axl_type": Key(_choice("default", "native", "AXL_XFER_SYNC", "AXL_XFER_ASYNC_DW",
                             "AXL_XFER_ASYNC_BBAPI", "AXL_XFER_ASYNC_CPPR", "posix", "pthread")),
     "log_prefix": Key(_path_template),
+    # Read by VELOC's runtime, no effect here (see COMPAT_ONLY).
+    "axl_config": Key(_path_template),
+    "threaded": Key(_bool, False),
+    "aggregated": Key(_bool, False),
+    "cache": Key(_path_template),
+    "daos_pool": Key(_text),
+    "daos_cont": Key(_text),
 }
+
+# Keys VELOC's runtime reads that have no effect here, and why (logged once at INFO).
+COMPAT_ONLY = {
+    "axl_config": "the flush module copies files itself, without the AXL library",
+    "axl_type": "the flush module copies files itself, without the AXL library",
+    "threaded": "the engine runs on a node leader rank (sync) or in veloc-backend (async); "
+                "no MPI_THREAD_MULTIPLE is needed",
+    "aggregated": "each rank's file is flushed to persistent storage on its own",
+    "cache": "routed files are written to scratch",
+    "meta": "checksums and sizes live in each copy's manifest next to its files",
+    "watchdog_interval": "a dead or hung backend is detected by the client itself",
+    "daos_pool": "the persistent level is a POSIX path (persistent = PATH); DAOS is not used",
+    "daos_cont": "the persistent level is a POSIX path (persistent = PATH); DAOS is not used",
+}
+_told = set()
 
 
 def module_keys(priority, **extra):
@@ -186,7 +222,11 @@ def _parse_keys(raw_keys, schema, where, source):
 
 @dataclass(frozen=True)
 class Config:
-    """Frozen, validated configuration shared by the client, the sync engine and the backend."""
+    """Frozen, validated configuration shared by the client, the sync engine and the backend.
+
+    Top-level keys are attributes (``cfg.scratch``, ``cfg.scratch_versions``, ...); a
+    section's typed keys are ``cfg.section("flush")``. Build one with :func:`load_config`.
+    """
     values: MappingProxyType
     sections: MappingProxyType
     source: str = "<mapping>"
@@ -198,15 +238,15 @@ class Config:
             return values[key]
         raise AttributeError(key)
 
-    def section(self, name):
+    def section(self, name: str) -> Mapping:
         """Typed keys of extension section ``name`` (defaults filled in)."""
         return self.sections[name]
 
-    def scratch_dir(self, node, rank=0):
+    def scratch_dir(self, node: str, rank: int = 0) -> Path:
         """Node-local scratch root with ``{node}``/``{rank}`` filled in."""
         return Path(self.scratch.format(node=node, rank=rank))
 
-    def node_scratch(self, node):
+    def node_scratch(self, node: str) -> Path:
         """The node's own scratch folder for the whole job: the scratch path with ``{node}``
         filled in, cut before the first component that depends on ``{rank}``. The backend's
         files and the partner and erasure trees live under it."""
@@ -217,21 +257,30 @@ class Config:
             parts.append(part.replace("{node}", node))
         return Path(*parts) if parts else Path(".")
 
-    def persistent_dir(self, node, rank=0):
+    def persistent_dir(self, node: str, rank: int = 0) -> Optional[Path]:
         """Persistent root, or ``None`` when no persistent level is configured."""
         if self.persistent is None:
             return None
         return Path(self.persistent.format(node=node, rank=rank))
 
-    def replace(self, **top):
+    def replace(self, **top) -> "Config":
         """A copy with some top-level keys replaced (validated again)."""
         merged = {sec: dict(keys) for sec, keys in self.raw.items()}
         merged.setdefault(TOP, {}).update({k: v for k, v in top.items()})
         return _build(merged, self.source)
 
 
+def _tell_compat_only(keys):
+    """Log once per process, at INFO, each VELOC key given that has no effect here."""
+    for key in sorted(set(keys) & set(COMPAT_ONLY) - _told):
+        _told.add(key)
+        log.info("config key %s is accepted for VELOC compatibility and has no effect here (%s)",
+                 key, COMPAT_ONLY[key])
+
+
 def _build(raw, source):
     top = _parse_keys(raw.get(TOP, {}), TOP_KEYS, "at top level", source)
+    _tell_compat_only(raw.get(TOP, {}))
     sections = {}
     for name, keys in raw.items():
         if name == TOP:
@@ -245,10 +294,13 @@ def _build(raw, source):
     return Config(MappingProxyType(top), MappingProxyType(sections), source, frozen_raw)
 
 
-def load_config(cfg, environ=None):
-    """Build a :class:`Config` from an INI path, a mapping, or a ``Config`` (returned as is).
+def load_config(cfg, environ: Optional[Mapping[str, str]] = None) -> "Config":
+    """Build a :class:`Config` from an INI path, a mapping, or a ``Config`` (returned as is);
+    any process, local.
 
-    Environment overrides (``VELOC_<KEY>``) apply to paths and mappings.
+    Environment overrides (``VELOC_<KEY>``, ``VELOC_<SECTION>_<KEY>``; from ``environ``,
+    default ``os.environ``) apply to paths and mappings. Raises ConfigError naming the key,
+    the file and what is accepted.
     """
     if isinstance(cfg, Config):
         return cfg
@@ -263,7 +315,7 @@ def load_config(cfg, environ=None):
     return _build(raw, source)
 
 
-def node_id(environ=None):
+def node_id(environ: Optional[Mapping[str, str]] = None) -> str:
     """This process's node identity: ``VELOC_NODE_ID`` if set, else the host name."""
     environ = os.environ if environ is None else environ
     return check_node_id(environ.get("VELOC_NODE_ID") or socket.gethostname().split(".")[0])

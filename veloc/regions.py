@@ -3,8 +3,17 @@
 Called by the application rank only (``Client.protect``/``unprotect``; the checkpoint
 and restart phases). numpy arrays are written straight from their buffers and restored
 in place; cupy arrays are staged through host memory and restored in place on their
-device; any other object only with an explicit ``pickle=True`` (restored into
-``Client.recovered``), so nothing is ever unpickled that the user did not ask for.
+device; any other object only with an explicit ``pickle=True``, so nothing is ever
+unpickled that the user did not ask for.
+
+A pickled region is restored *in place* when the protected object can be refilled: a
+dict (``clear`` + ``update``), list (``[:] = ...``), set (``clear`` + ``update``),
+bytearray (``[:] = ...``), numpy array of the same dtype and shape (``[...] = ...``),
+or an object with a ``__dict__`` (its ``__dict__`` cleared and updated); the checkpoint
+must hold an object of the same type. ``Client.recovered[id]`` then refers to that same
+object. Anything else (int, float, str, tuple, None, objects with ``__slots__`` only,
+...) cannot be changed in place: the restored object is only in
+``Client.recovered[id]``.
 """
 import pickle as pickle_module
 
@@ -13,6 +22,53 @@ import numpy as np
 from .engine.rankfile import dtype_descr
 from .errors import CheckpointError, RestartError
 from .names import check_region_id
+
+
+_IN_PLACE = (dict, list, set, bytearray, np.ndarray)
+
+
+def in_place_kind(target):
+    """The kind under which ``target`` is refilled in place, or ``None`` if it cannot be."""
+    for kind in _IN_PLACE:
+        if isinstance(target, kind):
+            return kind
+    if hasattr(target, "__dict__") and not isinstance(target, type):
+        return object
+    return None
+
+
+def check_in_place(target, loaded):
+    """Whether ``target`` is refilled in place from ``loaded``; raises ``TypeError`` when
+    ``target`` could be but ``loaded`` is of another type (or array dtype/shape)."""
+    kind = in_place_kind(target)
+    if kind is None:
+        return False
+    same = type(loaded) is type(target) if kind is object else isinstance(loaded, kind)
+    if not same:
+        raise TypeError(f"the checkpoint holds a {type(loaded).__name__}, the protected object is a "
+                        f"{type(target).__name__}")
+    if kind is np.ndarray and (target.shape != loaded.shape or target.dtype != loaded.dtype):
+        raise TypeError(f"the checkpoint holds an array {loaded.dtype} {loaded.shape}, the protected "
+                        f"array is {target.dtype} {target.shape}")
+    return True
+
+
+def restore_in_place(target, loaded):
+    """Refill ``target`` with the state of ``loaded``; ``False`` (nothing done) if
+    ``target`` cannot be changed in place. Raises ``TypeError`` as :func:`check_in_place`."""
+    if not check_in_place(target, loaded):
+        return False
+    if isinstance(target, (dict, set)):
+        target.clear()
+        target.update(loaded)
+    elif isinstance(target, np.ndarray):
+        target[...] = loaded
+    elif isinstance(target, (list, bytearray)):
+        target[:] = loaded
+    elif loaded is not target:
+        target.__dict__.clear()
+        target.__dict__.update(loaded.__dict__)
+    return True
 
 
 def _is_cupy(obj):
@@ -82,16 +138,37 @@ class Region:
                 f"is {self.obj.dtype} {tuple(self.obj.shape)}: protect an array of the checkpointed "
                 "dtype and shape before restart")
 
-    def restore(self, rankfile, info, recovered):
-        """Fill the region from the file (in place), or put the object in ``recovered``."""
+    def load(self, rankfile, info):
+        """Unpickle a pickled region and check that it can be restored (``None`` for
+        arrays, which are read straight into place by :meth:`restore`)."""
+        if self.kind != "pickle":
+            return None
+        view = rankfile.bytes_view(info)
+        try:
+            loaded = pickle_module.loads(view)
+        except Exception as exc:
+            raise RestartError(f"cannot unpickle region {self.id!r} from {rankfile.path}: {exc}") from exc
+        finally:
+            del view
+        try:
+            check_in_place(self.obj, loaded)
+        except TypeError as exc:
+            raise RestartError(f"region {self.id!r} in {rankfile.path} cannot be restored in place: {exc}; "
+                               "protect an object of the checkpointed type") from None
+        return (loaded,)
+
+    def restore(self, rankfile, info, recovered, loaded=None):
+        """Fill the region from the file in place; a pickled region is refilled in place
+        when it can be (see the module docstring), and is in ``recovered[id]`` in any case.
+        ``loaded``: what :meth:`load` returned, if it was called already."""
         if self.kind == "pickle":
-            view = rankfile.bytes_view(info)
+            value = (loaded or self.load(rankfile, info))[0]
             try:
-                recovered[self.id] = pickle_module.loads(view)
-            except Exception as exc:
-                raise RestartError(f"cannot unpickle region {self.id!r} from {rankfile.path}: {exc}") from exc
-            finally:
-                del view
+                refilled = restore_in_place(self.obj, value)
+            except TypeError as exc:
+                raise RestartError(f"region {self.id!r} in {rankfile.path} cannot be restored in place: "
+                                   f"{exc}; protect an object of the checkpointed type") from None
+            recovered[self.id] = self.obj if refilled else value
             return
         src = rankfile.as_array(info)
         if self.kind == "device":

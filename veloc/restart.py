@@ -9,6 +9,7 @@ from *some* level after verifying it, falling back to older versions.
 import logging
 import os
 from dataclasses import dataclass
+from typing import Iterable, Optional, Union
 
 from .engine.levels import LevelStore
 from .engine.rankfile import RankFile
@@ -35,8 +36,11 @@ class _Restoring:
 class RestartMixin:
     """``restart_test``, ``restart`` and the restart phases."""
 
-    def restart_test(self, name, max_version=None):
-        """Newest version ``<= max_version`` that every rank can restore from some level, or None."""
+    def restart_test(self, name: str, max_version: Optional[int] = None) -> Optional[int]:
+        """Every rank, collective: the newest version ``<= max_version`` (no bound: ``None``)
+        of ``name`` that every rank can restore from some level after verifying it, or
+        ``None``. A corrupt or missing copy falls back to another level or an older version.
+        Raises RestartError for a bad name/version or a failing engine/backend."""
         self._check_open()
         name = check_name(name, error=RestartError)
         if max_version is not None:
@@ -60,8 +64,10 @@ class RestartMixin:
                             self.rank, name, version, "; ".join(reasons))
         return None
 
-    def restart(self, name, version):
-        """``restart_begin`` + ``recover_mem`` + ``restart_end``."""
+    def restart(self, name: str, version: int) -> None:
+        """``restart_begin`` + ``recover_mem`` + ``restart_end``; every rank, collective.
+        Afterwards ``last_restart`` says which level this rank's data came from. Raises
+        RestartError (nothing restorable, regions that do not match the checkpoint)."""
         self.restart_begin(name, version)
         error = None
         try:
@@ -77,7 +83,7 @@ class RestartMixin:
         if failure is not None:
             raise RestartError(f"restart of {name!r} v{version} failed on rank {failure[0]}: {failure[1]}")
 
-    def restart_begin(self, name, version):
+    def restart_begin(self, name: str, version: int) -> None:
         """Collective: open this rank's copy of ``version`` at its fastest intact level: read in
         place from scratch or (a rank file alone) from persistent; brought back to scratch
         from partner or erasure levels, and with routed files from persistent."""
@@ -181,28 +187,32 @@ class RestartMixin:
             raise CorruptCheckpointError(f"{rankfile.path}: {manifest.checksum} mismatch on read")
         return manifest, rankfile
 
-    def recover_size(self, region_id):
-        """Size in bytes of region ``region_id`` in the version being restored."""
+    def recover_size(self, region_id: Union[int, str]) -> int:
+        """Size in bytes of region ``region_id`` in the version being restored; local, between
+        ``restart_begin`` and ``restart_end``. Raises RestartError if it is not there."""
         info = self._region_info(region_id)
         return info.nbytes
 
-    def recover_mem(self, ids=None):
-        """Restore protected regions (all, or ``ids``) in place; pickled ones into ``recovered``."""
+    def recover_mem(self, ids: Optional[Iterable[Union[int, str]]] = None) -> None:
+        """Restore protected regions (all, or ``ids``) in place; local. A pickled object is
+        refilled in place when it is a dict, list, set, bytearray, array or has a ``__dict__``,
+        else it goes into ``recovered[id]``. Everything is checked (dtypes, shapes, types)
+        before anything is touched; raises RestartError otherwise."""
         state = self._require_restoring("recover_mem")
         wanted = list(self.regions) if ids is None else list(ids)
         unknown = [i for i in wanted if i not in self.regions]
         if unknown:
             raise RestartError(f"cannot recover {unknown!r}: protect them first (protected: {list(self.regions)})")
         pairs = []
-        for region_id in wanted:     # validate everything before touching any array
-            info = self._region_info(region_id)
-            self.regions[region_id].check_restorable(info, state.rankfile.path)
-            pairs.append((self.regions[region_id], info))
-        for region, info in pairs:
-            region.restore(state.rankfile, info, self.recovered)
+        for region_id in wanted:     # validate (and unpickle) everything before touching anything
+            info, region = self._region_info(region_id), self.regions[region_id]
+            region.check_restorable(info, state.rankfile.path)
+            pairs.append((region, info, region.load(state.rankfile, info)))
+        for region, info, loaded in pairs:
+            region.restore(state.rankfile, info, self.recovered, loaded)
 
-    def restart_end(self, success=True):
-        """Close the restored version; record ``last_restart`` when ``success``."""
+    def restart_end(self, success: bool = True) -> None:
+        """Close the restored version; record ``last_restart`` when ``success``; local."""
         state = self._require_restoring("restart_end")
         self._restoring = None
         if state.rankfile is not None:

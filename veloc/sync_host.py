@@ -5,7 +5,9 @@ grouped into nodes by node identity (``VELOC_NODE_ID`` or host name, gathered ov
 communicator, so virtual nodes on one machine are separate nodes); the lowest rank of
 each node is its leader and hosts the node's :class:`Engine`; the leaders form the
 communicator that cross-node modules use. Errors are shared, so every rank raises the
-same exception and no rank is left waiting in a collective.
+same exception and no rank is left waiting in a collective. With ``log_prefix`` the
+leader's engine logs like the async backend's (each module's time per version) to
+``<log_prefix>/veloc-sync-<node>.log`` (``veloc.logfile``).
 """
 import traceback
 
@@ -15,6 +17,7 @@ from .engine.module import CHECKPOINT, Command, Peers
 from .engine.pipeline import Engine
 from .host_base import HostAgreement
 from .errors import CheckpointError, RestartError, VelocError
+from .logfile import sync_engine_logger
 
 
 class SyncHost(HostAgreement):
@@ -37,7 +40,10 @@ class SyncHost(HostAgreement):
             # The engine's own communicator, so its collectives never match the host's.
             self.engine_comm = self.leader_comm.Dup() if self.leader_comm.Get_size() > 1 else None
             peers = Peers(self.engine_comm)
-            self.engine = Engine(config, node, peers, logger)
+            engine_log = sync_engine_logger(config, node, logger)
+            self.engine = Engine(config, node, peers, engine_log)
+            engine_log.info("sync engine of node %s (ranks %s of %d): modules %s", node, self.local_ranks,
+                            self.nranks, ", ".join(f"{n}({p})" for n, p in self.engine.describe()))
 
     def _on_leaders(self, action, error_cls):
         """Run ``action(engine)`` on every leader; return its result to all local ranks.

@@ -11,7 +11,7 @@ node or a bad disk would, restarts the job, and checks
   ``veloc: restarted from version V (levels: ...)`` line printed by rank 0), and
 * that the final grid equals the one of an uninterrupted run bit for bit.
 
-On-disk layout relied on (DESIGN.md §5): ``{scratch}/{name}/v{version}/r{rank}.vck``
+On-disk layout relied on (docs/ARCHITECTURE.md): ``{scratch}/{name}/v{version}/r{rank}.vck``
 plus ``r{rank}.manifest.json`` next to it, and the same below ``{persistent}``.
 """
 import re

@@ -147,7 +147,7 @@ def test_pickle_only_when_asked(cfg):
 
 
 def test_fallback_to_older_version_without_persistent(dirs):
-    cfg = {"scratch": str(dirs["scratch"] / "{node}")}
+    cfg = {"scratch": str(dirs["scratch"] / "{node}"), "scratch_versions": 0}     # keep all three
     with veloc.init_single(0, cfg) as c:
         a = np.zeros(1000)
         c.protect("a", a)

@@ -130,7 +130,7 @@ class RecyclePool:
     """Already-allocated scratch files kept for reuse by the next checkpoint of a rank.
 
     Writing over allocated tmpfs pages is 2-3x faster than allocating fresh ones (see
-    DESIGN.md §6). Garbage collection (engine) puts; application ranks take.
+    docs/ARCHITECTURE.md). Garbage collection (engine) puts; application ranks take.
     """
 
     def __init__(self, scratch_root, keep_per_rank=2):

@@ -147,7 +147,7 @@ class GroupStore:
 
 def _write_over(path, data, old, durable):
     """Commit ``data`` at ``path`` by overwriting the already allocated file ``old`` (about 3x
-    faster than filling fresh tmpfs pages, DESIGN.md §6); ``False`` if ``old`` is unusable."""
+    faster than filling fresh tmpfs pages; docs/ARCHITECTURE.md); ``False`` if ``old`` is unusable."""
     tmp = temp_name(path)
     try:
         os.replace(old, tmp)

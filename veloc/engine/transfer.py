@@ -120,7 +120,7 @@ class IncomingFile:
     (so a full disk fails here with ENOSPC, never later with SIGBUS), filled by MPI,
     then checked and renamed into place by :meth:`commit`. ``recycle``: an old,
     uncommitted file to reuse (writing over allocated tmpfs pages is ~2x faster than
-    allocating fresh ones, DESIGN.md §6)."""
+    allocating fresh ones; docs/ARCHITECTURE.md)."""
 
     def __init__(self, path, size, durable=True, recycle=None):
         self.path, self.size, self.durable = path, size, durable

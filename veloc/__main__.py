@@ -1,0 +1,7 @@
+"""``python -m veloc``: the ``veloc`` command-line tool (see :mod:`veloc.cli`)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
