@@ -95,7 +95,7 @@ def test_stopped_backend_is_a_backend_error_within_the_heartbeat(backend):
         c.finalize(drain=False)
     message = str(info.value)
     print(f"stopped backend detected after {detected:.2f} s (heartbeat_timeout = {heartbeat} s)")
-    assert detected <= heartbeat + 0.5, detected
+    assert heartbeat - 0.1 <= detected <= heartbeat + 1.0, detected
     assert "node hb0's veloc backend" in message and f"pid {pid}" in message, message
     assert f"within {heartbeat:g} s" in message and "kill it" in message and "heartbeat_timeout" in message, message
 
@@ -120,16 +120,16 @@ def test_stopped_backend_found_at_init_is_a_backend_error_within_the_heartbeat(b
 
 
 def test_long_engine_run_is_not_hung(backend):
-    heartbeat = 1.0
-    cfg, pid = backend(heartbeat, 3.5)
+    heartbeat = 1.5
+    cfg, pid = backend(heartbeat, 3 * heartbeat)
     with veloc.init_single(0, cfg) as c:
         a = np.arange(1 << 16, dtype=np.float64)
         c.protect("a", a)
         c.checkpoint("run", 1)
         t0 = time.monotonic()
-        c.checkpoint_wait()                   # 3.5 heartbeats of engine work: no error
+        c.checkpoint_wait()                   # 3 heartbeats of engine work: no error
         waited = time.monotonic() - t0
-        assert waited >= 3.0, waited
+        assert waited >= 2 * heartbeat, waited
         a[:] = 0
         assert c.restart_test("run") == 1
         c.restart("run", 1)
