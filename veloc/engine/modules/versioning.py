@@ -7,6 +7,7 @@ complete at a level (every rank's manifest present), so a failed newer checkpoin
 never cost the last good one. Scratch files go to the recycle pool for reuse.
 """
 from ..module import Module
+from ...faults import fault_point
 
 
 class VersioningModule(Module):
@@ -34,4 +35,5 @@ class VersioningModule(Module):
             if version not in protected:
                 self.ctx.log.info("versioning: removing %s v%d rank %d from %s", cmd.name, version, rank,
                                   store.level)
+                fault_point("versioning")
                 store.remove(cmd.name, version, rank, pool=pool)
