@@ -32,8 +32,6 @@ if any count but ``debris`` is non-zero, or ``debris`` too with ``--strict-debri
 (the default; ``--no-strict-debris`` to tolerate it).
 """
 import argparse
-import os
-import shutil
 import sys
 import time
 import uuid
@@ -41,150 +39,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from chaos import checks, jobs, report  # noqa: E402
-from chaos.plan import CONFIGS, TARGETS, config_text, must_survive, plan_cycle  # noqa: E402
-
-
-def cycle_paths(run_id, index):
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
-    base_shm, base = shm / f"chaos-{run_id}-{index}", Path("/tmp") / f"chaos-{run_id}-{index}"
-    paths = {"shm": base_shm, "base": base, "scratch": base_shm / "scratch", "persistent": base / "persistent",
-             "runtime": base / "runtime", "cfg": base / "cycle.ini"}
-    for phase in ("first", "restart"):
-        paths[f"journal_{phase}"] = base / f"journal-{phase}"
-        paths[f"result_{phase}"] = base / f"result-{phase}"
-        paths[f"log_{phase}"] = base / phase
-    return paths
-
-
-def run_first(cycle, paths, tag, timeout, notes):
-    """The faulty run; ``(rc or None if it hung, what was done to it)``."""
-    env = jobs.job_env(tag, paths, cycle.fault_env())
-    proc = jobs.start(jobs.job_command(cycle, paths, "first"), env, paths["log_first"])
-    deadline = time.monotonic() + timeout
-    acted, filler = None, None
-    while True:
-        rc = jobs.wait(proc, 0.02)
-        if rc is not None:
-            break
-        if time.monotonic() >= deadline:
-            break
-        if acted is None and cycle.point is None and jobs.progress(paths["journal_first"]) >= cycle.kill_after:
-            time.sleep(cycle.kill_delay)
-            if cycle.target == "fill_disk":
-                filler = jobs.fill(paths["scratch"] / cycle.nodes[cycle.victim])
-                acted = f"filled {cycle.nodes[cycle.victim]}"
-            else:
-                acted = "killed " + ",".join(jobs.kill_target(cycle, tag)) or "nothing to kill"
-    if rc is None:
-        jobs.kill_all(tag)
-        proc.wait()
-    if filler is not None:
-        filler.unlink(missing_ok=True)
-    notes["first_rc"], notes["acted"] = rc, acted
-    return rc, acted
-
-
-def run_restart(cycle, paths, tag, timeout, notes):
-    env = jobs.job_env(tag, paths)
-    proc = jobs.start(jobs.job_command(cycle, paths, "restart"), env, paths["log_restart"])
-    rc = jobs.wait(proc, timeout)
-    if rc is None:
-        jobs.kill_all(tag)
-        proc.wait()
-    elif cycle.mode == "async" and cycle.launcher == "mpiexec":
-        err = jobs.stop_backends(paths["cfg"], env)
-        if err:
-            notes["stop"] = err
-    notes["restart_rc"] = rc
-    return rc
-
-
-def read(path):
-    try:
-        return Path(path).read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-def run_cycle(cycle, run_id, timeout, keep_dir):
-    """Run one cycle; its record ``{"cycle", "verdict", "notes", "seconds"}``."""
-    t0 = time.monotonic()
-    tag = f"{run_id}-{cycle.index}"
-    paths = cycle_paths(run_id, cycle.index)
-    for key in ("scratch", "persistent", "runtime"):
-        paths[key].mkdir(parents=True, exist_ok=True)
-    paths["cfg"].write_text(config_text(cycle, paths["scratch"], paths["persistent"]))
-    mounted = None
-    if cycle.target == "fill_disk":
-        mounted = paths["scratch"] / cycle.nodes[cycle.victim]
-        if not jobs.mount_small(mounted):
-            mounted = None
-    verdict = dict.fromkeys(("torn", "lost", "hang", "leftover", "debris", "error"), "")
-    notes = {}
-    try:
-        rc1, acted = run_first(cycle, paths, tag, timeout, notes)
-        out1 = read(f"{paths['log_first']}.out") + read(f"{paths['log_first']}.err")
-        if rc1 is None:
-            verdict["hang"] = f"first run did not end within {timeout:g} s ({acted or 'no fault acted yet'})"
-        elif "Traceback" in out1:
-            verdict["error"] = "first run: " + checks.first_error_line(out1)
-        elif rc1 != 0 and acted is None and cycle.point is None:
-            verdict["error"] = f"first run exited {rc1} without a fault: " + checks.first_error_line(out1)
-        notes["first_error"] = checks.first_error_line(out1) if rc1 else ""
-        jobs.kill_all(tag)                     # the allocation is gone: backends too
-        lost_nodes = {"none": [], "node": [cycle.lost_node], "all": cycle.nodes}[cycle.loss]
-        jobs.lose(paths["scratch"], lost_nodes)
-        journals = jobs.journal(paths["journal_first"])
-        required = checks.required_version(journals, cycle.nranks) if must_survive(cycle) else None
-        notes["journal"] = {r: v[-3:] for r, v in sorted(journals.items())}
-        notes["required"] = required
-        rc2 = run_restart(cycle, paths, tag, timeout, notes)
-        out2 = read(f"{paths['log_restart']}.out") + read(f"{paths['log_restart']}.err")
-        results = checks.read_results(paths["result_restart"], cycle.nranks)
-        torn, lost, restored, why = checks.judge_restore(results, cycle.nranks, required)
-        notes["restored"] = restored
-        notes["levels"] = [results[r].get("level") for r in sorted(results)]
-        if torn:
-            verdict["torn"] = why
-        if lost:
-            verdict["lost"] = why
-        if rc2 is None:
-            verdict["hang"] = verdict["hang"] or f"restart run did not end within {timeout:g} s"
-        elif rc2 != 0 or (why and not torn and not lost):
-            verdict["error"] = verdict["error"] or (f"restart run exited {rc2}: " + checks.first_error_line(out2)
-                                                    if rc2 else why)
-        deadline = time.monotonic() + 10
-        procs = jobs.cycle_processes(tag)
-        while procs and time.monotonic() < deadline:
-            time.sleep(0.1)
-            procs = jobs.cycle_processes(tag)
-        if procs:
-            verdict["leftover"] = "; ".join(f"{kind} pid {pid}: {cmd[:120]}" for pid, kind, _, cmd in procs)
-            jobs.kill_all(tag)
-        if rc2 is not None:
-            debris = checks.find_debris([paths["scratch"], paths["persistent"]])
-            if debris:
-                verdict["debris"] = f"{len(debris)}: " + ", ".join(d.split(f'chaos-{tag}', 1)[-1] for d in debris[:6])
-    finally:
-        jobs.kill_all(tag)
-        if mounted is not None:
-            jobs.unmount(mounted)
-        if any(verdict.values()) and keep_dir is not None:
-            dest = Path(keep_dir) / f"cycle-{cycle.index}"
-            shutil.rmtree(dest, ignore_errors=True)
-            dest.mkdir(parents=True, exist_ok=True)
-            for p in paths["base"].glob("*.out"):
-                shutil.copy(p, dest / p.name)
-            for p in paths["base"].glob("*.err"):
-                shutil.copy(p, dest / p.name)
-            shutil.copy(paths["cfg"], dest / "cycle.ini")
-            for log in paths["scratch"].glob("veloc-backend-*"):
-                shutil.copy(log, dest / log.name)
-        shutil.rmtree(paths["shm"], ignore_errors=True)
-        shutil.rmtree(paths["base"], ignore_errors=True)
-    return {"cycle": cycle.to_json(), "verdict": verdict, "notes": notes,
-            "seconds": round(time.monotonic() - t0, 2)}
+from chaos import jobs, report  # noqa: E402
+from chaos.cycle import run_cycle  # noqa: E402
+from chaos.plan import CONFIGS, TARGETS, plan_cycle  # noqa: E402
 
 
 def repro(args, index):

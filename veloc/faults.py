@@ -13,20 +13,22 @@ variable is read once at import; unset, :func:`fault_point` is a no-op function.
 import os
 import signal
 
+from .errors import ConfigError
+
 POINTS = ("local_write", "manifest_commit", "checksum", "partner_transfer", "erasure_encode",
           "flush", "versioning")
 
 
 def parse_spec(text):
-    """``(point, nth, where or None)`` from a ``VELOC_FAULT`` value; ValueError if malformed."""
+    """``(point, nth, where or None)`` from a ``VELOC_FAULT`` value; ConfigError if malformed."""
     parts = text.strip().split(":")
     if not parts[0] or parts[0] not in POINTS or len(parts) > 3:
-        raise ValueError(f"VELOC_FAULT={text!r}: expected <point>[:<nth>][:<node or rank>] "
+        raise ConfigError(f"VELOC_FAULT={text!r}: expected <point>[:<nth>][:<node or rank>] "
                          f"with point one of {', '.join(POINTS)}")
     nth = 1
     if len(parts) > 1 and parts[1]:
         if not parts[1].isdigit() or int(parts[1]) < 1:
-            raise ValueError(f"VELOC_FAULT={text!r}: <nth> must be an integer >= 1")
+            raise ConfigError(f"VELOC_FAULT={text!r}: <nth> must be an integer >= 1")
         nth = int(parts[1])
     where = parts[2] if len(parts) > 2 and parts[2] else None
     return parts[0], nth, where

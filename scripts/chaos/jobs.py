@@ -125,6 +125,18 @@ def kill(pids):
             pass
 
 
+def dump_stacks(tag, wait_s=1.0):
+    """Ask the cycle's application ranks to print their stacks (SIGUSR1) before a kill."""
+    ranks = [p[0] for p in cycle_processes(tag) if p[1] == "rank"]
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    if ranks:
+        time.sleep(wait_s)
+
+
 def kill_all(tag, timeout=10.0):
     """SIGKILL every process of the cycle until none is left; the ones that were there."""
     seen = cycle_processes(tag)

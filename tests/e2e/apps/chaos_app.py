@@ -18,12 +18,15 @@ folders) every version that veloc reported done: in sync mode when ``checkpoint(
 returned, in async mode when ``checkpoint_wait()`` (every ``W`` checkpoints) or
 ``finalize(drain=True)`` returned. These lines are what must survive a crash.
 
-Exit codes: 0 done, 3 a ``VelocError`` (printed on stdout as ``rank R VelocError:``),
+SIGUSR1 prints every thread's stack to stderr (the driver asks for it before it kills
+a hung job). Exit codes: 0 done, 3 a ``VelocError`` (printed on stdout as ``rank R VelocError:``),
 anything else aborts the job after printing the traceback.
 """
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 
@@ -124,6 +127,7 @@ def main():
     p.add_argument("--first", type=int, default=1, help="first iteration of a run that does not restart")
     p.add_argument("--fresh", action="store_true", help="do not look for a version to restart from")
     args = p.parse_args()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)    # the driver's stack dump of a hang
     comm = MPI.COMM_WORLD
     try:
         run(args, comm)
