@@ -62,10 +62,15 @@ def test_known_bug_2_partner_keeps_the_previous_version_during_the_next_transfer
     assert rec["notes"]["restored"] == 1 and not failures(rec), explain(rec)
 
 
-def test_known_bug_3_xor_keeps_the_previous_parity_during_the_next_encode():
-    """known_bug 3: XOR over 4 nodes, scratch_versions = 1, sync. Killed during v2's
-    erasure encode, then n0 is lost: v1 must be rebuilt from the group."""
-    rec = run(cycle("xor", point="erasure_encode", nth=2, where="n1", loss="node", lost_node="n0"))
+@pytest.mark.parametrize("config,nodes", [("xor", 4), ("rs", 5)])
+def test_known_bug_3_erasure_keeps_the_previous_parity_during_the_next_encode(config, nodes):
+    """known_bug 3: XOR over 4 nodes (and Reed-Solomon, 2 parity, over 5), scratch_versions
+    = 1, sync. Killed during v2's erasure encode, then n0 is lost: v1 must be rebuilt
+    from the group."""
+    group = [f"n{i}" for i in range(nodes)]
+    sections = {"erasure": {**CONFIGS[config]["sections"]["erasure"], "group_size": str(nodes)}}
+    rec = run(cycle(config, nodes=group, sections=sections, point="erasure_encode", nth=2, where="n1",
+                    loss="node", lost_node="n0"))
     assert rec["notes"]["required"] == 1, explain(rec)
     assert rec["notes"]["restored"] == 1 and not failures(rec), explain(rec)
 
