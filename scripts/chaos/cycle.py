@@ -80,6 +80,32 @@ def read(path):
         return ""
 
 
+def leftovers(tag, grace=10.0):
+    """Processes of the cycle still alive ``grace`` seconds after its last run (killed
+    then); ``""`` if none."""
+    deadline = time.monotonic() + grace
+    procs = jobs.cycle_processes(tag)
+    while procs and time.monotonic() < deadline:
+        time.sleep(0.1)
+        procs = jobs.cycle_processes(tag)
+    if not procs:
+        return ""
+    jobs.kill_all(tag)
+    return "; ".join(f"{kind} pid {pid}: {cmd[:120]}" for pid, kind, _, cmd in procs)
+
+
+def keep_logs(paths, dest):
+    """Copy a failing cycle's job output, config and backend logs to ``dest``."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    for pattern in ("*.out", "*.err"):
+        for path in paths["base"].glob(pattern):
+            shutil.copy(path, dest / path.name)
+    shutil.copy(paths["cfg"], dest / "cycle.ini")
+    for log in paths["scratch"].glob("veloc-backend-*"):
+        shutil.copy(log, dest / log.name)
+
+
 def run_cycle(cycle, run_id, timeout, keep_dir):
     """Run one cycle; its record ``{"cycle", "verdict", "notes", "seconds"}``."""
     t0 = time.monotonic()
@@ -127,14 +153,7 @@ def run_cycle(cycle, run_id, timeout, keep_dir):
         elif rc2 != 0 or (why and not torn and not lost):
             verdict["error"] = verdict["error"] or (f"restart run exited {rc2}: " + checks.first_error_line(out2)
                                                     if rc2 else why)
-        deadline = time.monotonic() + 10
-        procs = jobs.cycle_processes(tag)
-        while procs and time.monotonic() < deadline:
-            time.sleep(0.1)
-            procs = jobs.cycle_processes(tag)
-        if procs:
-            verdict["leftover"] = "; ".join(f"{kind} pid {pid}: {cmd[:120]}" for pid, kind, _, cmd in procs)
-            jobs.kill_all(tag)
+        verdict["leftover"] = leftovers(tag)
         if rc2 is not None:
             debris = checks.find_debris([paths["scratch"], paths["persistent"]])
             if debris:
@@ -144,16 +163,7 @@ def run_cycle(cycle, run_id, timeout, keep_dir):
         if mounted is not None:
             jobs.unmount(mounted)
         if any(verdict.values()) and keep_dir is not None:
-            dest = Path(keep_dir) / f"cycle-{cycle.index}"
-            shutil.rmtree(dest, ignore_errors=True)
-            dest.mkdir(parents=True, exist_ok=True)
-            for p in paths["base"].glob("*.out"):
-                shutil.copy(p, dest / p.name)
-            for p in paths["base"].glob("*.err"):
-                shutil.copy(p, dest / p.name)
-            shutil.copy(paths["cfg"], dest / "cycle.ini")
-            for log in paths["scratch"].glob("veloc-backend-*"):
-                shutil.copy(log, dest / log.name)
+            keep_logs(paths, Path(keep_dir) / f"cycle-{cycle.index}")
         shutil.rmtree(paths["shm"], ignore_errors=True)
         shutil.rmtree(paths["base"], ignore_errors=True)
     return {"cycle": cycle.to_json(), "verdict": verdict, "notes": notes,
