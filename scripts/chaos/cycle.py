@@ -48,7 +48,7 @@ def run_first(cycle, paths, tag, timeout, notes):
                 killed = jobs.kill_target(cycle, tag)
                 acted = "killed " + ",".join(killed) if killed else None
     if rc is None:
-        jobs.dump_stacks(tag)
+        notes["hung_first"] = jobs.dump_stacks(tag)
         jobs.kill_all(tag)
         proc.wait()
     if filler is not None:
@@ -62,7 +62,7 @@ def run_restart(cycle, paths, tag, timeout, notes):
     proc = jobs.start(jobs.job_command(cycle, paths, "restart"), env, paths["log_restart"])
     rc = jobs.wait(proc, timeout)
     if rc is None:
-        jobs.dump_stacks(tag)
+        notes["hung_restart"] = jobs.dump_stacks(tag)
         jobs.kill_all(tag)
         proc.wait()
     elif cycle.mode == "async" and cycle.launcher == "mpiexec":

@@ -111,7 +111,9 @@ def cycle_processes(tag):
         if not env or env.get(TAG) != tag or _state(pid) in ("Z", "X"):
             continue
         cmd = _cmdline(pid)
-        kind = ("rank" if str(APP) in cmd and "backend.launcher" not in cmd else
+        program = os.path.basename(cmd.split(" ", 1)[0])
+        kind = ("launcher" if program.startswith(("mpiexec", "mpirun", "hydra")) or "backend.launcher" in cmd else
+                "rank" if str(APP) in cmd else
                 "backend" if "backend.main" in cmd or "veloc-backend" in cmd else "launcher")
         out.append((pid, kind, env, cmd))
     return out
@@ -126,15 +128,25 @@ def kill(pids):
 
 
 def dump_stacks(tag, wait_s=1.0):
-    """Ask the cycle's application ranks to print their stacks (SIGUSR1) before a kill."""
-    ranks = [p[0] for p in cycle_processes(tag) if p[1] == "rank"]
-    for pid in ranks:
+    """Before a hung run is killed: ask its application ranks to print their stacks
+    (SIGUSR1) and return what every process of the cycle was doing
+    (``["kind pid state wchan: cmdline"]``)."""
+    procs = cycle_processes(tag)
+    for pid in (p[0] for p in procs if p[1] == "rank"):
         try:
             os.kill(pid, signal.SIGUSR1)
         except ProcessLookupError:
             pass
-    if ranks:
+    if procs:
         time.sleep(wait_s)
+    out = []
+    for pid, kind, _env, cmd in procs:
+        try:
+            wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+        except OSError:
+            wchan = "?"
+        out.append(f"{kind} {pid} {_state(pid)} {wchan}: {cmd[:160]}")
+    return out
 
 
 def kill_all(tag, timeout=10.0):
