@@ -75,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="chaos-out", help="folder for chaos.json and failing cycles' logs")
     p.add_argument("--jobs", type=int, default=1, choices=(1,), help="cycles at a time (1)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a run may take before it is a hang")
+    p.add_argument("--budget", type=float, default=None, metavar="S",
+                   help="start no new cycle after S seconds (the JSON says how many ran)")
     p.add_argument("--strict-debris", action=argparse.BooleanOptionalAction, default=True,
                    help="count crash debris as a failure (default: yes)")
     p.add_argument("--findings", default=None, help="append every failing cycle to this markdown file")
@@ -96,6 +98,9 @@ def main(argv=None):
     records = []
     t0 = time.monotonic()
     for index in range(args.first_cycle, args.first_cycle + args.cycles):
+        if args.budget is not None and time.monotonic() - t0 > args.budget:
+            print(f"chaos: time budget of {args.budget:g} s spent after {len(records)} cycle(s)", file=sys.stderr)
+            break
         cycle = plan_cycle(args.seed, index, args.configs, targets)
         rec = run_cycle(cycle, run_id, args.timeout, out / "failures")
         records.append(rec)

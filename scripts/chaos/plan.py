@@ -31,7 +31,11 @@ POINT_TARGETS = {
     "versioning": lambda c: True,
 }
 TARGETS = ("rank", "job", "backend", "backend_flush", "point", "fill_disk")
+# how often each target is drawn among those a config allows: named points are split
+# over up to 7 points, so they get the largest share
+TARGET_WEIGHTS = {"rank": 2, "job": 2, "backend": 2, "backend_flush": 2, "point": 5, "fill_disk": 1}
 LOSSES = ("none", "node", "all")
+COMMON_POINTS = ("local_write", "manifest_commit", "checksum", "versioning")
 
 
 @dataclass
@@ -113,12 +117,13 @@ def plan_cycle(seed, index, configs=None, targets=None):
                   per_node=spec["per_node"], scratch_versions=rng.randint(1, 2),
                   max_versions=rng.randint(1, 3), iterations=rng.randint(4, 7),
                   every=rng.choice((1, 1, 2)), wait_every=rng.choice((1, 2)),
-                  target=rng.choice(allowed), sections=sections,
+                  target=rng.choices(allowed, [TARGET_WEIGHTS[t] for t in allowed])[0], sections=sections,
                   persistent=spec.get("persistent", False), launcher=spec.get("launcher", "mpiexec"))
     checkpoints = cycle.iterations // cycle.every
     if cycle.target == "point":
         points = [p for p, ok in POINT_TARGETS.items() if ok(spec)]
-        cycle.point = rng.choice(points)
+        # the points of the config's own levels (partner, erasure, flush) twice as often
+        cycle.point = rng.choices(points, [1 if p in COMMON_POINTS else 2 for p in points])[0]
         # engine points pass once per local rank per version in the one engine process of
         # a node; client points once per version in each rank process
         per_version = cycle.per_node if cycle.point in ("checksum", "flush", "versioning") else 1
