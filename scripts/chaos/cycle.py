@@ -125,7 +125,8 @@ def run_cycle(cycle, run_id, timeout, keep_dir):
         rc1, acted = run_first(cycle, paths, tag, timeout, notes)
         out1 = read(f"{paths['log_first']}.out") + read(f"{paths['log_first']}.err")
         if rc1 is None:
-            verdict["hang"] = f"first run did not end within {timeout:g} s ({acted or 'no fault acted yet'})"
+            fault = acted or (f"VELOC_FAULT={cycle.fault_env()}" if cycle.point else "no fault acted yet")
+            verdict["hang"] = f"first run did not end within {timeout:g} s ({fault})"
         elif "Traceback" in out1:
             verdict["error"] = "first run: " + checks.first_error_line(out1)
         elif rc1 != 0 and acted is None and cycle.point is None:

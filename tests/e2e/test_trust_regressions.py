@@ -182,3 +182,15 @@ def test_known_bug_7_a_hung_backend_is_reported_within_seconds():
         proc.wait()
         shutil.rmtree(paths["shm"], ignore_errors=True)
         shutil.rmtree(paths["base"], ignore_errors=True)
+
+
+def test_known_bug_1c_an_async_backend_failure_reaches_every_rank():
+    """known_bug 1(c), found by the chaos campaign (seed 200 cycle 20): async partner
+    under veloc-run, 4 virtual nodes, a checkpoint every 2 iterations and
+    checkpoint_wait() every 2 checkpoints; vnode0's backend is killed in v2's versioning.
+    Rank 0's checkpoint_wait() raises, the others have already seen v4 done and enter
+    checkpoint(6): they must get a VelocError too instead of waiting in the agreement
+    for ever. The job must end (no hang) and the restart must work."""
+    rec = run(cycle("async_partner", nodes=["vnode0", "vnode1", "vnode2", "vnode3"], iterations=7, every=2,
+                    wait_every=2, point="versioning", nth=1, where="vnode0"))
+    assert rec["notes"]["first_rc"] is not None and not failures(rec), explain(rec)
