@@ -194,3 +194,16 @@ def test_known_bug_1c_an_async_backend_failure_reaches_every_rank():
     rec = run(cycle("async_partner", nodes=["vnode0", "vnode1", "vnode2", "vnode3"], iterations=7, every=2,
                     wait_every=2, point="versioning", nth=1, where="vnode0"))
     assert rec["notes"]["first_rc"] is not None and not failures(rec), explain(rec)
+
+
+def test_known_bug_1b_resumed_background_work_keeps_the_last_restorable_version():
+    """known_bug 1(b), found by the chaos campaign (seed 200 cycles 15, 103, 108): async
+    partner under veloc-run, 4 virtual nodes, scratch_versions = 1. vnode1's backend is
+    killed during v4's checksum; every rank had seen v3 done; vnode0 is then lost. The
+    restart's new backends resume v4 from their queue journals, skip its partner copy
+    (vnode0 never submits it) and must not delete v3, the last version every rank can
+    restore: the restart must bring back v3."""
+    rec = run(cycle("async_partner", nodes=["vnode0", "vnode1", "vnode2", "vnode3"], iterations=6,
+                    point="checksum", nth=4, where="vnode1", loss="node", lost_node="vnode0"))
+    assert rec["notes"]["required"] == 3, explain(rec)
+    assert rec["notes"]["restored"] == 3 and not failures(rec), explain(rec)
