@@ -17,6 +17,7 @@ from .engine.manifest import FileEntry, Manifest
 from .engine.rankfile import build_header, write_rank_file
 from .engine.write_mappings import WriteMappings
 from .errors import BackendError, CheckpointError, ConfigError, VelocError
+from .faults import fault_point
 from .names import check_file_name, check_name, check_version
 from .regions import Region
 from .restart import RestartMixin
@@ -233,6 +234,7 @@ class Client(RestartMixin):
                 elif recycled is not None:
                     self.mappings.forget(fd)
                 write_rank_file(fd, header, infos, [v for _, v in snaps], total, mapped)
+                fault_point("local_write")
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -313,6 +315,7 @@ class Client(RestartMixin):
         fsync_dir(pending.vdir)
         manifest = Manifest(pending.name, pending.version, self.rank, self.size, self.node, "scratch",
                             files=pending.files)
+        fault_point("manifest_commit")
         self.scratch.commit_manifest(manifest)
 
     def _wait_for_buffers(self):

@@ -6,6 +6,7 @@ digests, which every later copy carries and every read verifies.
 """
 from ..hashing import digest_file
 from ..module import Module
+from ...faults import fault_point
 
 
 class ChecksumModule(Module):
@@ -32,5 +33,6 @@ class ChecksumModule(Module):
             entry.digest = digest_file(vdir / entry.name, self.algorithm, mapped_files=cmd.mapped)
         manifest.checksum = self.algorithm
         manifest.record_module(self.name, algorithm=self.algorithm)
+        fault_point("checksum")
         store.commit_manifest(manifest)
         cmd.fresh_digests.add(rank)

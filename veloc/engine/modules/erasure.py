@@ -27,6 +27,7 @@ import json
 import numpy as np
 
 from ...errors import CheckpointError, ConfigError, CorruptCheckpointError, RestartError
+from ...faults import fault_point
 from ..erasure_codec import make_codec
 from ..hashing import digest_buffer
 from ..module import Module
@@ -149,6 +150,7 @@ class ErasureModule(Module):
         state, error = local(setup)
         try:
             settle(peers, node, error, error_cls, what)
+            fault_point("erasure_encode")
             result = None
             if state is not None:
                 peer, me, k, chunk, codec, victim, files = state

@@ -13,6 +13,7 @@ versions.
 """
 
 from ...errors import CheckpointError, CorruptCheckpointError
+from ...faults import fault_point
 from ..fileio import copy_file, make_dirs
 from ..hashing import hasher
 from ..module import Module
@@ -52,6 +53,7 @@ class FlushModule(Module):
                       verify=rank not in cmd.fresh_digests, mapped_files=cmd.mapped)
         out = manifest.copy_for("persistent")
         out.record_module(self.name, every=self.every, interval=self.interval)
+        fault_point("flush")
         dst.commit_manifest(out)
 
     def supersede(self, name, threshold, ranks):

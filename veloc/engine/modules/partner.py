@@ -20,6 +20,7 @@ any single node's scratch (of any number of nodes as long as no node and its par
 are both lost). ``<scratch>`` is ``transfer.node_scratch``: the scratch path up to ``{rank}``.
 """
 from ...errors import CheckpointError, CorruptCheckpointError, RestartError
+from ...faults import fault_point
 from ..levels import LevelStore
 from ..manifest import verify_files
 from ..module import Module
@@ -137,6 +138,7 @@ class PartnerModule(Module):
         error = local(prepare)[1]
         try:
             settle(peers, node, error, error_cls, what)
+            fault_point("partner_transfer")
             incoming = [f for f in files if isinstance(f, IncomingFile)]
             outgoing = [f for f in files if isinstance(f, OutgoingFile)]
             ex = Exchange(peers.comm, TAG_PARTNER)

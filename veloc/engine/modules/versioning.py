@@ -8,6 +8,7 @@ never cost the last good one. Scratch files go to the recycle pool for reuse.
 """
 from ..debris import collect_engine
 from ..module import Module
+from ...faults import fault_point
 
 
 class VersioningModule(Module):
@@ -36,4 +37,5 @@ class VersioningModule(Module):
             if version not in protected:
                 self.ctx.log.info("versioning: removing %s v%d rank %d from %s", cmd.name, version, rank,
                                   store.level)
+                fault_point("versioning")
                 store.remove(cmd.name, version, rank, pool=pool)
