@@ -18,6 +18,7 @@ from .errors import CheckpointError, ConfigError, VelocError
 from .names import check_file_name, check_name, check_version
 from .regions import Region
 from .restart import RestartMixin
+from .training.policy import PolicyMixin
 
 log = logging.getLogger("veloc.client")
 
@@ -32,7 +33,7 @@ class _Pending:
         self.mem_written = False
 
 
-class Client(RestartMixin):
+class Client(RestartMixin, PolicyMixin):
     """Checkpoint/restart client of one application rank."""
 
     def __init__(self, cfg, comm, rank=None, single=False):
@@ -256,6 +257,7 @@ class Client(RestartMixin):
                 self.host.drain()
         finally:
             self._closed = True
+            self._close_policy()
             self.mappings.close()
             self.host.close()
 

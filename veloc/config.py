@@ -42,6 +42,16 @@ def _int(minimum=None):
     return parse
 
 
+def _float_positive(key, raw):
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise ConfigError(f"config key '{key}' = {raw!r}: expected a number") from None
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"config key '{key}' = {raw!r}: must be a positive finite number")
+    return value
+
+
 def _choice(*accepted):
     def parse(key, raw):
         value = str(raw).strip()
@@ -115,6 +125,10 @@ SECTION_KEYS = {
     "erasure": module_keys(40, scheme=Key(_choice("xor", "rs"), "xor"), group_size=Key(_int(2), 4),
                            parity=Key(_int(1), None), interval=Key(_int(), None), backend=Key(_text, None)),
     "versioning": module_keys(90),
+    # not a pipeline module: the training interval policy (veloc/training/policy.py)
+    "policy": {"mode": Key(_choice("fixed", "auto"), "auto"), "overhead": Key(_float_positive, 0.05),
+               "interval": Key(_int(1)), "seconds": Key(_float_positive), "mtbf": Key(_float_positive),
+               "warmup": Key(_int(1), 5)},
 }
 
 
