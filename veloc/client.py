@@ -19,6 +19,7 @@ from .names import check_file_name, check_name, check_version
 from .regions import Region
 from .restart import RestartMixin
 from .training.policy import PolicyMixin
+from .training.snapshot import SnapshotMixin
 
 log = logging.getLogger("veloc.client")
 
@@ -33,12 +34,12 @@ class _Pending:
         self.mem_written = False
 
 
-class Client(RestartMixin, PolicyMixin):
+class Client(SnapshotMixin, RestartMixin, PolicyMixin):
     """Checkpoint/restart client of one application rank."""
 
     def __init__(self, cfg, comm, rank=None, single=False):
         self.config = load_config(cfg)
-        self.comm = comm
+        self.comm = self._init_snapshot(comm)    # veloc's private duplicate of comm
         self.rank = comm.Get_rank() if rank is None else int(rank)
         self.size = comm.Get_size()
         self.node = node_id()
@@ -119,6 +120,7 @@ class Client(RestartMixin, PolicyMixin):
     def checkpoint_begin(self, name, version):
         self._check_open()
         name, version = check_name(name), check_version(version)
+        self._settle_snapshots()
         if self._pending is not None:
             raise CheckpointError(f"checkpoint_begin({name!r}, {version}) while checkpoint "
                                   f"{self._pending.name!r} v{self._pending.version} is still open: "
@@ -137,7 +139,10 @@ class Client(RestartMixin, PolicyMixin):
         if pending.mem_written:
             raise CheckpointError("checkpoint_mem called twice in one checkpoint")
         selected = self._select_regions(ids)
-        snaps = [region.snapshot() for region in selected]
+        self._write_regions(pending, [snap for region in selected for snap in region.snapshots()])
+
+    def _write_regions(self, pending, snaps):
+        """Write ``(descriptor, buffer)`` pairs to this rank's scratch file of ``pending``."""
         header, infos, total = build_header(pending.name, pending.version, self.rank, [d for d, _ in snaps])
         final = pending.vdir / self.scratch.regions_file_name(self.rank)
         tmp = temp_name(final)
@@ -240,10 +245,13 @@ class Client(RestartMixin, PolicyMixin):
     def checkpoint_wait(self):
         """Block until background work of earlier checkpoints is done; raise its first error."""
         self._check_open()
+        self._settle_snapshots()
         self.host.drain()
 
     def checkpoint_finished(self):
         """Whether background work of earlier checkpoints is done (never blocks)."""
+        if not self.snapshot_finished():
+            return False
         finished = getattr(self.host, "finished", None)
         return True if finished is None else finished()
 
@@ -253,6 +261,7 @@ class Client(RestartMixin, PolicyMixin):
         if self._closed:
             return
         try:
+            self._settle_snapshots(raise_errors=drain)
             if drain:
                 self.host.drain()
         finally:
@@ -260,6 +269,7 @@ class Client(RestartMixin, PolicyMixin):
             self._close_policy()
             self.mappings.close()
             self.host.close()
+            self._close_snapshot()
 
     def __enter__(self):
         return self

@@ -129,6 +129,9 @@ SECTION_KEYS = {
     "policy": {"mode": Key(_choice("fixed", "auto"), "auto"), "overhead": Key(_float_positive, 0.05),
                "interval": Key(_int(1)), "seconds": Key(_float_positive), "mtbf": Key(_float_positive),
                "warmup": Key(_int(1), 5)},
+    # not a pipeline module: two-phase snapshots (veloc/training/snapshot.py)
+    "snapshot": {"max_in_flight": Key(_int(1), 1), "device_staging": Key(_choice("auto", "device", "pinned"), "auto"),
+                 "device_margin_mib": Key(_int(0), 1024)},
 }
 
 
