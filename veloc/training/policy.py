@@ -291,8 +291,10 @@ class PolicyMixin:
         """The policy, built if needed; safe from any thread (creates no communicator)."""
         with PolicyMixin._policy_lock:
             if self._policy is None:
+                # the application's communicator (the client's own one carries background persists)
+                app_comm = getattr(self, "app_comm", None) or self.comm
                 self._policy = IntervalPolicy(self.config.section("policy"),
-                                              comm=None if self.size == 1 else self.comm)
+                                              comm=None if self.size == 1 else app_comm)
         return self._policy
 
     @property
