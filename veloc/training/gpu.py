@@ -53,7 +53,10 @@ class CupyOps:
 
     def empty_pinned(self, nbytes):
         memory = self.cp.cuda.alloc_pinned_memory(max(nbytes, 1))
-        return np.frombuffer(memory, np.uint8, max(nbytes, 1))
+        return np.frombuffer(memory, np.uint8, max(nbytes, 1))   # the array keeps memory alive
+
+    def host_view(self, pinned, offset, nbytes):
+        return pinned[offset:offset + nbytes]
 
     def start(self, device):
         """The device's side stream, ordered after the current stream's queued work."""
@@ -97,7 +100,6 @@ class TorchOps:
         import torch
         self.torch = torch
         self.streams = {}
-        self._pinned = []          # pinned tensors behind the numpy views handed out
 
     def device_of(self, tensor) -> int:
         return int(tensor.device.index)
@@ -116,9 +118,10 @@ class TorchOps:
         return self.torch.empty(max(nbytes, 1), dtype=self.torch.uint8, device=f"cuda:{device}")
 
     def empty_pinned(self, nbytes):
-        tensor = self.torch.empty(max(nbytes, 1), dtype=self.torch.uint8, pin_memory=True)
-        self._pinned.append(tensor)
-        return tensor.numpy()
+        return self.torch.empty(max(nbytes, 1), dtype=self.torch.uint8, pin_memory=True)
+
+    def host_view(self, pinned, offset, nbytes):
+        return pinned[offset:offset + nbytes].numpy()
 
     def start(self, device):
         cuda = self.torch.cuda
@@ -135,7 +138,7 @@ class TorchOps:
 
     def copy_to_host(self, dst, src, stream, device):
         with self.torch.cuda.stream(stream):
-            self.torch.from_numpy(dst).copy_(src, non_blocking=True)
+            dst.copy_(src, non_blocking=True)      # dst: a slice of a pinned tensor
         src.record_stream(stream)
 
     def finish(self, stream, device):

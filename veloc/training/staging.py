@@ -126,10 +126,11 @@ class StagingBuffer:
             for kind, src, where in plan:
                 if kind == "device" and where[0] == key:
                     off, n = where[1], src.desc["nbytes"]
+                    dst = ops.slice(arena.memory, off, n)
                     if arena.mode == "device":
-                        ops.copy_to_device(ops.slice(arena.memory, off, n), src.device, stream, device)
+                        ops.copy_to_device(dst, src.device, stream, device)
                     else:
-                        ops.copy_to_host(arena.memory[off:off + n], src.device, stream, device)
+                        ops.copy_to_host(dst, src.device, stream, device)
             events.append((ops, ops.finish(stream, device)))
         return StagedCopy(host, arenas, plan, events)
 
@@ -169,7 +170,7 @@ class StagedCopy:
                 key, off = where
                 arena = self.arenas[key]
                 if arena.mode == "pinned":
-                    out.append((desc, arena.memory[off:off + n]))
+                    out.append((desc, key[0].host_view(arena.memory, off, n)))
                     continue
                 if arena.bounce is None or arena.bounce.size < arena.capacity:
                     arena.bounce = np.empty(arena.capacity, np.uint8)
