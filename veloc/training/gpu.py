@@ -21,10 +21,6 @@ def is_cupy(obj) -> bool:
     return type(obj).__module__.split(".")[0] == "cupy" and hasattr(obj, "__cuda_array_interface__")
 
 
-def is_torch_cuda(obj) -> bool:
-    return type(obj).__module__.split(".")[0] == "torch" and getattr(obj, "is_cuda", False)
-
-
 class CupyOps:
     """Device operations for cupy arrays (one instance per process)."""
     name = "cupy"

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..engine.rankfile import dtype_descr
 from ..errors import CheckpointError
-from .gpu import DeviceMemoryWatch, is_cupy, is_torch_cuda, ops_for
+from .gpu import DeviceMemoryWatch, ops_for
 
 ALIGN = 4096
 
