@@ -6,6 +6,7 @@ own collectives on veloc's private communicator) run in the background.
 """
 import importlib
 import importlib.util
+import os
 import shutil
 import tempfile
 import time
@@ -57,7 +58,10 @@ def check_versions(cfg, versions):
 
 def test_snapshots_overlap_application_collectives(cfg):
     with veloc.init(cfg, comm) as c:
-        assert c.snapshot_stats["background"], "mpi4py should provide MPI_THREAD_MULTIPLE"
+        # Background persists need MPI_THREAD_MULTIPLE (mpi4py's default); the driver also
+        # runs these cases at "serialized", where they are persisted on the main thread.
+        multiple = os.environ.get("MPI4PY_RC_THREAD_LEVEL", "multiple") == "multiple"
+        assert c.snapshot_stats["background"] is multiple
         assert c.comm != comm and c.app_comm is comm
         a = np.zeros(N)
         c.protect("a", a)
