@@ -117,7 +117,7 @@ def snapshot_time(lib, mode, tmp):
             c.wait_snapshot()
             times.append(time.perf_counter() - start)
             c.checkpoint_wait()
-        modes = set(c._buffers[0].device_modes.values())
+        modes = set(c.snapshot_stats["device_modes"].values())
     return min(times), modes
 
 

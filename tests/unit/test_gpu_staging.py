@@ -166,7 +166,7 @@ def test_cupy_snapshot_restores_in_place_on_its_device(cfg, mode):
                 x *= -1                                     # the update, queued right after
             x *= -1
         c.checkpoint_wait()
-        assert c._buffers[0].device_modes[("cupy", x.device.id)] == mode
+        assert c.snapshot_stats["device_modes"] == {f"cupy:{x.device.id}": mode}
     with veloc.init_single(0, cfg) as c:
         y = cupy.zeros(1 << 20, dtype=cupy.float32)
         c.protect("x", y)
@@ -199,6 +199,7 @@ def test_torch_cuda_state_bit_exact(cfg, mode):
             step()                                          # mutates right after the guard
         saved = {k: v.clone() for k, v in model.state_dict().items()}
         c.checkpoint_wait()
+        assert c.snapshot_stats["device_modes"] == {f"torch:{model.weight.device.index}": mode}
     weight = model.weight
     with veloc.init_single(0, cfg) as c:
         c.protect_stateful("model", model)

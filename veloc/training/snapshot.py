@@ -80,7 +80,8 @@ class SnapshotMixin:
         self._threads = []
         self._persisting = None     # thread ident of the persist running now
         self.snapshot_stats = {"snapshots": 0, "persists": 0, "allocations": 0, "last_stall_s": 0.0,
-                               "last_copy_s": 0.0, "last_persist_s": 0.0, "background": self._background}
+                               "last_copy_s": 0.0, "last_persist_s": 0.0, "background": self._background,
+                               "device_modes": {}}
         return private
 
     # -- public ---------------------------------------------------------------------
@@ -111,6 +112,7 @@ class SnapshotMixin:
         stats = self.snapshot_stats
         stats["snapshots"] += 1
         stats["allocations"] = sum(b.allocations for b in self._buffers)
+        stats["device_modes"] = {f"{lib}:{device}": mode for (lib, device), mode in buffer.device_modes.items()}
         stats["last_stall_s"] = time.perf_counter() - start
         hooks = self._policy_hooks()
         if hooks is not None:
