@@ -26,7 +26,7 @@ class Job:
 
     def __init__(self, seed=0):
         torch.manual_seed(seed)
-        self.model = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.Dropout(0.2), torch.nn.ReLU(),
+        self.model = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.Dropout(0.2), torch.nn.BatchNorm1d(24),
                                          torch.nn.Linear(24, 24), torch.nn.Linear(24, 3))
         self.model[3].to(torch.bfloat16)
         self.model[4].weight = torch.nn.Parameter(self.model[4].weight)   # plain fp32 head
@@ -139,6 +139,22 @@ def test_float8_tied_and_strided_tensors(cfg, dirs):
             assert torch.equal(got.contiguous().view(torch.uint8) if got.numel() else got,
                                value.contiguous().view(torch.uint8) if value.numel() else value), key
     assert fresh.sd["tied_a"] is fresh.sd["tied_b"]
+
+
+def test_module_state_dict_metadata_reaches_load_state_dict(cfg):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    seen = {}
+    real = model.load_state_dict
+
+    def spy(state, *args, **kwargs):
+        seen["metadata"] = getattr(state, "_metadata", None)
+        return real(state, *args, **kwargs)
+    with veloc.init_single(0, cfg) as c:
+        c.protect_stateful("m", model)
+        c.checkpoint("md", 1)
+        model.load_state_dict = spy
+        c.restart("md", 1)
+    assert seen["metadata"] == model.state_dict()._metadata and "1" in seen["metadata"]
 
 
 def test_core_never_imports_torch():

@@ -61,6 +61,9 @@ def _rebuild(container, items):
         except TypeError:
             out = {}
         out.update(items)
+        extra = getattr(container, "__dict__", None)
+        if extra:
+            out.__dict__.update(extra)       # e.g. the _metadata of a module's state dict
         return out
     values = [v for _, v in items]
     if hasattr(container, "_fields"):            # namedtuple
