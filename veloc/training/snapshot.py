@@ -10,7 +10,9 @@ order, same name and version).
   to scratch and runs the usual ``checkpoint_begin``/``checkpoint_end`` path (the
   pipeline in sync mode, the backend in async mode).
 * ``wait_snapshot()`` / ``with guard():`` block until the staged copies are complete,
-  so the state may then be modified; they never wait for persists.
+  so the state may then be modified; they never wait for persists. Call it before
+  anything modifies protected state: the optimizer step, and also a training-mode
+  forward pass when the model keeps running statistics (BatchNorm buffers).
 * At most ``[snapshot] max_in_flight`` snapshots are outstanding; a new one waits for the
   oldest persist instead of allocating another buffer.
 
