@@ -64,7 +64,7 @@ def test_persists_run_in_snapshot_order_and_overlap_the_caller(cfg, monkeypatch)
         real = c.host.checkpoint
 
         def slow_checkpoint(name, version):
-            time.sleep(0.05)
+            time.sleep(0.2)
             order.append(version)
             real(name, version)
         monkeypatch.setattr(c.host, "checkpoint", slow_checkpoint)
@@ -79,7 +79,7 @@ def test_persists_run_in_snapshot_order_and_overlap_the_caller(cfg, monkeypatch)
         assert not c.checkpoint_finished()         # persists still in flight
         c.checkpoint_wait()
         assert order == [4, 2, 9, 1]
-        assert returned < 0.05 * 4                 # only the 4th waited for a buffer
+        assert returned < 0.6      # only the 4th waited (for one persist); in sequence: >= 0.8 s
         assert c.restart_test("s") == 9
 
 
