@@ -199,7 +199,7 @@ class IntervalPolicy:
                           persist, stall], dtype=np.float64)
         ti, mean_iter, o, ts, window_stall = (float(x) for x in self._agree(local))
         overhead = (mean_iter - ti) / ti if ti > 0 else 0.0
-        inputs = {"Ti": ti, "mean_iteration": mean_iter, "stall": o, "persist": ts,
+        inputs = {"Ti": ti, "mean_iteration": mean_iter, "stall": o, "persist": ts, "window_stall": window_stall,
                   "window_overhead": overhead, "window_iterations": calls, "bound": self.bound}
         if self.mode == "fixed":
             self._seconds_every = max(1, _ceil(self.seconds / mean_iter)) if mean_iter > 0 else 1
