@@ -212,7 +212,7 @@ def main(argv=None):
             restarted = version
             if rank == 0:
                 print(f"train: restarted from version {version} (level {ckpt.last_restart.level})", flush=True)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     t_timed = t_start if args.timed_from <= int(progress[0]) else None
     checkpoints = 0
     while progress[0] < total:
@@ -250,6 +250,7 @@ def main(argv=None):
     if ckpt is not None:
         ckpt.checkpoint_wait()
     t_end = time.perf_counter()
+    cpu_seconds = comm.allreduce(time.process_time() - cpu_start)   # every rank, all its threads
     report(args, comm, ckpt, locals(), weights_bytes())
     if ckpt is not None:
         ckpt.finalize()
@@ -278,7 +279,7 @@ def report(args, comm, ckpt, run, weights):
             np.copyto(buf, src)
             copies.append(time.perf_counter() - t0)
         figures = {"backend": args.backend, "ranks": comm.Get_size(), "steps": int(run["progress"][0]),
-                   "seconds": run["t_end"] - run["t_start"],
+                   "seconds": run["t_end"] - run["t_start"], "cpu_seconds": run["cpu_seconds"],
                    "timed_seconds": None if run["t_timed"] is None else run["t_end"] - run["t_timed"],
                    "checkpoints": run["checkpoints"], "stalls": run["stalls"], "restarted": run["restarted"],
                    "state_bytes": state_bytes, "copyto_seconds": float(np.median(copies)),

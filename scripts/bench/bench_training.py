@@ -18,6 +18,9 @@ Reported per policy, as ratios measured in the same run:
 * stall per checkpoint: what the loop waited for ``snapshot()`` and ``wait_snapshot()``
   per checkpoint, divided by one ``np.copyto`` of the whole state, measured by rank 0 at
   the end of the same run (median over checkpoints and pairs, and the max);
+* CPU overhead: the CPU seconds all ranks spent in the loop (every thread, so the copy
+  and persist threads too; in async mode not the backend's) over the plain run's, minus
+  1: unlike wall time, barely moved by other jobs on a shared machine;
 * the machine's load (``os.getloadavg``, 1 min) before each run.
 
     python scripts/bench/bench_training.py                 # 72 MiB, 3 pairs
@@ -116,16 +119,19 @@ def summarize(runs, args):
     base = [plain[i]["timed_seconds"] for i in plain]
     print(f"plain loop (steady, from step {args.timed_from}): median {statistics.median(base):.2f} s; "
           f"np.copyto of the state: median {statistics.median(r['copyto_seconds'] for r in runs) * 1e3:.1f} ms")
-    rows = [("POLICY", "OVERHEAD steady", "(spread)", "OVERHEAD all", "CKPTS", "STALL/copyto med", "max", "LOAD")]
+    rows = [("POLICY", "OVERHEAD steady", "(spread)", "OVERHEAD all", "CPU", "(spread)", "CKPTS",
+             "STALL/copyto med", "max", "LOAD")]
     for kind in ("fixed", "auto"):
         mine = [r for r in runs if r["kind"] == kind]
         steady = [r["timed_seconds"] / plain[r["pair"]]["timed_seconds"] - 1 for r in mine]
         whole = [r["seconds"] / plain[r["pair"]]["seconds"] - 1 for r in mine]
+        cpu = [r["cpu_seconds"] / plain[r["pair"]]["cpu_seconds"] - 1 for r in mine]
         ratios = [s / r["copyto_seconds"] for r in mine for s in r["stalls"]]
         label = f"fixed k={args.fixed_interval}" if kind == "fixed" else f"auto {100 * args.overhead:g} %"
         rows.append((label, f"{100 * statistics.median(steady):+.2f} %",
                      f"{100 * min(steady):+.2f}..{100 * max(steady):+.2f}",
-                     f"{100 * statistics.median(whole):+.2f} %",
+                     f"{100 * statistics.median(whole):+.2f} %", f"{100 * statistics.median(cpu):+.2f} %",
+                     f"{100 * min(cpu):+.2f}..{100 * max(cpu):+.2f}",
                      "/".join(str(r["checkpoints"]) for r in mine),
                      f"{statistics.median(ratios):.2f}" if ratios else "-", f"{max(ratios):.2f}" if ratios else "-",
                      "/".join(f"{r['load']:.1f}" for r in mine)))
