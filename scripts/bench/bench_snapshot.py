@@ -13,8 +13,8 @@ the same data:
   touch the state (forward/backward), then ``with guard():`` (the weight update). The
   stall is the time spent inside ``snapshot()`` plus inside the guard.
 
-Before each round the previous persist is awaited (untimed), so every round measures the
-copy alone. Reported: median over rounds, in ms and as ``stall / copyto``.
+Before each measurement the previous persist is awaited (untimed), so nothing else
+competes for memory bandwidth. Reported: median over rounds, in ms and as ``stall / copyto``.
 
     python scripts/bench/bench_snapshot.py                  # 64 MiB, 8 arrays, 9 rounds
     python scripts/bench/bench_snapshot.py --mib 256 --rounds 5 --compute-ms 200
@@ -64,6 +64,7 @@ def main():
             c.snapshot("b", version)          # warm-up: allocates the staging buffer once
             c.checkpoint_wait()
             for _ in range(args.rounds):
+                c.checkpoint_wait()                   # no persist competes with the reference copy
                 start = time.perf_counter()
                 offset = 0
                 for src in flat_src:
