@@ -101,7 +101,7 @@ def best_of(fn, sync, repeats=5):
 
 def snapshot_time(lib, mode, tmp):
     import veloc
-    cfg = {"scratch": f"{tmp}/{mode}/s/{{node}}", "snapshot": {"device_staging": mode}}
+    cfg = {"scratch": f"{tmp}/{mode}/s/{{node}}", "scratch_versions": 1, "snapshot": {"device_staging": mode}}
     with veloc.init_single(0, cfg) as c:
         if lib.name == "torch":
             holder = type("Holder", (), {"state_dict": lambda self: {"x": lib.src},
