@@ -37,6 +37,7 @@ from collections import deque
 
 from ..errors import CheckpointError, VelocError
 from ..names import check_name, check_version
+from .gpu import DeviceMemoryWatch
 from .staging import StagingBuffer, region_sources
 from .stateful import StatefulRegion
 
@@ -160,7 +161,8 @@ class SnapshotMixin:
     def _take_buffer(self):
         if not self._buffers:
             count = self._snap_settings["max_in_flight"]
-            self._buffers = [StagingBuffer(self._snap_settings) for _ in range(count)]
+            watch = DeviceMemoryWatch()       # one high-water mark per device, shared
+            self._buffers = [StagingBuffer(self._snap_settings, watch) for _ in range(count)]
             self._free = list(self._buffers)
         # Retire by count, never by timing, so every rank raises at the same call.
         while len(self._jobs) >= len(self._buffers):

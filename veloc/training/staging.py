@@ -103,7 +103,7 @@ class StagingBuffer:
 
     def stage(self, sources):
         """Lay ``sources`` out, queue their device copies now, and return the copy to finish."""
-        host_size, device_sizes, groups = 0, {}, {}
+        host_size, device_sizes = 0, {}
         plan = []
         for src in sources:
             if src.host is not None and src.host.size:
