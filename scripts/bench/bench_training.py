@@ -17,7 +17,8 @@ Reported per policy, as ratios measured in the same run:
   median and spread (min..max) over the pairs;
 * stall per checkpoint: what the loop waited for ``snapshot()`` and ``wait_snapshot()``
   per checkpoint, divided by one ``np.copyto`` of the whole state, measured by rank 0 at
-  the end of the same run (median over checkpoints and pairs, and the max);
+  the end of the same run (median over checkpoints and pairs, and the max; each run's
+  first snapshot, which allocates the staging buffers, is left out);
 * CPU overhead: the CPU seconds all ranks spent in the loop (every thread, so the copy
   and persist threads too; in async mode not the backend's) over the plain run's, minus
   1: unlike wall time, barely moved by other jobs on a shared machine;
@@ -126,7 +127,7 @@ def summarize(runs, args):
         steady = [r["timed_seconds"] / plain[r["pair"]]["timed_seconds"] - 1 for r in mine]
         whole = [r["seconds"] / plain[r["pair"]]["seconds"] - 1 for r in mine]
         cpu = [r["cpu_seconds"] / plain[r["pair"]]["cpu_seconds"] - 1 for r in mine]
-        ratios = [s / r["copyto_seconds"] for r in mine for s in r["stalls"]]
+        ratios = [s / r["copyto_seconds"] for r in mine for s in r["stalls"][1:]]   # the first allocates
         label = f"fixed k={args.fixed_interval}" if kind == "fixed" else f"auto {100 * args.overhead:g} %"
         rows.append((label, f"{100 * statistics.median(steady):+.2f} %",
                      f"{100 * min(steady):+.2f}..{100 * max(steady):+.2f}",

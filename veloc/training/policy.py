@@ -13,7 +13,7 @@ same iteration number; the answer is the same on every rank. Settings come from 
   and a persist (``Ts``) finishes with an iteration to spare (``(k - 1) Ti >= Ts``: the
   next snapshot finds a free buffer, and each window keeps a clean iteration). Each window
   of ``k`` iterations is measured: its overhead is ``(wall - n Ti) / (n Ti)`` with ``Ti``
-  the median time of recent *clean* iterations (no stall, no persist in flight). Above the
+  the mean time of recent *clean* iterations (no stall, no persist in flight). Above the
   bound, ``k`` grows (x1.5); after ``CALM_WINDOWS`` windows under half the bound it
   shrinks again (/1.5), never below the model's ``k``. ``interval`` and ``seconds``, if
   given, cap ``k``. With ``mtbf`` (seconds), the Young and Daly intervals for the
@@ -147,15 +147,22 @@ class IntervalPolicy:
         elif iteration >= self._next_sync:
             self._window_calls += 1
             self._window_boundary(iteration, now)
+            self._mark_busy()
             return True
         else:
             self._window_calls += 1
         if hit_interval:
             self._log_decision(iteration, "every 'interval' iterations", {"interval": self.interval})
             self._after_checkpoint = True
+            self._mark_busy()
             if self._seconds_every:
                 self._next_sync = iteration + self._seconds_every
         return hit_interval
+
+    def _mark_busy(self) -> None:
+        """The coming iteration holds a checkpoint (hooks or not): it is not a clean sample."""
+        with self._lock:
+            self._busy = True
 
     def _observe_iteration(self, now: float) -> None:
         with self._lock:
@@ -189,7 +196,9 @@ class IntervalPolicy:
             # no clean iteration: the fastest one (interference only slows) keeps Ti current
             self._clean.append(self._window_fastest)
         self._window_clean, self._window_fastest = 0, math.inf
-        clean = statistics.median(self._clean) if self._clean else (now - self._window_t) / calls
+        # the mean, not the median: the window's mean is compared with it, and on a shared
+        # machine iteration times are skewed (a median would read the skew as overhead)
+        clean = statistics.fmean(self._clean) if self._clean else (now - self._window_t) / calls
         if snapshots:
             self._stalls.append(stall / snapshots)
         elif self._after_checkpoint:    # no hook reported this checkpoint: its cost is the window's excess
