@@ -120,7 +120,7 @@ class SnapshotMixin:
         hooks = self._policy_hooks()
         if hooks is not None:
             if waited > 0:
-                hooks.record_stall(waited)
+                hooks.record_stall(waited, for_buffer=True)   # waiting for an earlier persist
             hooks.record_snapshot(stats["last_stall_s"] - waited)
 
     def wait_snapshot(self) -> None:
