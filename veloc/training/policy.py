@@ -14,7 +14,9 @@ same iteration number; the answer is the same on every rank. Settings come from 
   next snapshot finds a free buffer, and each window keeps a clean iteration). Each window
   of ``k`` iterations is measured: its overhead is ``(wall - n Ti) / (n Ti)`` with ``Ti``
   the mean time of recent *clean* iterations (no stall, no persist in flight). Above the
-  bound, ``k`` grows (x1.5); after ``CALM_WINDOWS`` windows under half the bound it
+  bound (by more than twice the standard error of a window's mean, estimated from the
+  clean iterations' spread, so that a noisy machine does not ratchet ``k`` up), ``k``
+  grows (x1.5); after ``CALM_WINDOWS`` windows under half the bound it
   shrinks again (/1.5), never below the model's ``k``. ``interval`` and ``seconds``, if
   given, cap ``k``. With ``mtbf`` (seconds), the Young and Daly intervals for the
   measured per-checkpoint cost are computed and logged next to ``k``.
@@ -203,13 +205,16 @@ class IntervalPolicy:
             self._stalls.append(stall / snapshots)
         elif self._after_checkpoint:    # no hook reported this checkpoint: its cost is the window's excess
             self._stalls.append(max(0.0, (now - self._window_t) - calls * clean))
+        spread = statistics.stdev(self._clean) / clean if len(self._clean) > 1 and clean > 0 else 0.0
         local = np.array([clean, (now - self._window_t) / calls,
                           statistics.median(self._stalls) if self._stalls else UNKNOWN,
-                          persist, stall], dtype=np.float64)
-        ti, mean_iter, o, ts, window_stall = (float(x) for x in self._agree(local))
+                          persist, stall, spread], dtype=np.float64)
+        ti, mean_iter, o, ts, window_stall, spread = (float(x) for x in self._agree(local))
         overhead = (mean_iter - ti) / ti if ti > 0 else 0.0
+        # the noise of a window's mean (relative): its overhead must exceed the bound by more to raise k
+        noise = 2.0 * spread / math.sqrt(calls)
         inputs = {"Ti": ti, "mean_iteration": mean_iter, "stall": o, "persist": ts, "window_stall": window_stall,
-                  "window_overhead": overhead, "window_iterations": calls, "bound": self.bound}
+                  "window_overhead": overhead, "noise": noise, "window_iterations": calls, "bound": self.bound}
         if self.mode == "fixed":
             self._seconds_every = max(1, _ceil(self.seconds / mean_iter)) if mean_iter > 0 else 1
             self._log_decision(iteration, "about every 'seconds'", dict(inputs, seconds=self.seconds,
@@ -217,14 +222,14 @@ class IntervalPolicy:
             self._next_sync = iteration + self._seconds_every
         else:
             old = self.k
-            self.k, reason = self._choose_k(ti, o, ts, overhead)
+            self.k, reason = self._choose_k(ti, o, ts, overhead, noise)
             inputs.update(self._young_daly(ti, o, overhead * calls * ti))
             self._log_decision(iteration, reason, dict(inputs, k_before=old, k=self.k))
             self._next_sync = iteration + self.k
         self._window_t, self._window_it, self._window_calls = now, iteration, 0
         self._after_checkpoint = True
 
-    def _choose_k(self, ti: float, o: float, ts: float, overhead: float):
+    def _choose_k(self, ti: float, o: float, ts: float, overhead: float, noise: float = 0.0):
         model = 1
         if ti > 0 and o > 0:
             model = max(model, _ceil(o / (self.bound * ti)))
@@ -243,7 +248,7 @@ class IntervalPolicy:
                 return min(cap, self.warmup), "warm-up done: first checkpoint, to measure its cost"
             return model, "profiled: smallest k with stall/(k Ti) <= bound and k Ti >= persist"
         k = self.k
-        if overhead > self.bound:
+        if overhead > self.bound + noise:
             self._calm = 0
             return min(cap, max(model, k + 1, math.ceil(k * GROWTH))), "window overhead above the bound: raise k"
         if overhead < self.bound / 2:
