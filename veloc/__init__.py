@@ -8,7 +8,8 @@ from .config import Config, load_config
 from .errors import (BackendError, CheckpointError, ConfigError, CorruptCheckpointError, RestartError,
                      VelocError)
 from .restart import RestartInfo
+from .training import RNGState
 
 __all__ = ["init", "init_single", "Ckpt", "Client", "Config", "load_config", "RestartInfo", "VelocError",
-           "ConfigError", "CheckpointError", "RestartError", "BackendError", "CorruptCheckpointError"]
+           "ConfigError", "CheckpointError", "RestartError", "BackendError", "CorruptCheckpointError", "RNGState"]
 __version__ = "0.1.0"

@@ -58,6 +58,8 @@ def _lifecycle():
 class AsyncHost(HostAgreement):
     """The backend connection of one application rank (async mode)."""
 
+    background = True
+
     def __init__(self, config, comm, rank, node, logger):
         self.config, self.comm, self.rank, self.node, self.log = config, comm, rank, node, logger
         self.nranks = comm.Get_size()
@@ -203,8 +205,10 @@ class AsyncHost(HostAgreement):
             return True
         return len(self._wait(self._outstanding, block=False)) == len(self._outstanding)
 
-    def close(self):
+    def close(self, collective=True):
+        """Release the connection; with ``collective`` also the node communicator (freeing
+        it is collective, so a rank leaving on an exception keeps it)."""
         if self.conn is not None:
             self.conn.close()
-        if self.node_comm != MPI.COMM_NULL:
+        if collective and self.node_comm != MPI.COMM_NULL:
             self.node_comm.Free()

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from .cli_inspect import describe_rankfile, extract_region, parse_region_id
 from .cli_levels import (UsageError, checkpoint_states, fields_of, levels_reached, nodes_on_disk, open_levels,
                          verify_version)
+from .cli_plan import plan_args, run_plan
 from .config import load_config, node_id
 from .errors import VelocError
 from .names import check_name, check_node_id
@@ -276,6 +277,7 @@ COMMANDS = [
     Command("extract", "write one array region of a rank file to a .npy file", _extract_args, _extract),
     Command("drain", "wait until this node's backend (async mode) has nothing pending", _drain_args, _drain),
     Command("status", "show each backend of the job on this machine: queue, failures, log", _cfg_arg, _status),
+    Command("plan", "measure each configured level's checkpoint cost and model the intervals", plan_args, run_plan),
 ]
 
 

@@ -21,6 +21,8 @@ from .faults import fault_point
 from .names import check_file_name, check_name, check_version
 from .regions import Region
 from .restart import RestartMixin
+from .training.policy import PolicyMixin
+from .training.snapshot import SnapshotMixin
 
 log = logging.getLogger("veloc.client")
 
@@ -46,7 +48,7 @@ class _Declined(str):
 RegionId = Union[int, str]
 
 
-class Client(RestartMixin):
+class Client(SnapshotMixin, RestartMixin, PolicyMixin):
     """Checkpoint/restart client of one application rank.
 
     Built by :func:`veloc.init` (collective over ``comm``) or :func:`veloc.init_single`
@@ -58,7 +60,7 @@ class Client(RestartMixin):
 
     def __init__(self, cfg, comm, rank: Optional[int] = None, single: bool = False) -> None:
         self.config = load_config(cfg)
-        self.comm = comm
+        self.comm = self._init_snapshot(comm)    # veloc's private duplicate of comm
         self.rank = comm.Get_rank() if rank is None else int(rank)
         self.size = comm.Get_size()
         self.node = node_id()
@@ -172,6 +174,7 @@ class Client(RestartMixin):
         Raises CheckpointError (bad name/version, a checkpoint still open)."""
         self._check_open()
         name, version = check_name(name), check_version(version)
+        self._settle_snapshots()
         if self._pending is not None:
             raise CheckpointError(f"checkpoint_begin({name!r}, {version}) while checkpoint "
                                   f"{self._pending.name!r} v{self._pending.version} is still open: "
@@ -216,7 +219,10 @@ class Client(RestartMixin):
         if pending.mem_written:
             raise CheckpointError("checkpoint_mem called twice in one checkpoint")
         selected = self._select_regions(ids)
-        snaps = [region.snapshot() for region in selected]
+        self._write_regions(pending, [snap for region in selected for snap in region.snapshots()])
+
+    def _write_regions(self, pending, snaps):
+        """Write ``(descriptor, buffer)`` pairs to this rank's scratch file of ``pending``."""
         header, infos, total = build_header(pending.name, pending.version, self.rank, [d for d, _ in snaps])
         final = pending.vdir / self.scratch.regions_file_name(self.rank)
         tmp = temp_name(final)
@@ -330,16 +336,32 @@ class Client(RestartMixin):
             self.host.drain()
 
     def checkpoint_wait(self) -> None:
-        """Block until the background work of this rank's earlier checkpoints is done (async
-        mode; returns at once in sync mode); local. Long waits report progress every few
-        seconds (versions and bytes pending, rate). Raises BackendError naming node, module
-        and version of the first background failure, or a dead or hung backend."""
+        """Block until the background work of earlier checkpoints is done (async mode; in
+        sync mode there is none). Every rank, collective in async mode: a background
+        failure seen on any rank (its node's backend failed, died or hung) is raised on
+        every rank, the others naming that rank, so no rank goes on into a collective that
+        the failing one has left. Long waits report progress every few seconds (versions
+        and bytes pending, rate). Raises BackendError naming node, module and version."""
         self._check_open()
-        self.host.drain()
+        self._settle_snapshots()
+        if not self.host.background:
+            return
+        error = None
+        try:
+            self.host.drain()
+        except Exception as exc:
+            error = exc
+        failure = self.host.first_failure(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise BackendError(f"checkpoint_wait: rank {failure[0]} reports: {failure[1]}")
 
     def checkpoint_finished(self) -> bool:
         """Whether the background work of this rank's earlier checkpoints is done; local,
         never blocks, never raises for a background failure (``checkpoint_wait`` does)."""
+        if not self.snapshot_finished():
+            return False
         finished = getattr(self.host, "finished", None)
         return True if finished is None else finished()
 
@@ -355,6 +377,7 @@ class Client(RestartMixin):
             return
         error = None
         try:
+            self._settle_snapshots(raise_errors=drain)
             if drain:
                 self.host.drain()
         except Exception as exc:
@@ -363,8 +386,10 @@ class Client(RestartMixin):
             failure = self.host.first_failure(None if error is None else str(error))
         finally:
             self._closed = True
+            self._close_policy()
             self.mappings.close()
             self.host.close()
+            self._close_snapshot()
             self._claim.release()
         if error is not None:
             raise error
@@ -375,8 +400,23 @@ class Client(RestartMixin):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        self.finalize(drain=exc_type is None)
+        """Leaving the block normally is ``finalize(drain=True)``; on an exception this rank
+        only releases what it holds, with no collective (the other ranks may be anywhere)."""
+        if exc_type is None:
+            self.finalize(drain=True)
+        else:
+            self._abandon()
         return False
+
+    def _abandon(self) -> None:
+        """Release this rank's resources without any collective call; background work
+        already handed to a backend goes on there."""
+        if self._closed:
+            return
+        self._closed = True
+        self.mappings.close()
+        self.host.close(collective=False)
+        self._claim.release()
 
     # -- helpers --------------------------------------------------------------------
     def _check_open(self):

@@ -56,13 +56,13 @@ def _int(minimum=None):
     return parse
 
 
-def _seconds(key, raw):
+def _positive_number(key, raw):
     try:
         value = float(str(raw).strip())
     except ValueError:
-        raise ConfigError(f"config key '{key}' = {raw!r}: expected a number of seconds") from None
+        raise ConfigError(f"config key '{key}' = {raw!r}: expected a number") from None
     if not 0 < value < float("inf"):
-        raise ConfigError(f"config key '{key}' = {raw!r}: must be a positive number of seconds")
+        raise ConfigError(f"config key '{key}' = {raw!r}: must be a positive finite number")
     return value
 
 
@@ -162,7 +162,14 @@ SECTION_KEYS = {
                            parity=Key(_int(1), None), interval=Key(_int(), None), backend=Key(_text, None)),
     "versioning": module_keys(90),
     # async mode: a backend that answers no request for this long is hung (BackendError)
-    "backend": {"heartbeat_timeout": Key(_seconds, 5.0)},
+    "backend": {"heartbeat_timeout": Key(_positive_number, 5.0)},
+    # not a pipeline module: the training interval policy (veloc/training/policy.py)
+    "policy": {"mode": Key(_choice("fixed", "auto"), "auto"), "overhead": Key(_positive_number, 0.05),
+               "interval": Key(_int(1)), "seconds": Key(_positive_number), "mtbf": Key(_positive_number),
+               "warmup": Key(_int(1), 5)},
+    # not a pipeline module: two-phase snapshots (veloc/training/snapshot.py)
+    "snapshot": {"max_in_flight": Key(_int(1), 1), "device_staging": Key(_choice("auto", "device", "pinned"), "auto"),
+                 "device_margin_mib": Key(_int(0), 1024)},
 }
 
 

@@ -13,6 +13,7 @@ class HostAgreement:
 
     comm = None
     rank = 0
+    background = False     # True where checkpoints go on after checkpoint() returns (async)
 
     def all_true(self, flag):
         """Collective: whether ``flag`` is true on every rank."""

@@ -121,6 +121,10 @@ class Region:
         return {"id": self.id, "kind": "array", "dtype": dtype_descr(arr.dtype), "shape": list(arr.shape),
                 "order": order, "nbytes": int(arr.nbytes)}, raw
 
+    def snapshots(self):
+        """The ``(descriptor, buffer)`` pairs this region writes (one for a plain region)."""
+        return [self.snapshot()]
+
     def check_restorable(self, info, path):
         """Raise RestartError unless the stored region ``info`` fits this region in place."""
         if self.kind == "pickle":

@@ -108,7 +108,11 @@ class SyncHost(HostAgreement):
         """Nothing runs in the background in sync mode."""
         return True
 
-    def close(self):
+    def close(self, collective=True):
+        """Release the host; ``collective=False`` (a rank leaving on an exception, while the
+        others may be elsewhere) frees no communicator, since freeing is collective."""
+        if not collective:
+            return
         for comm in (self.engine_comm, self.leader_comm, self.node_comm):
             if comm is not None and comm != MPI.COMM_NULL:
                 comm.Free()

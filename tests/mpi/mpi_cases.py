@@ -166,3 +166,25 @@ def test_module_failure_on_one_node_before_a_collective_module_raises_everywhere
         c.protect("a", np.zeros(10))
         with pytest.raises(CheckpointError, match="checksum failed on c v1: .*injected"):
             c.checkpoint("c", 1)
+
+
+def test_need_checkpoint_decisions_are_identical_on_every_rank(cfg):
+    """Each rank sees different iteration, stall and persist times; one allreduce per window
+    makes every rank take the same decisions, and k reacts to the slowest rank."""
+    import time
+    cfg = dict(cfg, policy={"mode": "auto", "overhead": "0.05", "warmup": "3", "mtbf": "3600"})
+    decisions = []
+    with veloc.init(cfg, comm) as c:
+        for it in range(1, 61):
+            time.sleep(0.001 * (1 + rank % 2) * (2 if 20 <= it < 35 else 1))
+            go = c.need_checkpoint(it)
+            decisions.append(go)
+            if go:
+                c.policy.record_snapshot(0.0004 * (rank + 1))
+                c.policy.record_persist(0.002 * (rank + 1))
+        k = c.policy.k
+        last = c.policy.last_decision
+    every = comm.allgather((decisions, k, last["Ti"], last["stall"]))
+    assert all(e == every[0] for e in every)
+    assert sum(decisions) >= 3 and decisions.index(True) == 3      # first call + a warm-up of 3
+    assert last["stall"] == pytest.approx(0.0004 * size, rel=1e-6)  # the slowest rank's stall

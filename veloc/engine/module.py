@@ -144,6 +144,7 @@ class Module:
     name = "module"
     level = None
     collective = False    # True: its handlers communicate with the other nodes' engines
+    collects_old_versions = False   # True: garbage collection, skipped for a version that missed a level
 
     def __init__(self, ctx):
         self.ctx = ctx

@@ -77,6 +77,11 @@ class Engine:
                                           f"stopped before {module.name}: {failures[0]}")
             if error is not None:
                 continue
+            if unreachable and module.collects_old_versions:
+                # the new version is less protected than configured: keep the older ones
+                self.log.warning("%s v%d: %s skipped: the version did not reach every configured level, "
+                                 "so older versions are kept", cmd.name, cmd.version, module.name)
+                continue
             start, cpu_start = time.perf_counter(), time.thread_time() + helper_cpu_seconds()
             try:
                 did = module.checkpoint(cmd)

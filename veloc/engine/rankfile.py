@@ -6,11 +6,14 @@ Layout::
     header length (u32, little endian)      4 bytes
     crc32 of the header JSON (u32, LE)      4 bytes
     header JSON: format, name, version, rank, regions[{id, kind, dtype, shape, order,
-                 offset, nbytes}]
+                 offset, nbytes, [dtype_name]}]
     region bytes, each starting at a 4096-byte aligned offset (direct-I/O friendly)
 
 Arrays are written straight from their buffers and never pickled; a ``pickle`` region
 holds the bytes of an object the user explicitly protected with ``pickle=True``.
+``dtype_name`` (optional; absent in older files) names an element type numpy lacks
+(``bfloat16``, ``float8_e4m3fn``, a torch dtype); ``dtype`` then describes raw storage of
+the same item size, so readers without that type still see every byte.
 Written by each application rank (``checkpoint_mem``); read by each rank on restart and
 by the ``veloc`` command-line tool.
 """
@@ -47,6 +50,7 @@ class RegionInfo:
     order: str         # "C" or "F"
     offset: int
     nbytes: int
+    dtype_name: str = ""   # element type by name where numpy has none (e.g. "bfloat16")
 
     def numpy_dtype(self):
         descr = json.loads(self.dtype) if self.dtype.startswith("[") else self.dtype
@@ -65,6 +69,14 @@ def dtype_descr(dtype):
     return descr if isinstance(descr, str) else json.dumps(descr)
 
 
+def _region_json(info):
+    out = {"id": info.id, "kind": info.kind, "dtype": info.dtype, "shape": list(info.shape),
+           "order": info.order, "offset": info.offset, "nbytes": info.nbytes}
+    if info.dtype_name:
+        out["dtype_name"] = info.dtype_name
+    return out
+
+
 def build_header(name, version, rank, regions):
     """Lay out ``regions`` (dicts with id, kind, dtype, shape, order, nbytes) after a header.
 
@@ -78,12 +90,11 @@ def build_header(name, version, rank, regions):
         infos = []
         for r in regions:
             infos.append(RegionInfo(r["id"], r["kind"], r["dtype"], tuple(r["shape"]), r["order"],
-                                    offset, r["nbytes"]))
+                                    offset, r["nbytes"], r.get("dtype_name", "")))
             offset = _align(offset + r["nbytes"])
         body = json.dumps({
             "format": FORMAT, "name": name, "version": version, "rank": rank,
-            "regions": [{"id": i.id, "kind": i.kind, "dtype": i.dtype, "shape": list(i.shape),
-                         "order": i.order, "offset": i.offset, "nbytes": i.nbytes} for i in infos],
+            "regions": [_region_json(i) for i in infos],
         }, separators=(",", ":")).encode()
         need = _align(PREFIX.size + len(body))
         if need <= guess:
@@ -146,7 +157,8 @@ class RankFile:
         try:
             meta = json.loads(body)
             regions = [RegionInfo(r["id"], r["kind"], r["dtype"], tuple(r["shape"]), r["order"],
-                                  int(r["offset"]), int(r["nbytes"])) for r in meta["regions"]]
+                                  int(r["offset"]), int(r["nbytes"]), str(r.get("dtype_name", "")))
+                       for r in meta["regions"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptCheckpointError(f"{self.path}: malformed header ({exc})") from None
         for r in regions:

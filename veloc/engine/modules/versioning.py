@@ -13,6 +13,7 @@ from ...faults import fault_point
 
 class VersioningModule(Module):
     name = "versioning"
+    collects_old_versions = True
 
     def checkpoint(self, cmd):
         cfg = self.ctx.config

@@ -1,0 +1,8 @@
+"""Training-loop support: two-phase snapshots, Stateful objects, RNG states, the interval policy.
+
+Re-exports only; torch is never imported here.
+"""
+from .rng import NumpyRNGState, PythonRNGState, RNGState, TorchRNGState
+from .stateful import StatefulRegion
+
+__all__ = ["RNGState", "NumpyRNGState", "PythonRNGState", "TorchRNGState", "StatefulRegion"]
