@@ -1,7 +1,7 @@
 """Deterministic regression tests for the trust bugs of issue 10, each a fixed chaos
 cycle (``scripts/chaos``) or a short sequence of runs of ``tests/e2e/apps/chaos_app.py``.
 
-Every test named ``test_known_bug_<n>_...`` reproduces bug ``<n>`` of the issue and
+Every test named ``test_bug_<n>_...`` reproduces bug ``<n>`` of the issue and
 fails until that bug is fixed; its docstring says what it proves. Crash debris
 (bug 6) has its own test; the others ignore debris and judge only what they are about.
 """
@@ -53,8 +53,8 @@ def failures(rec, ignore=("debris",)):
     return {k: v for k, v in rec["verdict"].items() if v and k not in ignore}
 
 
-def test_known_bug_2_partner_keeps_the_previous_version_during_the_next_transfer():
-    """known_bug 2: partner, scratch_versions = 1, 4 virtual nodes x 1 rank, sync. Every
+def test_bug_2_partner_keeps_the_previous_version_during_the_next_transfer():
+    """bug 2: partner, scratch_versions = 1, 4 virtual nodes x 1 rank, sync. Every
     rank's checkpoint(1) returned; the job is killed during v2's partner transfer and
     node n0 is lost. v1 must come back (n0's from its partner n1)."""
     rec = run(cycle("sync_partner", point="partner_transfer", nth=2, where="n1", loss="node", lost_node="n0"))
@@ -63,8 +63,8 @@ def test_known_bug_2_partner_keeps_the_previous_version_during_the_next_transfer
 
 
 @pytest.mark.parametrize("config,nodes", [("xor", 4), ("rs", 5)])
-def test_known_bug_3_erasure_keeps_the_previous_parity_during_the_next_encode(config, nodes):
-    """known_bug 3: XOR over 4 nodes (and Reed-Solomon, 2 parity, over 5), scratch_versions
+def test_bug_3_erasure_keeps_the_previous_parity_during_the_next_encode(config, nodes):
+    """bug 3: XOR over 4 nodes (and Reed-Solomon, 2 parity, over 5), scratch_versions
     = 1, sync. Killed during v2's erasure encode, then n0 is lost: v1 must be rebuilt
     from the group."""
     group = [f"n{i}" for i in range(nodes)]
@@ -79,8 +79,8 @@ def test_known_bug_3_erasure_keeps_the_previous_parity_during_the_next_encode(co
                                               ("sync_persistent", "flush", 1),
                                               ("xor", "erasure_encode", 2)],
                          ids=["scratch-temp-file", "persistent-rank-file", "erasure-folder"])
-def test_known_bug_6_crash_debris_is_collected_by_the_restart(config, point, nth):
-    """known_bug 6: a rank or engine killed mid-write leaves a temporary file, a rank
+def test_bug_6_crash_debris_is_collected_by_the_restart(config, point, nth):
+    """bug 6: a rank or engine killed mid-write leaves a temporary file, a rank
     file without manifest or parity without group record; after the restart run has
     completed (and checkpointed 2 more versions) none of it may be left."""
     nodes = NODES4 if config == "xor" else ["n0", "n1"]
@@ -89,8 +89,8 @@ def test_known_bug_6_crash_debris_is_collected_by_the_restart(config, point, nth
     assert not failures(rec, ignore=()), explain(rec)
 
 
-def test_known_bug_1_a_full_node_scratch_is_a_clean_error_on_every_rank():
-    """known_bug 1: 2 virtual nodes x 2 ranks, sync, scratch_versions = 1; node n1's
+def test_bug_1_a_full_node_scratch_is_a_clean_error_on_every_rank():
+    """bug 1: 2 virtual nodes x 2 ranks, sync, scratch_versions = 1; node n1's
     scratch is a small tmpfs, filled after version 2. The job must end (no hang) with a
     VelocError on every rank, never a raw OSError; the restart brings back v2 or newer."""
     if not jobs.can_mount():
@@ -101,8 +101,8 @@ def test_known_bug_1_a_full_node_scratch_is_a_clean_error_on_every_rank():
     assert not failures(rec), explain(rec)
 
 
-def test_known_bug_4_async_partner_without_backend_world_is_not_silent():
-    """known_bug 4: async partner on 4 virtual nodes started with plain mpiexec, so no
+def test_bug_4_async_partner_without_backend_world_is_not_silent():
+    """bug 4: async partner on 4 virtual nodes started with plain mpiexec, so no
     backend world exists and each rank starts a standalone backend. Either the job
     refuses (a VelocError naming the partner level) or the versions it reported done
     survive the loss of node n1."""
@@ -115,8 +115,8 @@ def test_known_bug_4_async_partner_without_backend_world_is_not_silent():
         assert not failures(rec), explain(rec)
 
 
-def test_known_bug_5_a_fresh_run_keeps_what_it_just_wrote(tmp_path):
-    """known_bug 5: a run checkpoints v1..v8 of a name; a fresh run (no restart) then
+def test_bug_5_a_fresh_run_keeps_what_it_just_wrote(tmp_path):
+    """bug 5: a run checkpoints v1..v8 of a name; a fresh run (no restart) then
     checkpoints v1..v3 of it. Either the fresh run refuses clearly at its first
     checkpoint (and v8 stays the newest), or its v3 is what a restart gets: never is a
     version that checkpoint() reported written deleted behind it."""
@@ -145,8 +145,8 @@ def test_known_bug_5_a_fresh_run_keeps_what_it_just_wrote(tmp_path):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def test_known_bug_7_a_hung_backend_is_reported_within_seconds():
-    """known_bug 7: async mode, 1 node x 2 ranks; the backend is stopped (SIGSTOP, hung
+def test_bug_7_a_hung_backend_is_reported_within_seconds():
+    """bug 7: async mode, 1 node x 2 ranks; the backend is stopped (SIGSTOP, hung
     rather than dead) while the ranks checkpoint and wait. checkpoint_wait() must raise
     a BackendError within 10 s."""
     c = cycle("async_persistent", nodes=["n0"], per_node=2, iterations=60, target="backend")
@@ -184,8 +184,8 @@ def test_known_bug_7_a_hung_backend_is_reported_within_seconds():
         shutil.rmtree(paths["base"], ignore_errors=True)
 
 
-def test_known_bug_1c_an_async_backend_failure_reaches_every_rank():
-    """known_bug 1(c), found by the chaos campaign (seed 200 cycle 20): async partner
+def test_bug_1c_an_async_backend_failure_reaches_every_rank():
+    """bug 1(c), found by the chaos campaign (seed 200 cycle 20): async partner
     under veloc-run, 4 virtual nodes, a checkpoint every 2 iterations and
     checkpoint_wait() every 2 checkpoints; vnode0's backend is killed in v2's versioning.
     Rank 0's checkpoint_wait() raises, the others have already seen v4 done and enter
@@ -196,8 +196,8 @@ def test_known_bug_1c_an_async_backend_failure_reaches_every_rank():
     assert rec["notes"]["first_rc"] is not None and not failures(rec), explain(rec)
 
 
-def test_known_bug_1b_resumed_background_work_keeps_the_last_restorable_version():
-    """known_bug 1(b), found by the chaos campaign (seed 200 cycles 15, 103, 108): async
+def test_bug_1b_resumed_background_work_keeps_the_last_restorable_version():
+    """bug 1(b), found by the chaos campaign (seed 200 cycles 15, 103, 108): async
     partner under veloc-run, 4 virtual nodes, scratch_versions = 1. vnode1's backend is
     killed during v4's checksum; every rank had seen v3 done; vnode0 is then lost. The
     restart's new backends resume v4 from their queue journals, skip its partner copy

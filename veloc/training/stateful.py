@@ -174,7 +174,12 @@ class StatefulRegion:
             raise RestartError(f"region {self.id!r} in {path} is an array, but it is protected as a "
                                "stateful object now; protect it with protect() instead")
 
-    def restore(self, rankfile, info, recovered):
+    def load(self, rankfile, info):
+        """Nothing to prepare before the in-place pass: the small pickled part is read by
+        :meth:`restore` (the same two-step interface as :class:`veloc.regions.Region`)."""
+        return None
+
+    def restore(self, rankfile, info, recovered, loaded=None):
         """Refill the live tensors/arrays in place, then ``obj.load_state_dict(state)``."""
         view = rankfile.bytes_view(info)
         try:
