@@ -203,8 +203,8 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
         """
         restored = self.last_restart.version if (self.last_restart and self.last_restart.name == name) else None
         threshold = version if restored is None else min(restored + 1, version)
+        self._lineage[name] = threshold     # attempted: every rank takes this step once per name
         removed = self.host.supersede(name, threshold)
-        self._lineage[name] = threshold
         if removed and self.comm.Get_rank() == 0:
             what = "restarted from v%d" % restored if restored is not None else "did not restart it"
             log.warning("%s: this run %s; versions >= v%d left by an earlier run are superseded and "
@@ -296,13 +296,20 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
     def _agree_and_discard(self, name, version, error=None):
         """Collective: ``None`` if no rank passed an error, else ``(rank, cause)`` of the
         first failing rank, after this version was discarded everywhere."""
-        failure = self.host.first_failure(str(error) if error is not None else None)
-        if failure is None:
-            return None
         try:
             name, version = check_name(name), check_version(version)
         except VelocError:
             name = version = None     # nothing was written under an invalid name
+        if name is not None and name not in self._lineage:
+            # this rank failed before its first checkpoint of ``name`` reached the lineage
+            # step, which the other ranks take collectively: take it too, in the same order
+            try:
+                self._start_lineage(name, version)
+            except VelocError as exc:
+                error = error or exc
+        failure = self.host.first_failure(str(error) if error is not None else None)
+        if failure is None:
+            return None
         self.host.discard(name, version)
         return failure
 
