@@ -254,15 +254,24 @@ def _serving(ep):
     """Whether a backend is past its start-up at ``ep``: lock held, socket bound, and a pid
     file (written once it listens) naming a live process."""
     pid = read_pid(ep)
-    if pid is None or not ep.socket.exists() or not backend_alive(ep):
-        return False
+    return pid is not None and ep.socket.exists() and backend_alive(ep) and pid_alive(pid)
+
+
+def pid_alive(pid):
+    """True if process ``pid`` exists and is not a zombie."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
         return False
-    except PermissionError:
-        pass
-    return True
+    except (OSError, IndexError):       # no usable /proc: existence only
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
 
 def config_file(cfg, config, ep):

@@ -193,7 +193,7 @@ class Backend:
             if group not in waiting:
                 del dead_since[group]
         for group, pids in waiting.items():
-            if group not in dead_since and any(not _pid_alive(p) for p in pids):
+            if group not in dead_since and any(not lifecycle.pid_alive(p) for p in pids):
                 dead_since[group] = now
         ripe = [g for g, t in dead_since.items() if now - t >= self.opts.orphan_grace]
         if ripe:
@@ -214,23 +214,6 @@ class Backend:
                 close()
         finally:
             self.queue.journal.close()
-
-
-def _pid_alive(pid):
-    """True if process ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):       # no usable /proc: existence only
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
 
 
 def _timeout(msg):

@@ -54,16 +54,7 @@ class GroupStore:
 
     def versions(self, name):
         """Versions of ``name`` with a committed group record here, ascending."""
-        try:
-            dirs = list((self.root / name).iterdir())
-        except OSError:
-            return []
-        out = []
-        for d in dirs:
-            m = _VDIR.fullmatch(d.name)
-            if m and (d / RECORD).exists():
-                out.append(int(m.group(1)))
-        return sorted(out)
+        return sorted(version for version, _, committed in self.version_dirs(name) if committed)
 
     def version_dirs(self, name):
         """``[(version, folder, committed)]`` of every version folder of ``name`` here; a
