@@ -70,6 +70,17 @@ def restore(cfg):
         return v, c.last_restart.level, run
 
 
+def checkpoint_fails(cfg, version, match):
+    """One job whose checkpoint of ``version`` must raise a CheckpointError matching ``match``
+    on every rank."""
+    with veloc.init(cfg, comm) as c:
+        a = np.zeros(512)
+        c.protect("a", a)
+        a[:] = state(version)
+        with pytest.raises(CheckpointError, match=match):
+            c.checkpoint("t", version)
+
+
 def lose_node(cfg, node):
     """Delete the whole scratch folder of virtual node ``node`` (its first rank does)."""
     first = min(r for r, n in enumerate(comm.allgather(node_id())) if n == node)
@@ -168,12 +179,7 @@ def test_partner_keeps_the_last_version_when_the_next_transfer_dies(cfg, monkeyp
 
     if node_id() == last_node:
         monkeypatch.setattr(transfer.IncomingFile, "commit", dies)
-    with veloc.init(cfg, comm) as c:
-        a = np.zeros(512)
-        c.protect("a", a)
-        a[:] = state(2)
-        with pytest.raises(CheckpointError, match="injected mid-transfer"):
-            c.checkpoint("t", 2)
+    checkpoint_fails(cfg, 2, "injected mid-transfer")
     monkeypatch.undo()
     # the node whose partner copies the failing node holds loses its own scratch
     owner = None
@@ -202,12 +208,7 @@ def test_xor_keeps_the_last_version_when_the_next_encode_dies(cfg, monkeypatch):
 
     if node_id() == last_node:
         monkeypatch.setattr(GroupStore, "commit", dies)
-    with veloc.init(cfg, comm) as c:
-        a = np.zeros(512)
-        c.protect("a", a)
-        a[:] = state(2)
-        with pytest.raises(CheckpointError, match="injected before the parity commit"):
-            c.checkpoint("t", 2)
+    checkpoint_fails(cfg, 2, "injected before the parity commit")
     monkeypatch.undo()
     lose_node(cfg, nodes[0])
     v, level, run = restore(cfg)
