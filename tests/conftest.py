@@ -5,6 +5,7 @@ wheel installs next to the test interpreter, with a hard timeout so nothing hang
 """
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -100,3 +101,16 @@ def pytest_runtest_logreport(report):
     sys.stdout.write(f"\n[rank {MPI.COMM_WORLD.Get_rank()}] FAILED {report.nodeid}\n{report.longreprtext}\n")
     sys.stdout.flush()
     MPI.COMM_WORLD.Abort(1)
+
+
+def kill_job_backends(cfg, env):
+    """SIGKILL every backend of the job configured by ``cfg`` (a test's cleanup)."""
+    import importlib
+    import importlib.util
+    pkg = "veloc_backend" if importlib.util.find_spec("veloc_backend") else "backend"
+    control = importlib.import_module(f"{pkg}.control")
+    for _ep, status in control.job_backends(cfg, env):
+        try:
+            os.kill(status["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass

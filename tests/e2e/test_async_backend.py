@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_mpi
+from conftest import REPO, kill_job_backends, run_mpi
 from veloc import ipc
 
 PKG = "veloc_backend" if importlib.util.find_spec("veloc_backend") else "backend"
@@ -66,11 +66,7 @@ def ajob(dirs):
     env = {"VELOC_RUNTIME_DIR": str(runtime)}
     full_env = dict(os.environ, **env)
     yield {"cfg": cfg, "app": app, "env": env, "full_env": full_env, **dirs}
-    for ep, st in control.job_backends(cfg, full_env):
-        try:
-            os.kill(st["pid"], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_job_backends(cfg, full_env)
     shutil.rmtree(runtime, ignore_errors=True)
 
 

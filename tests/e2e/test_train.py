@@ -9,13 +9,12 @@ weights and loss history (sha256 of both, printed by rank 0).
 import os
 import re
 import shutil
-import signal
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_mpi
+from conftest import REPO, kill_job_backends, run_mpi
 
 pytestmark = pytest.mark.e2e
 
@@ -58,12 +57,7 @@ def job(dirs):
     runtime = Path(tempfile.mkdtemp(prefix="vtrain-", dir="/tmp"))
     env = {"VELOC_RUNTIME_DIR": str(runtime)}
     yield dirs, env
-    from veloc_backend import control
-    for _ep, status in control.job_backends(dirs["tmp"] / "veloc.ini", dict(os.environ, **env)):
-        try:
-            os.kill(status["pid"], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_job_backends(dirs["tmp"] / "veloc.ini", dict(os.environ, **env))
     shutil.rmtree(runtime, ignore_errors=True)
 
 
