@@ -28,7 +28,7 @@ Every rank parses the same options. Checkpoints are named ``heat`` with the iter
 number as version. ``--fail-at IT --fail-rank R`` makes rank R kill itself with SIGKILL
 once every rank has completed iteration IT (and its checkpoint, if IT is a checkpoint
 iteration); the other ranks stop there too, and mpiexec tears the whole job down. Any
-exception on any rank aborts the job (``MPI_Abort``). On start-up the newest consistent
+exception on any rank ends the job (see ``main``). On start-up the newest consistent
 version, if any, is restored and rank 0 prints one line::
 
     veloc: restarted from version 30 (levels: scratch=2, persistent=2)
@@ -43,10 +43,11 @@ import os
 import signal
 import sys
 import time
-import traceback
 
 import numpy as np
 from mpi4py import MPI
+
+import job_exit  # examples/job_exit.py
 
 HOT = 100.0
 """Temperature of the top boundary row."""
@@ -274,17 +275,16 @@ def run(args, comm):
 def main(argv=None):
     """Entry point: parse options and run on ``MPI.COMM_WORLD``.
 
-    An exception on one rank aborts the whole job: otherwise the other ranks would wait
-    forever in their next collective while the failed one hangs in ``MPI_Finalize``.
+    An exception ends the job with exit code 1: normally when every rank failed (veloc's
+    errors are raised on every rank), with ``MPI_Abort`` when one rank failed alone (the
+    others would wait forever in their next collective); see ``job_exit``.
     """
     args = parse_args(argv)
+    job_exit.prepare(MPI.COMM_WORLD)
     try:
         run(args, MPI.COMM_WORLD)
     except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        _unlink_mpi_shm()
-        MPI.COMM_WORLD.Abort(1)
+        job_exit.fail(MPI.COMM_WORLD, cleanup=_unlink_mpi_shm)
 
 
 if __name__ == "__main__":

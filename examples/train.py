@@ -41,6 +41,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
+import job_exit  # noqa: E402  (examples/job_exit.py)
+
 CKPT_NAME = "train"
 
 
@@ -294,10 +296,8 @@ def _plain(decision):
 
 
 if __name__ == "__main__":
+    job_exit.prepare(MPI.COMM_WORLD)
     try:
         main()
     except Exception:
-        import traceback
-        traceback.print_exc()
-        sys.stdout.flush()
-        MPI.COMM_WORLD.Abort(1)
+        job_exit.fail(MPI.COMM_WORLD)

@@ -285,6 +285,18 @@ def _tell_compat_only(keys):
                  key, COMPAT_ONLY[key])
 
 
+def check_policy_keys(policy: Mapping, source: str = "") -> None:
+    """Cross-key checks of a ``[policy]`` section (also run on mappings handed to the policy)."""
+    where = f" in {source}" if source else ""
+    if (policy.get("mode") or "auto") == "fixed" and not policy.get("interval") and not policy.get("seconds"):
+        raise ConfigError(f"[policy] mode = fixed needs 'interval' (iterations) or 'seconds'{where}: "
+                          "set one of them, or use mode = auto")
+    bound = policy.get("overhead")
+    if bound is not None and not 0 < float(bound) < 1:
+        raise ConfigError(f"config key 'policy.overhead' = {bound}{where}: must be a fraction in (0, 1), "
+                          "e.g. 0.05 for 5 %")
+
+
 def _build(raw, source):
     top = _parse_keys(raw.get(TOP, {}), TOP_KEYS, "at top level", source)
     _tell_compat_only(raw.get(TOP, {}))
@@ -297,6 +309,7 @@ def _build(raw, source):
                               f"{', '.join(sorted(SECTION_KEYS))}")
     for name, schema in SECTION_KEYS.items():
         sections[name] = MappingProxyType(_parse_keys(raw.get(name, {}), schema, f"in [{name}]", source))
+    check_policy_keys(sections["policy"], source)
     frozen_raw = MappingProxyType({k: MappingProxyType(dict(v)) for k, v in raw.items()})
     return Config(MappingProxyType(top), MappingProxyType(sections), source, frozen_raw)
 

@@ -177,7 +177,8 @@ def test_policy_section_in_config(tmp_path):
     assert load_config({"scratch": str(tmp_path)}).section("policy")["mode"] == "auto"
     for bad, key in [({"mode": "sometimes"}, "policy.mode"), ({"overhead": "lots"}, "policy.overhead"),
                      ({"seconds": "-4"}, "policy.seconds"), ({"mtbf": "inf"}, "policy.mtbf"),
-                     ({"intervall": "3"}, "intervall")]:
+                     ({"intervall": "3"}, "intervall"), ({"mode": "fixed"}, "needs 'interval'"),
+                     ({"overhead": "1.5"}, "policy.overhead")]:
         with pytest.raises(ConfigError, match=key):
             load_config({"scratch": str(tmp_path), "policy": bad})
 

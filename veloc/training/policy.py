@@ -42,7 +42,8 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from ..config import check_policy_keys
+from ..errors import CheckpointError
 from .interval_models import daly_interval, young_interval
 
 log = logging.getLogger("veloc.policy")
@@ -70,12 +71,7 @@ class IntervalPolicy:
         self.seconds = section.get("seconds")
         self.mtbf = section.get("mtbf")
         self.warmup = int(section.get("warmup") or 5)
-        if self.mode == "fixed" and not self.interval and not self.seconds:
-            raise ConfigError("[policy] mode = fixed needs 'interval' (iterations) or 'seconds': "
-                              "set one of them, or use mode = auto")
-        if not 0 < self.bound < 1:
-            raise ConfigError(f"config key 'policy.overhead' = {self.bound}: must be a fraction in (0, 1), "
-                              "e.g. 0.05 for 5 %")
+        check_policy_keys(section)
         self._parent_comm, self._comm, self._clock = comm, None, clock
         self._lock = threading.Lock()
         # filled by the hooks (any thread)
