@@ -7,7 +7,7 @@ application's leader rank in sync mode, in the backend in async mode).
 """
 import logging
 import os
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from .config import load_config, node_id
 from .engine.debris import claim_rank_scratch
@@ -114,7 +114,9 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
         return SyncHost(self.config, self.comm, self.rank, self.node, log)
 
     # -- regions --------------------------------------------------------------------
-    def protect(self, region_id: RegionId, obj: Any, pickle: bool = False) -> None:
+    def protect(self, region_id: RegionId, obj: Any, pickle: bool = False, *,
+                global_shape: Optional[Sequence[int]] = None, offset: Optional[Sequence[int]] = None,
+                replicated: bool = False) -> None:
         """Register ``obj`` under ``region_id`` (an int, or a name ``[A-Za-z0-9_.]+``); any rank,
         local (not collective). Re-protecting an id replaces it.
 
@@ -122,9 +124,15 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
         in place), or with ``pickle=True`` any picklable object: a dict, list, set, bytearray,
         numpy array or object with ``__dict__`` is restored in place (``recovered[id]`` is the
         same object), anything else (int, str, tuple, ...) only into ``recovered[id]``.
-        Raises CheckpointError for an object that cannot be protected, ConfigError/
-        CheckpointError for a bad id."""
-        region = Region(region_id, obj, use_pickle=pickle)
+        ``global_shape`` and ``offset``: the array is this rank's slab of a global array of
+        that shape, starting at ``offset`` in every dimension; ``replicated=True``: every
+        rank holds the same value (a step counter). Either lets a job of another size
+        restart from a version whose copies keep the layout (the HDF5 format) and lets
+        ``veloc.open(...).read_global`` stitch the whole array.
+        Raises CheckpointError for an object that cannot be protected or a layout that does
+        not fit, ConfigError/CheckpointError for a bad id."""
+        region = Region(region_id, obj, use_pickle=pickle, global_shape=global_shape, offset=offset,
+                        replicated=replicated)
         self.regions[region.id] = region
 
     def unprotect(self, region_id: RegionId) -> None:

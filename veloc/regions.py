@@ -15,6 +15,7 @@ object. Anything else (int, float, str, tuple, None, objects with ``__slots__`` 
 ...) cannot be changed in place: the restored object is only in
 ``Client.recovered[id]``.
 """
+import operator
 import pickle as pickle_module
 
 import numpy as np
@@ -75,10 +76,51 @@ def _is_cupy(obj):
     return type(obj).__module__.split(".")[0] == "cupy" and hasattr(obj, "__cuda_array_interface__")
 
 
+def _index_tuple(region_id, key, value, ndim):
+    try:
+        out = tuple(operator.index(v) for v in value)
+    except TypeError:
+        raise CheckpointError(f"cannot protect region {region_id!r}: {key} must be a tuple of ints, "
+                              f"got {value!r}") from None
+    if len(out) != ndim:
+        raise CheckpointError(f"cannot protect region {region_id!r}: {key} {out} has {len(out)} dimension(s), "
+                              f"the array has {ndim}")
+    if any(v < 0 for v in out):
+        raise CheckpointError(f"cannot protect region {region_id!r}: {key} {out} has a negative entry")
+    return out
+
+
+def region_layout(region_id, kind, shape, global_shape=None, offset=None, replicated=False):
+    """The header keys that place a region in the job-wide picture (checked here, on the
+    protecting rank): ``global_shape``/``global_offset`` for the slab of a global array,
+    ``replicated`` for a region every rank holds identically, nothing for a rank's own."""
+    if not isinstance(replicated, bool):
+        raise CheckpointError(f"cannot protect region {region_id!r}: replicated must be True or False, "
+                              f"got {replicated!r}")
+    if global_shape is None and offset is None:
+        return {"replicated": True} if replicated else {}
+    if replicated:
+        raise CheckpointError(f"cannot protect region {region_id!r}: a region is either a slab of a global "
+                              "array (global_shape, offset) or replicated, not both")
+    if global_shape is None or offset is None:
+        raise CheckpointError(f"cannot protect region {region_id!r}: global_shape and offset go together "
+                              "(the global array's shape and this rank's first index in every dimension)")
+    if kind == "pickle":
+        raise CheckpointError(f"cannot protect region {region_id!r}: a pickled object cannot be a slab of a "
+                              "global array")
+    shape = tuple(shape)
+    global_shape = _index_tuple(region_id, "global_shape", global_shape, len(shape))
+    offset = _index_tuple(region_id, "offset", offset, len(shape))
+    if any(o + n > g for o, n, g in zip(offset, shape, global_shape)):
+        raise CheckpointError(f"cannot protect region {region_id!r}: the slab at offset {offset} of shape "
+                              f"{shape} does not fit in global_shape {global_shape}")
+    return {"global_shape": list(global_shape), "global_offset": list(offset)}
+
+
 class Region:
     """One protected region: ``kind`` is ``"array"``, ``"device"`` (cupy) or ``"pickle"``."""
 
-    def __init__(self, region_id, obj, use_pickle=False):
+    def __init__(self, region_id, obj, use_pickle=False, global_shape=None, offset=None, replicated=False):
         self.id = check_region_id(region_id)
         self.obj = obj
         if use_pickle:
@@ -93,6 +135,8 @@ class Region:
             raise CheckpointError(
                 f"cannot protect region {self.id!r}: {type(obj).__name__} is neither a numpy nor a cupy "
                 "array; pass pickle=True to protect a picklable Python object explicitly")
+        self.layout = region_layout(self.id, self.kind, getattr(obj, "shape", None), global_shape, offset,
+                                    replicated)
 
     def _check_array(self, arr):
         if arr.dtype.hasobject:
@@ -114,12 +158,12 @@ class Region:
             except Exception as exc:
                 raise CheckpointError(f"cannot pickle region {self.id!r}: {exc}") from exc
             return {"id": self.id, "kind": "pickle", "dtype": "", "shape": [], "order": "C",
-                    "nbytes": len(data)}, memoryview(data)
+                    "nbytes": len(data), **self.layout}, memoryview(data)
         arr = self.obj.get() if self.kind == "device" else self.obj
         order = "C" if arr.flags.c_contiguous else "F"
         raw = arr.reshape(-1, order=order).view(np.uint8) if arr.size else np.empty(0, np.uint8)
         return {"id": self.id, "kind": "array", "dtype": dtype_descr(arr.dtype), "shape": list(arr.shape),
-                "order": order, "nbytes": int(arr.nbytes)}, raw
+                "order": order, "nbytes": int(arr.nbytes), **self.layout}, raw
 
     def snapshots(self):
         """The ``(descriptor, buffer)`` pairs this region writes (one for a plain region)."""

@@ -6,7 +6,8 @@ Layout::
     header length (u32, little endian)      4 bytes
     crc32 of the header JSON (u32, LE)      4 bytes
     header JSON: format, name, version, rank, regions[{id, kind, dtype, shape, order,
-                 offset, nbytes, [dtype_name]}]
+                 offset, nbytes, [dtype_name], [global_shape, global_offset],
+                 [replicated]}]
     region bytes, each starting at a 4096-byte aligned offset (direct-I/O friendly)
 
 Arrays are written straight from their buffers and never pickled; a ``pickle`` region
@@ -14,6 +15,8 @@ holds the bytes of an object the user explicitly protected with ``pickle=True``.
 ``dtype_name`` (optional; absent in older files) names an element type numpy lacks
 (``bfloat16``, ``float8_e4m3fn``, a torch dtype); ``dtype`` then describes raw storage of
 the same item size, so readers without that type still see every byte.
+``global_shape``/``global_offset`` (optional) place an array region as a slab of a global
+array; ``replicated`` (optional) marks a region every rank holds identically.
 Written by each application rank (``checkpoint_mem``); read by each rank on restart and
 by the ``veloc`` command-line tool.
 """
@@ -51,6 +54,13 @@ class RegionInfo:
     offset: int
     nbytes: int
     dtype_name: str = ""   # element type by name where numpy has none (e.g. "bfloat16")
+    global_shape: tuple = ()   # the region is a slab of a global array of this shape ...
+    global_offset: tuple = ()  # ... starting at this index in every dimension
+    replicated: bool = False   # every rank holds the same value
+
+    @property
+    def is_global(self):
+        return bool(self.global_shape)
 
     def numpy_dtype(self):
         descr = json.loads(self.dtype) if self.dtype.startswith("[") else self.dtype
@@ -74,7 +84,20 @@ def _region_json(info):
            "order": info.order, "offset": info.offset, "nbytes": info.nbytes}
     if info.dtype_name:
         out["dtype_name"] = info.dtype_name
+    if info.global_shape:
+        out["global_shape"], out["global_offset"] = list(info.global_shape), list(info.global_offset)
+    if info.replicated:
+        out["replicated"] = True
     return out
+
+
+def region_info(r, offset):
+    """A :class:`RegionInfo` from a region's descriptor dict (a header entry or what a
+    region writes) placed at ``offset``."""
+    return RegionInfo(r["id"], r["kind"], r["dtype"], tuple(r["shape"]), r["order"], int(offset),
+                      int(r["nbytes"]), str(r.get("dtype_name", "")),
+                      tuple(int(x) for x in r.get("global_shape", ())),
+                      tuple(int(x) for x in r.get("global_offset", ())), r.get("replicated") is True)
 
 
 def build_header(name, version, rank, regions):
@@ -89,8 +112,7 @@ def build_header(name, version, rank, regions):
         offset = guess
         infos = []
         for r in regions:
-            infos.append(RegionInfo(r["id"], r["kind"], r["dtype"], tuple(r["shape"]), r["order"],
-                                    offset, r["nbytes"], r.get("dtype_name", "")))
+            infos.append(region_info(r, offset))
             offset = _align(offset + r["nbytes"])
         body = json.dumps({
             "format": FORMAT, "name": name, "version": version, "rank": rank,
@@ -156,9 +178,7 @@ class RankFile:
             raise CorruptCheckpointError(f"{self.path}: header checksum mismatch")
         try:
             meta = json.loads(body)
-            regions = [RegionInfo(r["id"], r["kind"], r["dtype"], tuple(r["shape"]), r["order"],
-                                  int(r["offset"]), int(r["nbytes"]), str(r.get("dtype_name", "")))
-                       for r in meta["regions"]]
+            regions = [region_info(r, r["offset"]) for r in meta["regions"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptCheckpointError(f"{self.path}: malformed header ({exc})") from None
         for r in regions:
@@ -170,6 +190,11 @@ class RankFile:
                 if expected != r.nbytes:
                     raise CorruptCheckpointError(f"{self.path}: region {r.id!r} claims {r.nbytes} bytes for "
                                                  f"{r.dtype} {r.shape} ({expected} expected)")
+            if r.global_shape and (len(r.global_shape) != len(r.shape) or len(r.global_offset) != len(r.shape)
+                                   or any(o < 0 or o + n > g for o, n, g in
+                                          zip(r.global_offset, r.shape, r.global_shape))):
+                raise CorruptCheckpointError(f"{self.path}: region {r.id!r} claims a slab {r.shape} at "
+                                             f"{r.global_offset} outside its global shape {r.global_shape}")
             if r.offset < PREFIX.size + length or r.offset + r.nbytes > self.size:
                 raise CorruptCheckpointError(
                     f"{self.path}: region {r.id!r} [{r.offset}, +{r.nbytes}) lies outside the file "
