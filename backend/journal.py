@@ -14,7 +14,7 @@ import os
 import threading
 from pathlib import Path
 
-from veloc.engine.fileio import fsync_dir
+from veloc.engine.fileio import atomic_write_bytes
 
 log = logging.getLogger("veloc.backend.journal")
 
@@ -136,19 +136,9 @@ class Journal:
             self._compact_locked()
 
     def _compact_locked(self):
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            lines = [json.dumps({"op": "add", "id": i, "item": it}, separators=(",", ":")) + "\n"
-                     for i, it in self._pending.items()]
-            data = "".join(lines).encode()
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
+        lines = [json.dumps({"op": "add", "id": i, "item": it}, separators=(",", ":")) + "\n"
+                 for i, it in self._pending.items()]
+        atomic_write_bytes(self.path, "".join(lines).encode())
         old = getattr(self, "_fd", None)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         if old is not None:

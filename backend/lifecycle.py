@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from veloc import ipc
+from veloc.engine.fileio import atomic_write_bytes
 from veloc.errors import BackendError
 
 EXIT_ALREADY_RUNNING = 3   # exit code of a backend that found another one holding the lock
@@ -115,13 +116,7 @@ def read_pid(ep):
 
 def write_pid(ep):
     """Atomically write this process's pid (called by the backend once it listens)."""
-    tmp = ep.pid.with_name(ep.pid.name + f".{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, f"{os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, ep.pid)
+    atomic_write_bytes(ep.pid, f"{os.getpid()}\n".encode(), durable=False)
 
 
 # ---------------------------------------------------------------- configuration
@@ -285,10 +280,7 @@ def config_file(cfg, config, ep):
             lines.append(f"[{section}]")
         lines += [f"{k} = {_ini_value(v)}" for k, v in keys.items()]
     path = ep.dir / "config.ini"
-    tmp = path.with_name(f"config.ini.{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode(), durable=False)
     return path
 
 

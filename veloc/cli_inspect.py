@@ -6,13 +6,13 @@ Run by a user on any node, outside the application and its engine. It reads rank
 """
 import os
 import re
-import secrets
 import stat
 from pathlib import Path
 
 import numpy as np
 
 from .cli_levels import UsageError
+from .engine.fileio import atomic_file
 from .engine.rankfile import RankFile
 from .errors import CorruptCheckpointError
 
@@ -75,25 +75,15 @@ def parse_region_id(text):
 
 
 def _write_private(out, write):
-    """Create ``out`` with mode 0600 atomically (temporary name, then rename)."""
+    """Create ``out`` with mode 0600 atomically (:func:`veloc.engine.fileio.atomic_file`)."""
     out = Path(out)
     if out.is_dir():
         raise UsageError(f"{out}: is a directory; give the output file name")
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise UsageError(f"cannot create {out}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(out, durable=False) as fd, os.fdopen(os.dup(fd), "wb") as f:
             write(f)
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc.strerror}") from None
 
 
 def extract_region(path, region_id, out, allow_pickle=False):

@@ -11,6 +11,7 @@ import functools
 import mmap
 import os
 import secrets
+from pathlib import Path
 
 from ..errors import CheckpointError
 
@@ -121,18 +122,14 @@ def preadinto_all(fd, view, offset):
     return done
 
 
-@contextlib.contextmanager
-def atomic_file(path, durable=True):
-    """Yield the descriptor of a private temporary file that replaces ``path`` on success.
-
-    The commit is temp file, fsync, rename, directory fsync: a crash at any point leaves
-    either the old ``path`` or the new one. On an exception the temporary file is removed.
-    """
-    tmp = temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+def commit_temp(fd, tmp, path, durable=True):
+    """The commit step every writer of veloc ends with: fsync and close ``fd`` (open on the
+    temporary file ``tmp`` next to ``path``), rename ``tmp`` over ``path``, fsync the
+    directory. A crash at any point leaves either the old ``path`` or the new one; on an
+    error ``tmp`` is removed and the error raised. ``durable=False`` skips both fsyncs
+    (node-local tmpfs, runtime files)."""
     try:
         try:
-            yield fd
             if durable:
                 os.fsync(fd)
         finally:
@@ -145,10 +142,43 @@ def atomic_file(path, durable=True):
         fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path, data, durable=True):
+def open_temp(path, reuse=None):
+    """``(fd, tmp)``: a private temporary file next to ``path``, opened read-write, mode
+    0600. ``reuse``: an allocated file of a collected version to write over instead of
+    fresh pages (renamed to the temporary name; a fresh file if it is gone)."""
+    path = Path(path)
+    tmp = temp_name(path)
+    if reuse is not None:
+        try:
+            os.replace(reuse, tmp)
+            return os.open(tmp, os.O_RDWR), tmp
+        except OSError:
+            _unlink_quietly(tmp)
+    return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE), tmp
+
+
+@contextlib.contextmanager
+def atomic_file(path, durable=True, reuse=None):
+    """Yield the descriptor of a private temporary file that replaces ``path`` on success
+    (:func:`commit_temp`); on an exception the temporary file is removed. ``reuse``: see
+    :func:`open_temp` (the writer must then truncate to its own size)."""
+    path = Path(path)
+    fd, tmp = open_temp(path, reuse)
+    try:
+        yield fd
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    commit_temp(fd, tmp, path, durable)
+
+
+def atomic_write_bytes(path, data, durable=True, reuse=None):
     """Commit ``data`` at ``path`` atomically (see :func:`atomic_file`)."""
-    with atomic_file(path, durable) as fd:
+    with atomic_file(path, durable, reuse) as fd:
         pwrite_all(fd, data, 0)
+        if reuse is not None:
+            os.ftruncate(fd, len(data))
 
 
 def copy_file(src, dst, durable=True, on_chunk=None, direct=False, source_map=None):

@@ -22,13 +22,12 @@ fresh node what its files were. Parity ``j`` of stripe ``s`` is ``s<s>.p<j>.par`
 next to it; the record lists the digest of every parity block of the group.
 """
 import json
-import os
 import shutil
 
 import numpy as np
 
 from ..errors import CorruptCheckpointError
-from .fileio import atomic_write_bytes, fsync_dir, make_dirs, pwrite_all, remove_quietly, temp_name
+from .fileio import atomic_write_bytes, make_dirs, remove_quietly
 from .hashing import digest_buffer, digest_file, hasher
 from .levels import _VDIR
 from .manifest import Manifest
@@ -98,8 +97,8 @@ class GroupStore:
         reuse = list(reuse)
         for (s, j), block in sorted(parity.items()):
             path = self.parity_path(name, version, s, j)
-            if not (reuse and _write_over(path, block, reuse.pop(), self.durable)):
-                atomic_write_bytes(path, block, durable=self.durable)
+            # over an allocated file of a collected version: ~3x faster than fresh tmpfs pages
+            atomic_write_bytes(path, block, durable=self.durable, reuse=reuse.pop() if reuse else None)
         atomic_write_bytes(vdir / RECORD, json.dumps(record, sort_keys=True).encode(), durable=self.durable)
 
     def take_victim(self, name, version, keep, complete=()):
@@ -134,32 +133,6 @@ class GroupStore:
     def remove_version(self, name, version):
         self.uncommit(name, version)
         shutil.rmtree(self.version_dir(name, version), ignore_errors=True)
-
-
-def _write_over(path, data, old, durable):
-    """Commit ``data`` at ``path`` by overwriting the already allocated file ``old`` (about 3x
-    faster than filling fresh tmpfs pages; docs/ARCHITECTURE.md); ``False`` if ``old`` is unusable."""
-    tmp = temp_name(path)
-    try:
-        os.replace(old, tmp)
-        fd = os.open(tmp, os.O_WRONLY)
-    except OSError:
-        remove_quietly(tmp)
-        return False
-    try:
-        pwrite_all(fd, data, 0)
-        os.ftruncate(fd, len(data))
-        if durable:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        remove_quietly(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    if durable:
-        fsync_dir(path.parent)
-    return True
 
 
 def manifests_of(entry):

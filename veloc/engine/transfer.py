@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from ..errors import CorruptCheckpointError, VelocError
-from .fileio import FILE_MODE, fsync_dir, make_dirs, remove_quietly, temp_name
+from .fileio import commit_temp, make_dirs, open_temp, remove_quietly
 from .hashing import digest_buffer
 
 PIECE = 1 << 30          # bytes per MPI message (well below the 2 GiB count limit)
@@ -125,15 +125,9 @@ class IncomingFile:
     def __init__(self, path, size, durable=True, recycle=None):
         self.path, self.size, self.durable = path, size, durable
         make_dirs(path.parent)
-        self.tmp = temp_name(path)
-        populate = 0
-        if recycle is not None:      # an uncommitted old file: its pages are already allocated
-            try:
-                os.replace(recycle, self.tmp)
-                populate = getattr(mmap, "MAP_POPULATE", 0)
-            except OSError:
-                pass
-        self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | (0 if populate else os.O_EXCL), FILE_MODE)
+        # an uncommitted old file: its pages are already allocated
+        self._fd, self.tmp = open_temp(path, reuse=recycle)
+        populate = getattr(mmap, "MAP_POPULATE", 0) if os.fstat(self._fd).st_size else 0
         self._map = None
         try:
             os.ftruncate(self._fd, size)
@@ -154,13 +148,8 @@ class IncomingFile:
             self.abort()
             raise CorruptCheckpointError(f"{self.path}: {algorithm} mismatch after transfer; not committed")
         self._release()
-        if self.durable:
-            os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        os.replace(self.tmp, self.path)
-        if self.durable:
-            fsync_dir(self.path.parent)
+        fd, self._fd = self._fd, None
+        commit_temp(fd, self.tmp, self.path, self.durable)
 
     def _release(self):
         self.view = None
