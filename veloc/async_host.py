@@ -27,7 +27,7 @@ from mpi4py import MPI
 
 from .engine.levels import LevelStore
 from .engine.module import CHECKPOINT
-from .host_base import HostAgreement
+from .host_base import Host
 from .errors import BackendError, CheckpointError, RestartError, VelocError
 from .ipc import BackendConnection
 from .progress import ProgressReporter
@@ -55,7 +55,7 @@ def _lifecycle():
         return importlib.import_module("backend.lifecycle")
 
 
-class AsyncHost(HostAgreement):
+class AsyncHost(Host):
     """The backend connection of one application rank (async mode)."""
 
     background = True

@@ -377,8 +377,7 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
         never blocks, never raises for a background failure (``checkpoint_wait`` does)."""
         if not self.snapshot_finished():
             return False
-        finished = getattr(self.host, "finished", None)
-        return True if finished is None else finished()
+        return self.host.finished()
 
     # -- lifecycle ------------------------------------------------------------------
     def finalize(self, drain: bool = True) -> None:

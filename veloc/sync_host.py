@@ -15,12 +15,12 @@ from mpi4py import MPI
 
 from .engine.module import CHECKPOINT, Command, Peers
 from .engine.pipeline import Engine
-from .host_base import HostAgreement
+from .host_base import Host
 from .errors import CheckpointError, RestartError, VelocError
 from .logfile import sync_engine_logger
 
 
-class SyncHost(HostAgreement):
+class SyncHost(Host):
     """The node-local engine host of one application rank (sync mode)."""
 
     def __init__(self, config, comm, rank, node, logger):
