@@ -105,10 +105,7 @@ def pytest_runtest_logreport(report):
 
 def kill_job_backends(cfg, env):
     """SIGKILL every backend of the job configured by ``cfg`` (a test's cleanup)."""
-    import importlib
-    import importlib.util
-    pkg = "veloc_backend" if importlib.util.find_spec("veloc_backend") else "backend"
-    control = importlib.import_module(f"{pkg}.control")
+    from veloc_backend import control
     for _ep, status in control.job_backends(cfg, env):
         try:
             os.kill(status["pid"], signal.SIGKILL)

@@ -42,17 +42,12 @@ AUTO_IDLE_EXIT = 120      # s: a backend started by a rank exits when idle this 
 
 
 def _lifecycle():
-    """``veloc_backend.lifecycle``; from a source checkout, the sibling ``backend`` folder."""
+    """``veloc_backend.lifecycle`` (the backend package, installed with veloc)."""
     try:
-        return importlib.import_module("veloc_backend.lifecycle")
-    except ImportError:
-        import sys
-        root = str(Path(__file__).resolve().parent.parent)
-        if not (Path(root) / "backend" / "lifecycle.py").exists():
-            raise BackendError("async mode needs the veloc_backend package: pip install veloc") from None
-        if root not in sys.path:
-            sys.path.append(root)
-        return importlib.import_module("backend.lifecycle")
+        from veloc_backend import lifecycle
+    except ImportError as exc:
+        raise BackendError(f"async mode needs the veloc_backend package ({exc}): pip install veloc") from None
+    return lifecycle
 
 
 class AsyncHost(Host):

@@ -38,7 +38,7 @@ def job_command(cycle, paths, phase):
     """argv of one run of the cycle's job."""
     app = app_args(cycle, paths, phase)
     if cycle.launcher == "veloc-run":
-        return [sys.executable, "-m", "backend.launcher", "-n", str(cycle.nranks), "--virtual-nodes",
+        return [sys.executable, "-m", "veloc_backend.launcher", "-n", str(cycle.nranks), "--virtual-nodes",
                 str(len(cycle.nodes)), "--config", str(paths["cfg"]), "--wait", "--mpiexec", mpiexec_path(),
                 "--peer-timeout", "10", "--collective-deadline", "10", "--", *app]
     cmd = [mpiexec_path()]
@@ -112,9 +112,9 @@ def cycle_processes(tag):
             continue
         cmd = _cmdline(pid)
         program = os.path.basename(cmd.split(" ", 1)[0])
-        kind = ("launcher" if program.startswith(("mpiexec", "mpirun", "hydra")) or "backend.launcher" in cmd else
+        kind = ("launcher" if program.startswith(("mpiexec", "mpirun", "hydra")) or "veloc_backend.launcher" in cmd else
                 "rank" if str(APP) in cmd else
-                "backend" if "backend.main" in cmd or "veloc-backend" in cmd else "launcher")
+                "backend" if "veloc_backend.main" in cmd or "veloc-backend" in cmd else "launcher")
         out.append((pid, kind, env, cmd))
     return out
 

@@ -4,8 +4,6 @@
 Each test gets its own runtime folder (``VELOC_RUNTIME_DIR``) and stops every backend
 it started.
 """
-import importlib
-import importlib.util
 import os
 import re
 import shutil
@@ -22,9 +20,9 @@ import pytest
 from conftest import REPO, kill_job_backends, run_mpi
 from veloc import ipc
 
-PKG = "veloc_backend" if importlib.util.find_spec("veloc_backend") else "backend"
-control = importlib.import_module(f"{PKG}.control")
-lifecycle = importlib.import_module(f"{PKG}.lifecycle")
+PKG = "veloc_backend"
+from veloc_backend import control
+from veloc_backend import lifecycle
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 APP = textwrap.dedent("""
@@ -166,8 +164,8 @@ def test_init_single_with_mapping_config(ajob):
 
 # --------------------------------------------------------------------------- backend world
 
-launcher = importlib.import_module(f"{PKG}.launcher")
-world = importlib.import_module(f"{PKG}.world")
+from veloc_backend import launcher
+from veloc_backend import world
 VNODES = ["vnode0", "vnode1"]
 
 WORLD_APP = textwrap.dedent("""

@@ -190,8 +190,6 @@ def test_heat_restarts_bit_exact_after_losing_a_node(dirs, tmp_path):
 def backends(dirs):
     """Async mode: start the 4 nodes' backends as one MPI job (``mpiexec`` MPMD, one per
     virtual node), so partner and erasure work between them; ``start()``/``stop()``."""
-    import importlib
-    import importlib.util
     import os
     import signal
     import subprocess
@@ -201,8 +199,7 @@ def backends(dirs):
     from pathlib import Path
 
     from conftest import mpiexec_path
-    pkg = "veloc_backend" if importlib.util.find_spec("veloc_backend") else "backend"
-    control = importlib.import_module(f"{pkg}.control")
+    from veloc_backend import control
     runtime = Path(tempfile.mkdtemp(prefix="vml-", dir="/tmp"))
     env = dict(os.environ, VELOC_RUNTIME_DIR=str(runtime), PYTHONPATH=str(REPO))
     state = {"proc": None, "env": {"VELOC_RUNTIME_DIR": str(runtime)}}

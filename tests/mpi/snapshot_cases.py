@@ -4,8 +4,6 @@ Every rank runs this pytest module; each test is collective over COMM_WORLD. The
 application keeps calling its own collectives on COMM_WORLD while persists (with their
 own collectives on veloc's private communicator) run in the background.
 """
-import importlib
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -21,7 +19,6 @@ from veloc.errors import CheckpointError
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
 N = 1 << 18
-PKG = "veloc_backend" if importlib.util.find_spec("veloc_backend") else "backend"
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -34,7 +31,7 @@ def cfg(request):
     comm.Barrier()
     if rank == 0:
         if request.param == "async":
-            control = importlib.import_module(f"{PKG}.control")
+            from veloc_backend import control
             for ep, _ in control.job_backends(config):
                 control.shutdown(ep, drain_first=False)
         shutil.rmtree(base, ignore_errors=True)

@@ -1,15 +1,11 @@
-"""The backend's journal (backend/journal.py) and journaled work queue (backend/workqueue.py)."""
-import importlib
-import importlib.util
+"""The backend's journal (veloc_backend.journal) and journaled work queue (veloc_backend.workqueue)."""
 import json
 import threading
 import time
 
 import pytest
-
-PKG = "veloc_backend" if importlib.util.find_spec("veloc_backend") else "backend"
-Journal = importlib.import_module(f"{PKG}.journal").Journal
-wq = importlib.import_module(f"{PKG}.workqueue")
+from veloc_backend.journal import Journal
+from veloc_backend import workqueue as wq
 pytestmark = pytest.mark.timeout(60)
 
 

@@ -23,9 +23,9 @@ import pytest
 from veloc import ipc
 from veloc.errors import BackendError
 
-PKG = "veloc_backend" if importlib.util.find_spec("veloc_backend") else "backend"
-lifecycle = importlib.import_module(f"{PKG}.lifecycle")
-control = importlib.import_module(f"{PKG}.control")
+PKG = "veloc_backend"
+from veloc_backend import lifecycle
+from veloc_backend import control
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 EXTRA = ("--executor", f"{Path(__file__).stem}:MarkerExecutor", "--idle-exit", "60",

@@ -1,8 +1,6 @@
 """Drains report progress: the backend's queue counts versions and bytes pending and the
 rate at which bytes finish; ``veloc drain`` and an application rank's wait print one
 line every few seconds while they wait."""
-import importlib
-import importlib.util
 import logging
 import threading
 import time
@@ -12,9 +10,9 @@ import pytest
 from veloc.cli import main
 from veloc.progress import ProgressReporter, format_progress, human_bytes
 
-PKG = "veloc_backend" if importlib.util.find_spec("veloc_backend") else "backend"
-Journal = importlib.import_module(f"{PKG}.journal").Journal
-wq = importlib.import_module(f"{PKG}.workqueue")
+from veloc_backend import executor as executor_mod
+from veloc_backend.journal import Journal
+from veloc_backend import workqueue as wq
 MiB = 1 << 20
 
 
@@ -39,7 +37,7 @@ class SlowEngineExecutor:
     loaded in a backend with ``--executor test_drain_progress:SlowEngineExecutor``."""
 
     def __init__(self, config, node, logger):
-        self.inner = importlib.import_module(f"{PKG}.executor").EngineExecutor(config, node, logger)
+        self.inner = executor_mod.EngineExecutor(config, node, logger)
         self.item_bytes = self.inner.item_bytes
 
     def run(self, batch):
@@ -143,7 +141,7 @@ def test_checkpoint_wait_reports_progress_in_async_mode(dirs, monkeypatch, caplo
     from test_backend_lifecycle import Job
     runtime = Path(tempfile.mkdtemp(prefix="vrt-", dir="/tmp"))
     job = Job(dirs["base"], runtime)
-    lifecycle = importlib.import_module(f"{PKG}.lifecycle")
+    from veloc_backend import lifecycle
     try:                                               # the node's backend: a slow engine
         ep = lifecycle.ensure_backend(job.cfg, job.env, timeout=30, extra_args=(
             "--executor", "test_drain_progress:SlowEngineExecutor", "--idle-exit", "60"))

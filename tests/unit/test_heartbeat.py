@@ -6,8 +6,6 @@ engine carries one extra module, ``SlowModule`` (below, loaded through ``--execu
 that keeps the engine thread busy in Python for ``$VELOC_TEST_SLOW`` seconds per version,
 holding the interpreter lock as a long flush's Python parts would.
 """
-import importlib
-import importlib.util
 import os
 import signal
 import tempfile
@@ -20,9 +18,8 @@ import pytest
 import veloc
 from veloc.engine.module import Module
 from veloc.errors import BackendError, ConfigError
-
-PKG = "veloc_backend" if importlib.util.find_spec("veloc_backend") else "backend"
-lifecycle = importlib.import_module(f"{PKG}.lifecycle")
+from veloc_backend import executor as executor_mod
+from veloc_backend import lifecycle
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 pytestmark = pytest.mark.timeout(90)
@@ -44,7 +41,7 @@ def slow_engine(config, node, logger):
     """``--executor`` factory: the default engine executor with :class:`SlowModule` added."""
     from veloc.engine.pipeline import register_module
     register_module(SlowModule)
-    return importlib.import_module(f"{PKG}.executor").EngineExecutor(config, node, logger)
+    return executor_mod.EngineExecutor(config, node, logger)
 
 
 @pytest.fixture

@@ -1,6 +1,4 @@
 """Wire protocol and endpoint placement (veloc/ipc.py), with a real socket server."""
-import importlib
-import importlib.util
 import os
 import socket
 import stat
@@ -14,9 +12,7 @@ import pytest
 
 from veloc import ipc
 from veloc.errors import BackendError
-
-PKG = "veloc_backend" if importlib.util.find_spec("veloc_backend") else "backend"
-server_mod = importlib.import_module(f"{PKG}.server")
+from veloc_backend import server as server_mod
 pytestmark = pytest.mark.timeout(60)
 
 
