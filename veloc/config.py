@@ -21,12 +21,12 @@ import configparser
 import logging
 import os
 import socket
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, Optional
 
+from .config_keys import Key, boolean, choice, integer, path_template, positive_number, text
 from .errors import ConfigError
 from .names import check_node_id
 
@@ -35,73 +35,9 @@ DEFAULT_SCRATCH_VERSIONS = 2
 log = logging.getLogger("veloc.config")
 
 
-def _bool(key, raw):
-    low = str(raw).strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"config key '{key}' = {raw!r}: expected a boolean (true/false/yes/no/1/0)")
-
-
-def _int(minimum=None):
-    def parse(key, raw):
-        try:
-            value = int(str(raw).strip(), 10)
-        except ValueError:
-            raise ConfigError(f"config key '{key}' = {raw!r}: expected an integer") from None
-        if minimum is not None and value < minimum:
-            raise ConfigError(f"config key '{key}' = {value}: must be >= {minimum}")
-        return value
-    return parse
-
-
-def _positive_number(key, raw):
-    try:
-        value = float(str(raw).strip())
-    except ValueError:
-        raise ConfigError(f"config key '{key}' = {raw!r}: expected a number") from None
-    if not 0 < value < float("inf"):
-        raise ConfigError(f"config key '{key}' = {raw!r}: must be a positive finite number")
-    return value
-
-
-def _choice(*accepted):
-    def parse(key, raw):
-        value = str(raw).strip()
-        if value not in accepted:
-            raise ConfigError(f"config key '{key}' = {raw!r}: accepted values are {', '.join(accepted)}")
-        return value
-    return parse
-
-
-def _text(key, raw):
-    value = str(raw).strip()
-    if not value:
-        raise ConfigError(f"config key '{key}' is empty: give a value or remove the key")
-    return value
-
-
-def _path_template(key, raw):
-    value = _text(key, raw)
-    try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
-    except ValueError as exc:
-        raise ConfigError(f"config key '{key}' = {raw!r}: bad '{{...}}' placeholder ({exc})") from None
-    unknown = fields - {"node", "rank"}
-    if unknown:
-        raise ConfigError(
-            f"config key '{key}' = {raw!r}: unknown placeholder(s) {sorted(unknown)}; "
-            "only {node} and {rank} are accepted")
-    return os.path.expanduser(value)
-
-
-@dataclass(frozen=True)
-class Key:
-    """One accepted key: its parser and its default (``None`` = unset)."""
-    parse: object
-    default: object = None
-    required: bool = False
+# The key parsers live in veloc.config_keys, shared with the modules that declare sections.
+_bool, _int, _positive_number, _choice, _text, _path_template = (
+    boolean, integer, positive_number, choice, text, path_template)
 
 
 # VELOC's top-level keys, with VELOC's meanings and defaults.
@@ -146,31 +82,28 @@ COMPAT_ONLY = {
 _told = set()
 
 
-def module_keys(priority, **extra):
-    """The keys every module section accepts, plus ``extra``."""
-    keys = {"enabled": Key(_bool, None), "priority": Key(_int(), priority), "every": Key(_int(1), 1)}
-    keys.update(extra)
-    return keys
-
-
-# Extension sections. A module registers its section here (see engine/modules/*).
-SECTION_KEYS = {
-    "checksum": module_keys(10, algorithm=Key(_choice("xxh3_128", "xxh3_64"), "xxh3_128")),
-    "flush": module_keys(50, interval=Key(_int(), None), direct_io=Key(_bool, True)),
-    "partner": module_keys(30),
-    "erasure": module_keys(40, scheme=Key(_choice("xor", "rs"), "xor"), group_size=Key(_int(2), 4),
-                           parity=Key(_int(1), None), interval=Key(_int(), None), backend=Key(_text, None)),
-    "versioning": module_keys(90),
+# Sections that are not pipeline modules. A module declares its own section as its
+# class attribute ``config_keys`` (see veloc/engine/modules/), and section_keys() adds it.
+OTHER_SECTIONS = {
     # async mode: a backend that answers no request for this long is hung (BackendError)
     "backend": {"heartbeat_timeout": Key(_positive_number, 5.0)},
-    # not a pipeline module: the training interval policy (veloc/training/policy.py)
+    # the training interval policy (veloc/training/policy.py)
     "policy": {"mode": Key(_choice("fixed", "auto"), "auto"), "overhead": Key(_positive_number, 0.05),
                "interval": Key(_int(1)), "seconds": Key(_positive_number), "mtbf": Key(_positive_number),
                "warmup": Key(_int(1), 5)},
-    # not a pipeline module: two-phase snapshots (veloc/training/snapshot.py)
+    # two-phase snapshots (veloc/training/snapshot.py)
     "snapshot": {"max_in_flight": Key(_int(1), 1), "device_staging": Key(_choice("auto", "device", "pinned"), "auto"),
                  "device_margin_mib": Key(_int(0), 1024)},
 }
+
+
+def section_keys():
+    """``{section: {key: Key}}``: every registered pipeline module's section
+    (``register_module`` adds one) and the other sections."""
+    from .engine.pipeline import MODULE_CLASSES
+    out = {cls.name: cls.config_keys for cls in MODULE_CLASSES if cls.config_keys is not None}
+    out.update(OTHER_SECTIONS)
+    return out
 
 
 def _read_ini(path):
@@ -204,7 +137,7 @@ def _apply_env(raw, environ):
         env = f"VELOC_{key.upper()}"
         if env in environ:
             raw[TOP][key] = environ[env]
-    for section, keys in SECTION_KEYS.items():
+    for section, keys in section_keys().items():
         for key in keys:
             env = f"VELOC_{section.upper()}_{key.upper()}"
             if env in environ:
@@ -301,13 +234,14 @@ def _build(raw, source):
     top = _parse_keys(raw.get(TOP, {}), TOP_KEYS, "at top level", source)
     _tell_compat_only(raw.get(TOP, {}))
     sections = {}
+    schemas = section_keys()
     for name, keys in raw.items():
         if name == TOP:
             continue
-        if name not in SECTION_KEYS:
+        if name not in schemas:
             raise ConfigError(f"unknown config section [{name}] in {source}; accepted sections: "
-                              f"{', '.join(sorted(SECTION_KEYS))}")
-    for name, schema in SECTION_KEYS.items():
+                              f"{', '.join(sorted(schemas))}")
+    for name, schema in schemas.items():
         sections[name] = MappingProxyType(_parse_keys(raw.get(name, {}), schema, f"in [{name}]", source))
     check_policy_keys(sections["policy"], source)
     frozen_raw = MappingProxyType({k: MappingProxyType(dict(v)) for k, v in raw.items()})

@@ -136,12 +136,14 @@ class EngineContext:
 class Module:
     """Base of every pipeline module.
 
-    Subclasses set ``name`` (also their config section) and ``default_priority``, and
-    override the handlers they need. A handler returns ``True`` (done) or ``False``
+    Subclasses set ``name`` (also their config section) and ``config_keys``, the keys of
+    that section (``veloc.config_keys.module_keys(default priority, **extra keys)``;
+    ``None``: no section), and override the handlers they need. A handler returns ``True`` (done) or ``False``
     (not my business), or raises. Level modules also set ``level`` and implement
     :meth:`available`, :meth:`verify` and :meth:`restore`.
     """
     name = "module"
+    config_keys = None
     level = None
     collective = False    # True: its handlers communicate with the other nodes' engines
     collects_old_versions = False   # True: garbage collection, skipped for a version that missed a level

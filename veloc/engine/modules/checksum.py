@@ -6,11 +6,13 @@ digests, which every later copy carries and every read verifies.
 """
 from ..hashing import digest_file
 from ..module import Module
+from ...config_keys import Key, choice, module_keys
 from ...faults import fault_point
 
 
 class ChecksumModule(Module):
     name = "checksum"
+    config_keys = module_keys(10, algorithm=Key(choice("xxh3_128", "xxh3_64"), "xxh3_128"))
 
     def __init__(self, ctx):
         super().__init__(ctx)

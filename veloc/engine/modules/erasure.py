@@ -26,6 +26,7 @@ import json
 
 import numpy as np
 
+from ...config_keys import Key, choice, integer, module_keys, text
 from ...errors import CheckpointError, ConfigError, CorruptCheckpointError, RestartError
 from ...faults import fault_point
 from ..erasure_codec import make_codec
@@ -40,6 +41,8 @@ from ..transfer import close_all, gather, local, node_scratch, settle
 
 class ErasureModule(Module):
     name = "erasure"
+    config_keys = module_keys(40, scheme=Key(choice("xor", "rs"), "xor"), group_size=Key(integer(2), 4),
+                              parity=Key(integer(1), None), interval=Key(integer(), None), backend=Key(text, None))
     collective = True
     level = "erasure"
 

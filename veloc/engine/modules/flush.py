@@ -12,6 +12,7 @@ time-based decision is taken by node 0 and shared, so every node flushes the sam
 versions.
 """
 
+from ...config_keys import Key, boolean, integer, module_keys
 from ...errors import CheckpointError, CorruptCheckpointError
 from ...faults import fault_point
 from ..fileio import copy_file, make_dirs
@@ -22,6 +23,7 @@ from .scratch import remove_versions_from, verify_copy
 
 class FlushModule(Module):
     name = "flush"
+    config_keys = module_keys(50, interval=Key(integer(), None), direct_io=Key(boolean, True))
     level = "persistent"
 
     def __init__(self, ctx):

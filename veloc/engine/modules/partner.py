@@ -19,6 +19,7 @@ version is present but whose partner lost its copy ships it again. Survives the 
 any single node's scratch (of any number of nodes as long as no node and its partner
 are both lost). ``<scratch>`` is ``transfer.node_scratch``: the scratch path up to ``{rank}``.
 """
+from ...config_keys import module_keys
 from ...errors import CheckpointError, CorruptCheckpointError, RestartError
 from ...faults import fault_point
 from ..levels import LevelStore
@@ -32,6 +33,7 @@ from .scratch import verify_copy
 
 class PartnerModule(Module):
     name = "partner"
+    config_keys = module_keys(30)
     collective = True
     level = "partner"
 

@@ -8,11 +8,13 @@ never cost the last good one. Scratch files go to the recycle pool for reuse.
 """
 from ..debris import collect_engine
 from ..module import Module
+from ...config_keys import module_keys
 from ...faults import fault_point
 
 
 class VersioningModule(Module):
     name = "versioning"
+    config_keys = module_keys(90)
     collects_old_versions = True
 
     def checkpoint(self, cmd):
