@@ -7,7 +7,7 @@ application's leader rank in sync mode, in the backend in async mode).
 """
 import logging
 import os
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Tuple, Union
 
 from .config import load_config, node_id
 from .engine.debris import claim_rank_scratch
@@ -114,7 +114,8 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
         return SyncHost(self.config, self.comm, self.rank, self.node, log)
 
     # -- regions --------------------------------------------------------------------
-    def protect(self, region_id: RegionId, obj: Any, pickle: bool = False) -> None:
+    def protect(self, region_id: RegionId, obj: Any, pickle: bool = False,
+                lossy: Optional[Tuple[str, float]] = None) -> None:
         """Register ``obj`` under ``region_id`` (an int, or a name ``[A-Za-z0-9_.]+``); any rank,
         local (not collective). Re-protecting an id replaces it.
 
@@ -122,9 +123,12 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
         in place), or with ``pickle=True`` any picklable object: a dict, list, set, bytearray,
         numpy array or object with ``__dict__`` is restored in place (``recovered[id]`` is the
         same object), anything else (int, str, tuple, ...) only into ``recovered[id]``.
+        ``lossy=("zfp", bound)``: a float32/float64 array whose compressed persistent copy may
+        differ from it by at most ``bound`` per element (``[compress]`` enabled; scratch,
+        partner and erasure copies stay exact).
         Raises CheckpointError for an object that cannot be protected, ConfigError/
         CheckpointError for a bad id."""
-        region = Region(region_id, obj, use_pickle=pickle)
+        region = Region(region_id, obj, use_pickle=pickle, lossy=lossy)
         self.regions[region.id] = region
 
     def unprotect(self, region_id: RegionId) -> None:

@@ -153,11 +153,60 @@ def module_keys(priority, **extra):
     return keys
 
 
+def _byte_size(minimum, maximum):
+    def parse(key, raw):
+        text = str(raw).strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text.rstrip("IB")[-1:], 1)
+        number = text.rstrip("IB").rstrip("KMG") if scale > 1 else text
+        try:
+            value = int(number, 10) * scale
+        except ValueError:
+            raise ConfigError(f"config key '{key}' = {raw!r}: expected a size in bytes, e.g. 4M or 4194304") from None
+        if not minimum <= value <= maximum:
+            raise ConfigError(f"config key '{key}' = {raw!r}: must be between {minimum} and {maximum} bytes")
+        return value
+    return parse
+
+
+def _compressed_levels(key, raw):
+    names = tuple(n.strip() for n in str(raw).split(",") if n.strip())
+    if not names or any(n != "persistent" for n in names):
+        raise ConfigError(f"config key '{key}' = {raw!r}: accepted: persistent (scratch, partner and erasure "
+                          "keep raw files, so they restore in place without a decode)")
+    return names
+
+
+def check_compress_keys(section: Mapping, source: str = "") -> None:
+    """Cross-key checks of ``[compress]``: a level the codec takes, its library installed."""
+    where = f" in {source}" if source else ""
+    codec, level = section.get("codec"), section.get("level")
+    ranges = {"zstd": (-7, 22), "blosc2": (0, 9), "lz4": (1, 65537), "auto": (1, 9), "none": (None, None)}
+    low, high = ranges.get(codec, (None, None))
+    if level is not None and low is not None and not low <= level <= high:
+        raise ConfigError(f"config key 'compress.level' = {level}{where}: codec {codec} takes levels "
+                          f"{low}..{high}")
+    if section.get("enabled") and codec not in (None, "none"):
+        from .codecs import codec_names, get_codec
+        wanted = ("zstd", "blosc2") if codec == "auto" else (codec,)
+        errors = []
+        for name in wanted:
+            try:
+                get_codec(name)
+                return
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"config key 'compress.codec' = {codec}{where}: {errors[0]} "
+                          f"(registered: {', '.join(codec_names())})")
+
+
 # Extension sections. A module registers its section here (see engine/modules/*).
 SECTION_KEYS = {
     "checksum": module_keys(10, algorithm=Key(_choice("xxh3_128", "xxh3_64"), "xxh3_128")),
     "flush": module_keys(50, interval=Key(_int(), None), direct_io=Key(_bool, True)),
     "partner": module_keys(30),
+    "compress": module_keys(20, codec=Key(_choice("auto", "zstd", "lz4", "blosc2", "none"), "auto"),
+                            level=Key(_int(), None), block_size=Key(_byte_size(64 << 10, 1 << 30), 4 << 20),
+                            levels=Key(_compressed_levels, ("persistent",))),
     "erasure": module_keys(40, scheme=Key(_choice("xor", "rs"), "xor"), group_size=Key(_int(2), 4),
                            parity=Key(_int(1), None), interval=Key(_int(), None), backend=Key(_text, None)),
     "versioning": module_keys(90),
@@ -310,6 +359,7 @@ def _build(raw, source):
     for name, schema in SECTION_KEYS.items():
         sections[name] = MappingProxyType(_parse_keys(raw.get(name, {}), schema, f"in [{name}]", source))
     check_policy_keys(sections["policy"], source)
+    check_compress_keys(sections["compress"], source)
     frozen_raw = MappingProxyType({k: MappingProxyType(dict(v)) for k, v in raw.items()})
     return Config(MappingProxyType(top), MappingProxyType(sections), source, frozen_raw)
 

@@ -77,8 +77,17 @@ def _region_json(info):
     return out
 
 
+def _with_extra_keys(descriptor, info):
+    """The region's header JSON: its layout plus any other keys of its descriptor (e.g.
+    ``lossy``), which readers pass through unchanged."""
+    out = _region_json(info)
+    out.update({k: v for k, v in descriptor.items() if k not in out and k not in ("dtype_name",)})
+    return out
+
+
 def build_header(name, version, rank, regions):
-    """Lay out ``regions`` (dicts with id, kind, dtype, shape, order, nbytes) after a header.
+    """Lay out ``regions`` (dicts with id, kind, dtype, shape, order, nbytes, and any extra
+    JSON-storable keys, kept in the header) after a header.
 
     Returns ``(header_bytes, infos, total_size)``.
     """
@@ -94,7 +103,7 @@ def build_header(name, version, rank, regions):
             offset = _align(offset + r["nbytes"])
         body = json.dumps({
             "format": FORMAT, "name": name, "version": version, "rank": rank,
-            "regions": [_region_json(i) for i in infos],
+            "regions": [_with_extra_keys(r, i) for r, i in zip(regions, infos)],
         }, separators=(",", ":")).encode()
         need = _align(PREFIX.size + len(body))
         if need <= guess:
@@ -196,6 +205,19 @@ class RankFile:
         """A read-only numpy array view of an array region (no copy)."""
         raw = self.bytes_view(info)
         return raw.view(info.numpy_dtype()).reshape(info.shape, order=info.order)
+
+    # The reader interface restart uses for every region file (see also
+    # compressed_file.CompressedReader): regions, region(id), read_into, load_bytes,
+    # digest, close.
+    def read_into(self, info, out):
+        """Copy array region ``info`` into ``out`` (a numpy array of its dtype and shape)."""
+        src = self.as_array(info)
+        np.copyto(out, src, casting="no")
+        del src
+
+    def load_bytes(self, info):
+        """The bytes of region ``info`` (a pickled object), as a read-only view."""
+        return self.bytes_view(info)
 
     def close(self):
         if getattr(self, "_map", None) is not None:

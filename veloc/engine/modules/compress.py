@@ -1,0 +1,96 @@
+"""Compress module (priority 20): compressed copies for the persistent level.
+
+Runs in the node's engine (sync-mode leader rank or active backend), after the checksum
+module and before partner, erasure and flush. For each local rank it encodes the scratch
+rank file ``r<rank>.vck`` into a compressed sidecar ``r<rank>.vcz`` in the same scratch
+version folder (``veloc/engine/compressed_file.py``: independent blocks, the codec of
+each region in its header) and records it in the rank's scratch manifest, under this
+module's entry: file name, stored size and the digest of the *stored* bytes (computed
+while writing), raw size and each region's codec. The flush module then copies the
+sidecar instead of the raw file (``[compress] levels`` holds ``persistent``, the
+default and only level that stores compressed data), and the persistent manifest lists
+it as a ``compressed`` file, so every later read checks the stored bytes before decoding.
+
+Scratch, partner and erasure keep the raw file, so they restore in place without a
+decode. ``codec = auto`` measures each region (:func:`~veloc.engine.compressed_file.plan_codecs`);
+when no region shrinks, no sidecar is written and the flush copies the raw file as
+without compression, so incompressible data costs only the probe. A region the user
+protected with ``lossy=("zfp", bound)`` is stored with zfp within ``bound``.
+"""
+from ...errors import CheckpointError, VelocError
+from ...faults import fault_point
+from ..compressed_file import plan_codecs, write_compressed
+from ..hashing import DEFAULT_ALGORITHM
+from ..module import Module
+from ..rankfile import RankFile
+
+SIDECAR_SUFFIX = ".vcz"
+
+
+def sidecar_name(rank):
+    """The compressed sidecar's name in a version folder."""
+    return f"r{int(rank)}{SIDECAR_SUFFIX}"
+
+
+def compressed_record(manifest):
+    """The compress module's record of a scratch manifest, if it wrote a sidecar:
+    ``{"file", "size", "digest", "raw_size", "codecs", "levels"}``, else ``None``."""
+    for entry in manifest.modules:
+        if entry.get("module") == "compress":
+            params = entry.get("params") or {}
+            return params if params.get("file") else None
+    return None
+
+
+class CompressModule(Module):
+    name = "compress"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.codec = self.section["codec"]
+        self.level = self.section["level"]
+        self.block_size = self.section["block_size"]
+        self.levels = self.section["levels"]
+
+    def default_enabled(self):
+        return False
+
+    def checkpoint(self, cmd):
+        if self.ctx.config.persistent is None or not self.due(cmd):
+            return False
+        self.for_each_rank(cmd.ranks, lambda rank: self._compress_rank(cmd, rank))
+        return True
+
+    def _compress_rank(self, cmd, rank):
+        store = self.ctx.scratch(rank)
+        manifest = store.read_manifest(cmd.name, cmd.version, rank)
+        entry = manifest.file("regions") if manifest is not None else None
+        if entry is None:
+            return
+        vdir = store.version_dir(cmd.name, cmd.version)
+        checksum = manifest.checksum or DEFAULT_ALGORITHM
+        params = {"codec": self.codec, "level": self.level, "block_size": self.block_size,
+                  "levels": list(self.levels)}
+        try:
+            with RankFile(vdir / entry.name) as rankfile:
+                plan = plan_codecs(rankfile, self.codec, self.level)
+                if all(name == "none" for name in plan.values()):
+                    params["stored"] = "raw"       # nothing shrinks: the flush copies the raw file
+                else:
+                    source = entry.digest if manifest.checksum else None
+                    size, digest = write_compressed(rankfile, vdir / sidecar_name(rank), plan, self.level,
+                                                    self.block_size, durable=store.durable,
+                                                    checksum=checksum, source_digest=source)
+                    params.update(file=sidecar_name(rank), size=size, digest=digest, checksum=checksum,
+                                  raw_size=rankfile.size, codecs={str(k): v for k, v in plan.items()})
+        except VelocError:
+            raise
+        except OSError as exc:
+            raise CheckpointError(f"compress: cannot write {vdir / sidecar_name(rank)} for rank {rank}: "
+                                  f"{exc.strerror or exc}") from exc
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"compress: encoding {vdir / entry.name} of rank {rank} failed: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        manifest.record_module(self.name, **params)
+        fault_point("compress")
+        store.commit_manifest(manifest)
