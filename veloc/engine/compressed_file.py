@@ -34,7 +34,7 @@ import xxhash
 
 from ..codecs import get_codec
 from ..errors import CorruptCheckpointError
-from .fileio import atomic_file
+from .fileio import atomic_file, pwrite_all
 from .hashing import digest_buffer, hasher, map_readonly
 from .rankfile import RankFile, RegionInfo
 
@@ -343,32 +343,29 @@ class CompressedReader:
         return all(r["codec"] != "zfp" for r in self.meta["regions"])
 
     def restore_raw(self, fd):
-        """Write the raw rank file this file was made from into the open ``fd`` (decoded
-        region by region straight into a shared mapping of ``fd``); returns its size."""
+        """Write the raw rank file this file was made from into ``fd`` (open for writing),
+        one decoded block at a time (a lossy region: one region at a time); returns its size."""
         size = int(self.meta["source"]["size"])
         os.ftruncate(fd, size)
-        if size == 0:
-            return 0
-        import mmap
-        mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        try:
-            whole = np.frombuffer(mapped, np.uint8)
-            head = sum(b[2] for b in self.meta["head"])
-            self._decode_bytes(self.meta["head"], "none", memoryview(whole[:head]))
-            for info in self.regions:
-                entry = self._entries[info.id]
-                raw = whole[info.offset:info.offset + info.nbytes]
-                if entry["codec"] == "zfp":
-                    arr = raw.view(info.numpy_dtype()).reshape(info.shape, order=info.order)
-                    self._decode_zfp(entry["blocks"], arr)
-                    del arr
-                else:
-                    self._decode_bytes(entry["blocks"], entry["codec"], memoryview(raw))
-                del raw
-            del whole
-            mapped.flush()
-        finally:
-            mapped.close()
+        largest = max([b[2] for r in self.meta["regions"] for b in r["blocks"]]
+                      + [b[2] for b in self.meta["head"]] + [0])
+        scratch = memoryview(bytearray(largest))
+
+        def put(blocks, codec_name, at):
+            for block in blocks:
+                out = scratch[:block[2]]
+                _decode_block(self._map, block, out, codec_name, str(self.path))
+                pwrite_all(fd, out, at)
+                at += block[2]
+        put(self.meta["head"], "none", 0)
+        for info in self.regions:
+            entry = self._entries[info.id]
+            if entry["codec"] == "zfp":
+                arr = self.as_array(info)
+                pwrite_all(fd, arr.reshape(-1, order=info.order).view(np.uint8), info.offset)
+                del arr
+            else:
+                put(entry["blocks"], entry["codec"], info.offset)
         return size
 
     def close(self):
