@@ -311,3 +311,17 @@ def test_restore_to_scratch_rebuilds_the_raw_file_for_routed_files(dirs, cfg):
     scratch_vdir = next(dirs["scratch"].iterdir()) / "sim" / "v1"
     with RankFile(scratch_vdir / "r0.vck") as rf:
         assert rf.region("grid") is not None
+
+
+def test_show_and_extract_read_a_compressed_file(tmp_path):
+    from veloc.cli_inspect import describe_rankfile, extract_region
+    field = np.sin(np.linspace(0, 9, 50_000))
+    grid = np.zeros((200, 100))
+    path = compress(tmp_path, [Region("g", grid), Region("f", field, lossy=("zfp", 1e-4))], "zstd")
+    info = describe_rankfile(path)
+    assert info["compressed"] and info["raw_size"] == (tmp_path / "r0.vck").stat().st_size
+    by_id = {r["id"]: r for r in info["regions"]}
+    assert (by_id["g"]["codec"], by_id["f"]["codec"], by_id["f"]["error_bound"]) == ("zstd", "zfp", 1e-4)
+    assert by_id["g"]["stored"] < grid.nbytes / 100
+    extract_region(path, "f", tmp_path / "f.npy")
+    assert np.abs(np.load(tmp_path / "f.npy") - field).max() <= 1e-4
