@@ -325,3 +325,21 @@ def test_show_and_extract_read_a_compressed_file(tmp_path):
     assert by_id["g"]["stored"] < grid.nbytes / 100
     extract_region(path, "f", tmp_path / "f.npy")
     assert np.abs(np.load(tmp_path / "f.npy") - field).max() <= 1e-4
+
+
+def test_compress_follows_the_flush(dirs, cfg):
+    grid = np.zeros((64, 64))
+    cfg = dict(cfg, flush={"every": "2"})
+    with veloc.init_single(0, cfg) as c:
+        c.protect("grid", grid)
+        for v in (1, 2, 3):
+            c.checkpoint("sim", v)
+    scratch = next(dirs["scratch"].iterdir()) / "sim"
+    assert [(scratch / f"v{v}" / "r0.vcz").exists() for v in (2, 3)] == [False, True]
+    assert [(pdir(dirs, v) / "r0.vcz").exists() for v in (1, 3)] == [True, True]
+    assert not pdir(dirs, 2).exists()
+    off = dict(cfg, persistent_interval="-1")
+    with veloc.init_single(0, off) as c:
+        c.protect("grid", grid)
+        c.checkpoint("sim", 4)
+    assert not (scratch / "v4" / "r0.vcz").exists()

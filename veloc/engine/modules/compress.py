@@ -16,6 +16,12 @@ decode. ``codec = auto`` measures each region (:func:`~veloc.engine.compressed_f
 when no region shrinks, no sidecar is written and the flush copies the raw file as
 without compression, so incompressible data costs only the probe. A region the user
 protected with ``lossy=("zfp", bound)`` is stored with zfp within ``bound``.
+
+It acts on the versions the flush copies: nothing without a persistent level or with
+the flush off, and by default on every ``[flush] every``-th version (``[compress]
+every`` overrides it). With a time-based flush (``persistent_interval`` or ``[flush]
+interval`` > 0) it cannot know in advance which versions the flush will take, so it
+compresses every ``every``-th version.
 """
 from ...errors import CheckpointError, VelocError
 from ...faults import fault_point
@@ -51,12 +57,18 @@ class CompressModule(Module):
         self.level = self.section["level"]
         self.block_size = self.section["block_size"]
         self.levels = self.section["levels"]
+        flush = ctx.config.section("flush")
+        if "every" not in ctx.config.raw.get(self.name, {}):
+            self.every = flush["every"]          # compress the versions the flush copies
+        interval = flush.get("interval")
+        interval = ctx.config.persistent_interval if interval is None else interval
+        self.flushed = ctx.config.persistent is not None and interval >= 0 and flush.get("enabled") is not False
 
     def default_enabled(self):
         return False
 
     def checkpoint(self, cmd):
-        if self.ctx.config.persistent is None or not self.due(cmd):
+        if not self.flushed or not self.due(cmd):
             return False
         self.for_each_rank(cmd.ranks, lambda rank: self._compress_rank(cmd, rank))
         return True
