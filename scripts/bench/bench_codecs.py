@@ -18,8 +18,15 @@ a shared machine. The last rows, ``veloc:<codec>``, go through veloc's own conta
 (``veloc.engine.compressed_file``: blocks, the 10 % rule, per-block checksums, ``auto``
 probing) from buffer to buffer.
 
+Part ``--flush``: a sync-mode checkpoint (``init_single``: local write, checksum,
+compress, flush to ``--disk-dir`` with O_DIRECT) of each input with and without
+``[compress] enabled = true`` (codec auto), alternating, ``--flush-reps`` times: the
+median time ratio (what compression costs or saves on the whole checkpoint) and the
+persistent bytes.
+
     python scripts/bench/bench_codecs.py                # all inputs, best of 3
     python scripts/bench/bench_codecs.py --quick        # best of 1
+    python scripts/bench/bench_codecs.py --flush --only weights,heat
 """
 import argparse
 import os
@@ -142,6 +149,41 @@ def run_whole(arr, encode, decode, block):
     return sum(len(p) for p in encoded[0]), t1 - t0, t2 - t1, encoded[1]
 
 
+def flush_cost(data, reps, shm_dir, disk_dir):
+    """Median time of checkpoint() with and without [compress], interleaved, per input."""
+    import shutil
+    import statistics
+    import tempfile
+    import veloc
+    print(f"\n# sync checkpoint() incl. flush, median of {reps}, interleaved; load {os.getloadavg()[0]:.2f}")
+    print(f"{'input':8} {'raw s':>8} {'compress s':>11} {'cost':>8} {'raw bytes':>11} {'stored bytes':>13}")
+    for key, arr in data.items():
+        times = {"raw": [], "compress": []}
+        stored = {}
+        for rep in range(reps):
+            for kind in (("raw", "compress") if rep % 2 == 0 else ("compress", "raw")):
+                shm = tempfile.mkdtemp(prefix="veloc-bench-codecs-", dir=shm_dir)
+                disk = tempfile.mkdtemp(prefix="veloc-bench-codecs-", dir=disk_dir)
+                cfg = {"scratch": f"{shm}/{{node}}", "persistent": disk,
+                       "compress": {"enabled": "true" if kind == "compress" else "false"}}
+                try:
+                    with veloc.init_single(0, cfg) as c:
+                        c.protect("x", arr)
+                        c.checkpoint("b", 1)            # warms the code paths; not timed
+                        t = time.perf_counter()
+                        c.checkpoint("b", 2)
+                        times[kind].append(time.perf_counter() - t)
+                    vdir = os.path.join(disk, "b", "v2")
+                    stored[kind] = sum(os.path.getsize(os.path.join(vdir, f)) for f in os.listdir(vdir)
+                                       if not f.endswith(".json"))
+                finally:
+                    shutil.rmtree(shm, ignore_errors=True)
+                    shutil.rmtree(disk, ignore_errors=True)
+        raw, comp = statistics.median(times["raw"]), statistics.median(times["compress"])
+        print(f"{key:8} {raw:8.4f} {comp:11.4f} {comp / raw - 1:+8.1%} {stored['raw']:11d} "
+              f"{stored['compress']:13d}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=32, help="MiB per input (default 32)")
@@ -150,6 +192,11 @@ def main():
     p.add_argument("--heat-steps", type=int, default=200)
     p.add_argument("--quick", action="store_true", help="best of 1")
     p.add_argument("--only", help="comma-separated input names")
+    p.add_argument("--flush", action="store_true", help="also time sync checkpoints with and without [compress]")
+    p.add_argument("--flush-reps", type=int, default=7)
+    p.add_argument("--no-codecs", action="store_true", help="skip the codec table")
+    p.add_argument("--shm-dir", default="/dev/shm")
+    p.add_argument("--disk-dir", default="/tmp")
     args = p.parse_args()
     repeat = 1 if args.quick else args.repeat
     block = args.block * MIB
@@ -160,9 +207,11 @@ def main():
           f"load: {os.getloadavg()[0]:.2f}")
     print(f"{'input':8} {'codec':26} {'ratio':>8} {'enc GB/s':>9} {'dec GB/s':>9} "
           f"{'enc/copy':>9} {'dec/copy':>9}")
+    if args.only:
+        data = {k: v for k, v in data.items() if k in args.only.split(",")}
     for key, arr in data.items():
-        if args.only and key not in args.only.split(","):
-            continue
+        if args.no_codecs:
+            break
         for label, encode, decode, whole in rows:
             best_e = best_d = best_c = float("inf")
             picked = ""
@@ -178,6 +227,8 @@ def main():
             print(f"{key:8} {label:26} {arr.nbytes / size:8.2f} {gb / best_e:9.2f} {gb / best_d:9.2f} "
                   f"{best_c / best_e:9.3f} {best_c / best_d:9.3f}{note}", flush=True)
         print(f"{key:8} {'np.copyto':26} {1.0:8.2f} {arr.nbytes / 1e9 / best_c:9.2f}")
+    if args.flush:
+        flush_cost(data, args.flush_reps, args.shm_dir, args.disk_dir)
 
 
 if __name__ == "__main__":

@@ -140,13 +140,18 @@ def write_rank_file(fd, header, infos, views, total, mapped=None):
 class RankFile:
     """Read-only view of a rank file, validated on open (magic, header CRC, bounds)."""
 
-    def __init__(self, path):
+    def __init__(self, path, mapped=None):
+        """``mapped``: an existing read-only mapping of the whole file to read from (kept
+        open by its owner, e.g. the pipeline run's ``MappedFiles``), instead of a new one."""
         self.path = path
         self._file = open(path, "rb")
+        self._owns_map = mapped is None
         try:
             self.size = os.fstat(self._file.fileno()).st_size
             self.meta, self.regions = self._parse_header()
-            self._map = map_readonly(self._file.fileno(), self.size)
+            self._map = map_readonly(self._file.fileno(), self.size) if mapped is None else mapped
+            if len(self._map) != self.size:
+                raise CorruptCheckpointError(f"{self.path}: changed while being read")
         except BaseException:
             self._file.close()
             raise
@@ -220,12 +225,12 @@ class RankFile:
         return self.bytes_view(info)
 
     def close(self):
-        if getattr(self, "_map", None) is not None:
+        if getattr(self, "_map", None) is not None and self._owns_map:
             try:
                 self._map.close()
             except BufferError:  # a caller still holds a view; the mapping goes with it
                 pass
-            self._map = None
+        self._map = None
         self._file.close()
 
     def __enter__(self):

@@ -84,7 +84,8 @@ class CompressModule(Module):
         params = {"codec": self.codec, "level": self.level, "block_size": self.block_size,
                   "levels": list(self.levels)}
         try:
-            with RankFile(vdir / entry.name) as rankfile:
+            mapped = cmd.mapped.get(vdir / entry.name) if cmd.mapped is not None else None
+            with RankFile(vdir / entry.name, mapped=mapped) as rankfile:
                 plan = plan_codecs(rankfile, self.codec, self.level)
                 if all(name == "none" for name in plan.values()):
                     params["stored"] = "raw"       # nothing shrinks: the flush copies the raw file
