@@ -21,8 +21,9 @@ probing) from buffer to buffer.
 Part ``--flush``: a sync-mode checkpoint (``init_single``: local write, checksum,
 compress, flush to ``--disk-dir`` with O_DIRECT) of each input with and without
 ``[compress] enabled = true`` (codec auto), alternating, ``--flush-reps`` times: the
-median time ratio (what compression costs or saves on the whole checkpoint) and the
-persistent bytes.
+median time ratio (what compression costs or saves on the whole checkpoint), the
+persistent bytes, and the compress module's own time (engine timings) against the raw
+runs' flush time: what compressing adds to a flush before it saves anything.
 
     python scripts/bench/bench_codecs.py                # all inputs, best of 3
     python scripts/bench/bench_codecs.py --quick        # best of 1
@@ -156,10 +157,11 @@ def flush_cost(data, reps, shm_dir, disk_dir):
     import tempfile
     import veloc
     print(f"\n# sync checkpoint() incl. flush, median of {reps}, interleaved; load {os.getloadavg()[0]:.2f}")
-    print(f"{'input':8} {'raw s':>8} {'compress s':>11} {'cost':>8} {'raw bytes':>11} {'stored bytes':>13}")
+    print(f"{'input':8} {'raw s':>8} {'compress s':>11} {'cost':>8} {'raw bytes':>11} {'stored bytes':>13} "
+          f"{'compress/raw flush':>19}")
     for key, arr in data.items():
         times = {"raw": [], "compress": []}
-        stored = {}
+        stored, module_cost, flushes = {}, [], []     # compress module / raw flush seconds
         for rep in range(reps):
             for kind in (("raw", "compress") if rep % 2 == 0 else ("compress", "raw")):
                 shm = tempfile.mkdtemp(prefix="veloc-bench-codecs-", dir=shm_dir)
@@ -173,6 +175,11 @@ def flush_cost(data, reps, shm_dir, disk_dir):
                         t = time.perf_counter()
                         c.checkpoint("b", 2)
                         times[kind].append(time.perf_counter() - t)
+                        spent = {m: s for _, v, m, s in c.host.engine.timings if v == 2}
+                        if kind == "raw":
+                            flushes.append(spent["flush"])
+                        else:
+                            module_cost.append(spent["compress"])
                     vdir = os.path.join(disk, "b", "v2")
                     stored[kind] = sum(os.path.getsize(os.path.join(vdir, f)) for f in os.listdir(vdir)
                                        if not f.endswith(".json"))
@@ -180,8 +187,9 @@ def flush_cost(data, reps, shm_dir, disk_dir):
                     shutil.rmtree(shm, ignore_errors=True)
                     shutil.rmtree(disk, ignore_errors=True)
         raw, comp = statistics.median(times["raw"]), statistics.median(times["compress"])
+        share = statistics.median(module_cost) / statistics.median(flushes)
         print(f"{key:8} {raw:8.4f} {comp:11.4f} {comp / raw - 1:+8.1%} {stored['raw']:11d} "
-              f"{stored['compress']:13d}", flush=True)
+              f"{stored['compress']:13d} {share:+19.1%}", flush=True)
 
 
 def main():

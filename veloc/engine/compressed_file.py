@@ -45,7 +45,7 @@ FORMAT = 1
 DEFAULT_BLOCK = 4 << 20
 MIN_SAVING = 0.10                       # a block must shrink by this much to be stored encoded
 RAW, CODED, ZFP = 0, 1, 2
-PROBE_BYTES = 256 << 10                 # auto: bytes sampled per region and candidate
+PROBE_BYTES = 128 << 10                 # auto: bytes sampled per region and candidate
 AUTO_CANDIDATES = ("zstd", "blosc2")    # auto: the smaller output wins (see bench_codecs.py)
 MAX_HEADER = 64 << 20
 

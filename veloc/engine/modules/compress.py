@@ -88,7 +88,7 @@ class CompressModule(Module):
             with RankFile(vdir / entry.name, mapped=mapped) as rankfile:
                 plan = plan_codecs(rankfile, self.codec, self.level)
                 if all(name == "none" for name in plan.values()):
-                    params["stored"] = "raw"       # nothing shrinks: the flush copies the raw file
+                    params["stored"] = "raw"
                 else:
                     source = entry.digest if manifest.checksum else None
                     size, digest = write_compressed(rankfile, vdir / sidecar_name(rank), plan, self.level,
@@ -104,6 +104,8 @@ class CompressModule(Module):
         except (ValueError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"compress: encoding {vdir / entry.name} of rank {rank} failed: "
                                   f"{type(exc).__name__}: {exc}") from exc
+        if params.get("stored") == "raw":
+            return               # nothing to record: the flush copies the raw file as it is
         manifest.record_module(self.name, **params)
         fault_point("compress")
         store.commit_manifest(manifest)
