@@ -73,6 +73,16 @@ def test_codec_round_trip_every_dtype_and_size(tmp_path, codec, kind):
     assert rebuilt.read_bytes() == (tmp_path / "r0.vck").read_bytes()
 
 
+def test_blocks_decode_in_parallel(tmp_path):
+    arr = np.repeat(np.arange(1000, dtype=np.float64), 100)
+    path = compress(tmp_path, [Region("g", arr)], "blosc2")
+    with CompressedReader(path, workers=3) as reader:
+        assert len(reader.meta["regions"][0]["blocks"]) > 3
+        out = np.empty_like(arr)
+        reader.read_into(reader.region("g"), out)
+    assert np.array_equal(out, arr)
+
+
 def test_decode_into_an_array_of_the_other_memory_order(tmp_path):
     arr = np.arange(600, dtype=np.int32).reshape(20, 30)
     path = compress(tmp_path, [Region("g", arr)], "zstd")

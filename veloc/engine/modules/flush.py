@@ -10,6 +10,11 @@ digests on the way. Frequency: ``[flush] every = N`` versions and/or
 ``persistent_interval`` seconds (VELOC's key: 0 = every version, < 0 = never); a
 time-based decision is taken by node 0 and shared, so every node flushes the same
 versions.
+
+With ``[compress]`` (priority 20) having written a compressed sidecar for a rank, the
+flush copies that instead of the raw rank file (:func:`flush_compressed`; the
+persistent manifest lists it as a ``compressed`` file), and a restore to scratch
+rebuilds the raw rank file from it (:func:`restore_compressed`).
 """
 
 from ...errors import CheckpointError, CorruptCheckpointError
@@ -19,7 +24,7 @@ from ..fileio import atomic_file, copy_file, make_dirs
 from ..hashing import digest_file, hasher
 from ..manifest import FileEntry
 from ..module import Module
-from .compress import compressed_record
+from .compress import compressed_record, sidecar_name
 from .scratch import remove_versions_from, verify_copy
 
 
@@ -128,6 +133,12 @@ def flush_compressed(manifest, record, src, dst, direct=False):
     routed files from scratch ``src`` to persistent ``dst``; return the persistent manifest,
     which lists the sidecar as a ``compressed`` file in place of the raw rank file. The
     sidecar's stored-bytes digest is checked on the bytes as they are copied."""
+    if record.get("file") != sidecar_name(manifest.rank):
+        raise CorruptCheckpointError(f"flush: rank {manifest.rank}'s scratch manifest names compressed file "
+                                     f"{record.get('file')!r}, expected {sidecar_name(manifest.rank)!r}")
+    if manifest.checksum and record.get("checksum") != manifest.checksum:
+        raise CheckpointError(f"flush: {record['file']} of rank {manifest.rank} was digested with "
+                              f"{record.get('checksum')}, the copy with {manifest.checksum}")
     routed = manifest.copy_for("persistent")
     routed.files = [e for e in routed.files if e.kind != "regions"]
     copy_verified(routed, src, dst, "flush", direct=direct)
@@ -135,9 +146,6 @@ def flush_compressed(manifest, record, src, dst, direct=False):
                         digest=record.get("digest") if manifest.checksum else None)
     one = manifest.copy_for("persistent")
     one.files = [sidecar]
-    if manifest.checksum and record.get("checksum") != manifest.checksum:
-        raise CheckpointError(f"flush: {record['file']} of rank {manifest.rank} was digested with "
-                              f"{record.get('checksum')}, the copy with {manifest.checksum}")
     copy_verified(one, src, dst, "flush", direct=direct)
     out = manifest.copy_for("persistent")
     out.files = [sidecar] + routed.files
