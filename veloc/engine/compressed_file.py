@@ -33,7 +33,7 @@ import numpy as np
 import xxhash
 
 from ..codecs import get_codec
-from ..errors import CorruptCheckpointError
+from ..errors import ConfigError, CorruptCheckpointError
 from .fileio import atomic_file, pwrite_all
 from .hashing import digest_buffer, hasher, map_readonly
 from .rankfile import RankFile, RegionInfo
@@ -99,15 +99,18 @@ def choose_codec(raw, itemsize, level):
     n = len(raw)
     if n == 0:
         return None
-    picks = 4
-    span = min(PROBE_BYTES // picks, n)
-    starts = sorted({(n - span) * i // max(1, picks - 1) for i in range(picks)})
-    sample = b"".join(bytes(raw[s:s + span]) for s in starts)
+    if n <= PROBE_BYTES:
+        sample = bytes(raw)                       # small: the whole region
+    else:                                         # 4 disjoint pieces of whole elements, spread out
+        picks = 4
+        span = max(itemsize, PROBE_BYTES // picks // itemsize * itemsize)
+        starts = [s - s % itemsize for s in ((n - span) * i // (picks - 1) for i in range(picks))]
+        sample = b"".join(bytes(raw[s:s + span]) for s in starts)
     best, best_size = None, (1 - MIN_SAVING) * len(sample)
     for name in AUTO_CANDIDATES:
         try:
             codec = get_codec(name)
-        except Exception:
+        except ConfigError:          # library not installed: measure the others
             continue
         size = len(codec.encode(memoryview(sample), itemsize, level))
         if size < best_size:
@@ -161,9 +164,7 @@ def write_compressed(rankfile, dst, plan, level=None, block_size=DEFAULT_BLOCK, 
             return at
 
         write(MAGIC)
-        first = min((r.offset for r in rankfile.regions), default=rankfile.size)
-        head_raw = memoryview(np.frombuffer(rankfile._map, np.uint8, first, 0)) if first else memoryview(b"")
-        head = _encode_blocks(head_raw, None, 1, level, block_size, write)
+        head = _encode_blocks(memoryview(rankfile.head_view()), None, 1, level, block_size, write)
         out_regions = []
         for info, rjson in zip(rankfile.regions, regions_json):
             entry = dict(rjson)
@@ -208,7 +209,8 @@ class CompressedReader:
     """Read-only view of a compressed rank file, validated on open (magic, header CRC,
     block bounds). The same reader interface as :class:`RankFile`: ``regions``,
     ``region(id)``, ``read_into(info, out)``, ``load_bytes(info)``, ``digest(alg)``,
-    ``close()``; plus ``blocks(info)``, ``codec(info)`` and :meth:`restore_raw`."""
+    ``close()``; plus ``codec(info)``, ``stored_bytes(info)``, ``as_array(info)`` and
+    :meth:`restore_raw`."""
 
     def __init__(self, path, workers=1):
         self.path = path

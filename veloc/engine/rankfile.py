@@ -202,6 +202,12 @@ class RankFile:
         from .hashing import digest_buffer
         return digest_buffer(self._map, algorithm)
 
+    def head_view(self):
+        """A read-only uint8 view of the file's bytes before its first region (the header
+        and its padding)."""
+        first = min((r.offset for r in self.regions), default=self.size)
+        return np.frombuffer(self._map, np.uint8, first, 0)
+
     def bytes_view(self, info):
         """A read-only uint8 numpy view of a region's bytes (no copy)."""
         return np.frombuffer(self._map, np.uint8, info.nbytes, info.offset)
