@@ -296,6 +296,22 @@ def test_lossy_region_restarts_within_bound_from_persistent_exactly_from_scratch
             c.restart("sim", c.restart_test("sim"))
         assert np.array_equal(got, field) == exact
         assert np.abs(got - field).max() <= 1e-5
+    manifest = veloc.engine.levels.LevelStore("persistent", dirs["persistent"]).read_manifest("sim", 1, 0)
+    record = [m["params"] for m in manifest.modules if m["module"] == "compress"][0]
+    assert record["codecs"] == {"f": "zfp"} and record["lossy_error_bounds"] == {"f": 1e-5}
+
+
+def test_veloc_verify_fails_a_damaged_compressed_copy(dirs, cfg, capsys):
+    from veloc.cli import main
+    ini = dirs["tmp"] / "c.ini"
+    ini.write_text(f"scratch = {cfg['scratch']}\npersistent = {cfg['persistent']}\n[compress]\nenabled = true\n")
+    run_versions(cfg, [1], np.zeros((64, 64)), np.ones(100, np.float32))
+    assert main(["verify", str(ini), "sim"]) == 0
+    assert "compressed copy" in capsys.readouterr().out
+    flip_bytes(pdir(dirs, 1) / "r0.vcz")
+    assert main(["verify", str(ini), "sim"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL    persistent sim v1 rank 0" in out and "checksum mismatch" in out
 
 
 def test_restore_to_scratch_rebuilds_the_raw_file_for_routed_files(dirs, cfg):

@@ -40,7 +40,8 @@ def sidecar_name(rank):
 
 def compressed_record(manifest):
     """The compress module's record of a scratch manifest, if it wrote a sidecar:
-    ``{"file", "size", "digest", "raw_size", "codecs", "levels"}``, else ``None``."""
+    ``{"file", "size", "digest", "checksum", "raw_size", "codecs", "lossy_error_bounds",
+    "levels", ...}``, else ``None``. It travels into the persistent manifest's module list."""
     for entry in manifest.modules:
         if entry.get("module") == "compress":
             params = entry.get("params") or {}
@@ -94,8 +95,11 @@ class CompressModule(Module):
                     size, digest = write_compressed(rankfile, vdir / sidecar_name(rank), plan, self.level,
                                                     self.block_size, durable=store.durable,
                                                     checksum=checksum, source_digest=source)
+                    lossy = {str(r["id"]): float(r["lossy"][1]) for r in rankfile.meta["regions"]
+                             if plan.get(r["id"]) == "zfp"}
                     params.update(file=sidecar_name(rank), size=size, digest=digest, checksum=checksum,
-                                  raw_size=rankfile.size, codecs={str(k): v for k, v in plan.items()})
+                                  raw_size=rankfile.size, codecs={str(k): v for k, v in plan.items()},
+                                  lossy_error_bounds=lossy)
         except VelocError:
             raise
         except OSError as exc:
