@@ -109,24 +109,22 @@ class Lz4Codec(Codec):
 class ZstdCodec(Codec):
     name = "zstd"
     library = "zstandard"
-    _local = threading.local()     # zstandard's contexts are not thread-safe
+    _local = threading.local()     # zstandard's contexts are not thread-safe: one per thread
 
-    def _contexts(self, level):
+    def encode(self, data, itemsize=1, level=None):
+        level = 1 if level is None else level
         local = self._local
         if getattr(local, "level", None) != level:
             local.compressor = self.module().ZstdCompressor(level=level)
             local.level = level
-        if getattr(local, "decompressor", None) is None:
-            local.decompressor = self.module().ZstdDecompressor()
-        return local
-
-    def encode(self, data, itemsize=1, level=None):
-        return self._contexts(1 if level is None else level).compressor.compress(data)
+        return local.compressor.compress(data)
 
     def decode_into(self, data, out):
+        local = self._local
+        if getattr(local, "decompressor", None) is None:
+            local.decompressor = self.module().ZstdDecompressor()
         try:
-            raw = self._contexts(getattr(self._local, "level", 1)).decompressor.decompress(
-                data, max_output_size=len(out))
+            raw = local.decompressor.decompress(data, max_output_size=len(out))
         except Exception as exc:
             raise _bad(self.name, exc) from None
         if len(raw) != len(out):
