@@ -94,7 +94,7 @@ def _verify_args(p):
 
 
 def _show_args(p):
-    p.add_argument("file", metavar="FILE", help="a rank file (r<rank>.vck)")
+    p.add_argument("file", metavar="FILE", help="a rank file (r<rank>.vck, or compressed r<rank>.vcz)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
@@ -177,6 +177,8 @@ def _ls(args):
             print(f"{s.name} v{s.version} {s.level}: ranks {_ranges(s.missing)} of {s.nranks} have no copy")
         for problem in s.problems:
             print(f"{s.name} v{s.version} {s.level}: {problem}")
+        if s.compressed:
+            print(f"{s.name} v{s.version} {s.level}: ranks {_ranges(s.compressed)} stored compressed (.vcz)")
     print("versions and the levels holding a complete copy:")
     for (name, version), held in levels_reached(states).items():
         print(f"  {name} v{version}: {' '.join(held) if held else 'no complete copy at any level'}")
@@ -216,10 +218,17 @@ def _show(args):
     print(f"version  {info['version']}")
     print(f"rank     {info['rank']}")
     print(f"regions  {len(info['regions'])}")
+    packed = info.get("compressed")
+    if packed:
+        print(f"stored   compressed: {info['size']} of {info['raw_size']} bytes "
+              f"({info['raw_size'] / max(1, info['size']):.1f}x), blocks of {info['block_size']} bytes")
     if info["regions"]:
-        rows = [("ID", "KIND", "DTYPE", "SHAPE", "ORDER", "NBYTES", "OFFSET")]
+        rows = [("ID", "KIND", "DTYPE", "SHAPE", "ORDER", "NBYTES", "OFFSET")
+                + (("CODEC", "STORED", "RATIO") if packed else ())]
         rows += [(repr(r["id"]), r["kind"], r["dtype"], "-" if r["kind"] == "pickle" else str(tuple(r["shape"])),
                   "-" if r["kind"] == "pickle" else r["order"], str(r["nbytes"]), str(r["offset"]))
+                 + ((r["codec"] + (f" (lossy, abs error <= {r['error_bound']:g})" if r["error_bound"] else ""),
+                     str(r["stored"]), f"{r['nbytes'] / max(1, r['stored']):.1f}x") if packed else ())
                  for r in info["regions"]]
         _table(rows, indent="  ")
     return 0

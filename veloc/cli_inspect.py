@@ -1,7 +1,9 @@
 """Rank files behind the ``veloc show``/``extract`` commands (see ``veloc.cli``).
 
 Run by a user on any node, outside the application and its engine. It reads rank files
-(``.vck``); it never modifies a checkpoint and never unpickles anything. The levels
+(``.vck``) and compressed rank files (``.vcz``, decoded on the fly; ``show`` adds each
+region's codec, stored size and ratio); it never modifies a checkpoint and never
+unpickles anything. The levels
 (``ls``/``verify``) are in ``veloc.cli_levels``.
 """
 import os
@@ -12,22 +14,29 @@ from pathlib import Path
 import numpy as np
 
 from .cli_levels import UsageError
+from .engine.compressed_file import MAGIC as COMPRESSED_MAGIC
+from .engine.compressed_file import open_reader
 from .engine.fileio import atomic_file
-from .engine.rankfile import RankFile
 from .errors import CorruptCheckpointError
 
 
 # -- rank files ------------------------------------------------------------------------
 def open_rankfile(path):
-    """A :class:`RankFile`; refuses anything but a regular file (a FIFO would block)."""
+    """A region file reader (a raw ``RankFile`` or, by its magic, a ``CompressedReader``);
+    refuses anything but a regular file (a FIFO would block)."""
     try:
         st = os.stat(path)
     except OSError as exc:
         raise UsageError(f"{path}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"{path}: {'is a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}; "
-                         "give a rank file (r<rank>.vck)")
-    return RankFile(path)
+                         "give a rank file (r<rank>.vck or r<rank>.vcz)")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(COMPRESSED_MAGIC))
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    return open_reader(path, "compressed" if magic == COMPRESSED_MAGIC else "regions")
 
 
 def region_dtype(path, info):
@@ -64,9 +73,15 @@ def describe_rankfile(path):
                 human = f"unreadable {r.dtype!r}"
             regions.append({"id": r.id, "kind": r.kind, "dtype": human, "descr": r.dtype,
                             "shape": list(r.shape), "order": r.order, "nbytes": r.nbytes, "offset": r.offset})
+            if hasattr(rf, "codec"):
+                codec, bound = rf.codec(r)
+                regions[-1].update(codec=codec, error_bound=bound, stored=rf.stored_bytes(r))
         meta = rf.meta
-        return {"file": str(path), "size": rf.size, "format": meta.get("format"), "name": meta.get("name"),
-                "version": meta.get("version"), "rank": meta.get("rank"), "regions": regions}
+        out = {"file": str(path), "size": rf.size, "format": meta.get("format"), "name": meta.get("name"),
+               "version": meta.get("version"), "rank": meta.get("rank"), "regions": regions}
+        if hasattr(rf, "codec"):
+            out.update(compressed=True, raw_size=int(meta["source"]["size"]), block_size=meta.get("block_size"))
+        return out
 
 
 def parse_region_id(text):
@@ -105,7 +120,7 @@ def extract_region(path, region_id, out, allow_pickle=False):
             if not allow_pickle:
                 raise UsageError(f"{path}: region {region_id!r} is a pickled Python object; pass "
                                  "--allow-pickle to write its raw pickle bytes (the tool never unpickles)")
-            view = rf.bytes_view(info)
+            view = rf.load_bytes(info)
             try:
                 _write_private(out, lambda f: f.write(view))
             finally:

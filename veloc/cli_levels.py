@@ -107,6 +107,7 @@ class VersionState:
     size: int
     state: str        # complete, unchecksummed, truncated or partial
     problems: list
+    compressed: list = field(default_factory=list)    # ranks whose copy is a compressed file
 
 
 HOLDING = ("complete", "unchecksummed")
@@ -174,6 +175,7 @@ class Level:
 
     def state(self, name, version, copies):
         present, nranks, size, unchecked, truncated, problems = set(), 0, 0, False, False, []
+        compressed = []
         for rank, store in copies:
             if rank in present:
                 continue
@@ -192,10 +194,13 @@ class Level:
             short, bad = _sizes_problems(store.version_dir(name, version), entries)
             truncated, problems = truncated or short, problems + bad
             present.add(rank)
+            if manifest.file("compressed") is not None:
+                compressed.append(rank)
             nranks, size = max(nranks, recorded), size + nbytes
             unchecked |= not manifest.checksum or any(f.digest is None for f in manifest.files)
         missing, state = _state(present, nranks, problems, truncated, unchecked)
-        return VersionState(name, self.name, version, sorted(present), nranks, missing, size, state, problems)
+        return VersionState(name, self.name, version, sorted(present), nranks, missing, size, state, problems,
+                            sorted(compressed))
 
     def verify(self, name, version):
         """Yield ``(status, level, who, detail)`` for every copy of ``name``/``version`` here."""
@@ -214,6 +219,8 @@ class Level:
                 continue
             how = (f"{manifest.checksum} digests match" if manifest.checksum
                    else "no checksum recorded: sizes and headers only")
+            if manifest.file("compressed") is not None:
+                how += "; compressed copy, digest of the stored bytes"
             yield "OK", self.name, f"rank {rank}", f"{store.version_dir(name, version)} ({how})"
         for rank in self.state(name, version, copies).missing:
             yield "MISSING", self.name, f"rank {rank}", f"no copy at this level among {len(copies)} found"

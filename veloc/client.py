@@ -7,7 +7,7 @@ application's leader rank in sync mode, in the backend in async mode).
 """
 import logging
 import os
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
 from .config import load_config, node_id
 from .engine.debris import claim_rank_scratch
@@ -116,7 +116,7 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
     # -- regions --------------------------------------------------------------------
     def protect(self, region_id: RegionId, obj: Any, pickle: bool = False, *,
                 global_shape: Optional[Sequence[int]] = None, offset: Optional[Sequence[int]] = None,
-                replicated: bool = False) -> None:
+                replicated: bool = False, lossy: Optional[Tuple[str, float]] = None) -> None:
         """Register ``obj`` under ``region_id`` (an int, or a name ``[A-Za-z0-9_.]+``); any rank,
         local (not collective). Re-protecting an id replaces it.
 
@@ -129,10 +129,13 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
         rank holds the same value (a step counter). Either lets a job of another size
         restart from a version whose copies keep the layout (the HDF5 format) and lets
         ``veloc.open(...).read_global`` stitch the whole array.
+        ``lossy=("zfp", bound)``: a float32/float64 array whose compressed persistent copy may
+        differ from it by at most ``bound`` per element (``[compress]`` enabled; scratch,
+        partner and erasure copies stay exact).
         Raises CheckpointError for an object that cannot be protected or a layout that does
         not fit, ConfigError/CheckpointError for a bad id."""
         region = Region(region_id, obj, use_pickle=pickle, global_shape=global_shape, offset=offset,
-                        replicated=replicated)
+                        replicated=replicated, lossy=lossy)
         self.regions[region.id] = region
 
     def unprotect(self, region_id: RegionId) -> None:

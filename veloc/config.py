@@ -97,11 +97,16 @@ OTHER_SECTIONS = {
 }
 
 
+def _module_classes():
+    """The registered pipeline modules that declare a config section."""
+    from .engine.pipeline import MODULE_CLASSES
+    return [cls for cls in MODULE_CLASSES if cls.config_keys is not None]
+
+
 def section_keys():
     """``{section: {key: Key}}``: every registered pipeline module's section
     (``register_module`` adds one) and the other sections."""
-    from .engine.pipeline import MODULE_CLASSES
-    out = {cls.name: cls.config_keys for cls in MODULE_CLASSES if cls.config_keys is not None}
+    out = {cls.name: cls.config_keys for cls in _module_classes()}
     out.update(OTHER_SECTIONS)
     return out
 
@@ -244,6 +249,8 @@ def _build(raw, source):
     for name, schema in schemas.items():
         sections[name] = MappingProxyType(_parse_keys(raw.get(name, {}), schema, f"in [{name}]", source))
     check_policy_keys(sections["policy"], source)
+    for cls in _module_classes():
+        cls.check_config(sections[cls.name], source)
     frozen_raw = MappingProxyType({k: MappingProxyType(dict(v)) for k, v in raw.items()})
     return Config(MappingProxyType(top), MappingProxyType(sections), source, frozen_raw)
 

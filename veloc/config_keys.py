@@ -80,6 +80,21 @@ def path_template(key, raw):
     return os.path.expanduser(value)
 
 
+def byte_size(minimum, maximum):
+    def parse(key, raw):
+        text = str(raw).strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text.rstrip("IB")[-1:], 1)
+        number = text.rstrip("IB").rstrip("KMG") if scale > 1 else text
+        try:
+            value = int(number, 10) * scale
+        except ValueError:
+            raise ConfigError(f"config key '{key}' = {raw!r}: expected a size in bytes, e.g. 4M or 4194304") from None
+        if not minimum <= value <= maximum:
+            raise ConfigError(f"config key '{key}' = {raw!r}: must be between {minimum} and {maximum} bytes")
+        return value
+    return parse
+
+
 def module_keys(priority, **extra):
     """The keys every module section accepts (``enabled``, ``priority`` defaulting to
     ``priority``, ``every``), plus ``extra``."""

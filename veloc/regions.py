@@ -15,6 +15,7 @@ object. Anything else (int, float, str, tuple, None, objects with ``__slots__`` 
 ...) cannot be changed in place: the restored object is only in
 ``Client.recovered[id]``.
 """
+import math
 import operator
 import pickle as pickle_module
 
@@ -120,9 +121,11 @@ def region_layout(region_id, kind, shape, global_shape=None, offset=None, replic
 class Region:
     """One protected region: ``kind`` is ``"array"``, ``"device"`` (cupy) or ``"pickle"``."""
 
-    def __init__(self, region_id, obj, use_pickle=False, global_shape=None, offset=None, replicated=False):
+    def __init__(self, region_id, obj, use_pickle=False, global_shape=None, offset=None, replicated=False,
+                 lossy=None):
         self.id = check_region_id(region_id)
         self.obj = obj
+        self.lossy = None
         if use_pickle:
             self.kind = "pickle"
         elif isinstance(obj, np.ndarray):
@@ -137,6 +140,29 @@ class Region:
                 "array; pass pickle=True to protect a picklable Python object explicitly")
         self.layout = region_layout(self.id, self.kind, getattr(obj, "shape", None), global_shape, offset,
                                     replicated)
+        if lossy is not None:
+            self.lossy = self._check_lossy(lossy)
+
+    def _check_lossy(self, lossy):
+        """``("zfp", bound)`` validated: a float32/float64 array and a positive finite bound."""
+        from .codecs import get_codec
+        try:
+            codec, bound = lossy
+            bound = float(bound)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"cannot protect region {self.id!r}: lossy={lossy!r}; expected "
+                                  "(\"zfp\", absolute_error_bound), e.g. lossy=(\"zfp\", 1e-6)") from None
+        if codec != "zfp":
+            raise CheckpointError(f"cannot protect region {self.id!r}: lossy codec {codec!r} is unknown; "
+                                  "accepted: zfp")
+        if not (math.isfinite(bound) and bound > 0):
+            raise CheckpointError(f"cannot protect region {self.id!r}: lossy error bound {bound!r} must be a "
+                                  "positive finite number")
+        if self.kind == "pickle" or np.dtype(self.obj.dtype) not in (np.float32, np.float64):
+            raise CheckpointError(f"cannot protect region {self.id!r} lossy: zfp takes float32 or float64 "
+                                  "arrays only")
+        get_codec("zfp")      # ConfigError saying what to install when zfpy is missing
+        return ["zfp", bound]
 
     def _check_array(self, arr):
         if arr.dtype.hasobject:
@@ -162,8 +188,11 @@ class Region:
         arr = self.obj.get() if self.kind == "device" else self.obj
         order = "C" if arr.flags.c_contiguous else "F"
         raw = arr.reshape(-1, order=order).view(np.uint8) if arr.size else np.empty(0, np.uint8)
-        return {"id": self.id, "kind": "array", "dtype": dtype_descr(arr.dtype), "shape": list(arr.shape),
-                "order": order, "nbytes": int(arr.nbytes), **self.layout}, raw
+        desc = {"id": self.id, "kind": "array", "dtype": dtype_descr(arr.dtype), "shape": list(arr.shape),
+                "order": order, "nbytes": int(arr.nbytes), **self.layout}
+        if self.lossy:
+            desc["lossy"] = list(self.lossy)
+        return desc, raw
 
     def snapshots(self):
         """The ``(descriptor, buffer)`` pairs this region writes (one for a plain region)."""
@@ -191,7 +220,7 @@ class Region:
         arrays, which are read straight into place by :meth:`restore`)."""
         if self.kind != "pickle":
             return None
-        view = rankfile.bytes_view(info)
+        view = rankfile.load_bytes(info)
         try:
             loaded = pickle_module.loads(view)
         except Exception as exc:
@@ -206,7 +235,9 @@ class Region:
         return (loaded,)
 
     def restore(self, rankfile, info, recovered, loaded=None):
-        """Fill the region from the file in place; a pickled region is refilled in place
+        """Fill the region from ``rankfile`` (any region file reader: a raw ``RankFile`` or a
+        ``CompressedReader``, which decodes straight into the array) in place; a pickled
+        region is refilled in place
         when it can be (see the module docstring), and is in ``recovered[id]`` in any case.
         ``loaded``: what :meth:`load` returned, if it was called already."""
         if self.kind == "pickle":
@@ -218,9 +249,9 @@ class Region:
                                    f"{exc}; protect an object of the checkpointed type") from None
             recovered[self.id] = self.obj if refilled else value
             return
-        src = rankfile.as_array(info)
         if self.kind == "device":
-            self.obj.set(np.ascontiguousarray(src) if info.order == "C" else np.asfortranarray(src))
+            host = np.empty(info.shape, info.numpy_dtype(), order=info.order)
+            rankfile.read_into(info, host)
+            self.obj.set(host)
         else:
-            np.copyto(self.obj, src, casting="no")
-        del src
+            rankfile.read_into(info, self.obj)

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
 from .engine.levels import LevelStore
-from .engine.rankfile import RankFile
+from .engine.compressed_file import open_reader
 from .errors import CorruptCheckpointError, RestartError, VelocError
 from .names import check_name, check_version
 
 log = logging.getLogger("veloc.restart")
+REGION_FILE_KINDS = ("regions", "compressed")   # a raw rank file, or its compressed form (read in place)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class RestartMixin:
             manifest = store.read_manifest(name, version, self.rank) if store is not None else None
         except CorruptCheckpointError:
             return False
-        return manifest is not None and all(f.kind == "regions" for f in manifest.files)
+        return manifest is not None and all(f.kind in REGION_FILE_KINDS for f in manifest.files)
 
     def _copy_stamp(self, store, name, version):
         """Identity of this rank's copy at ``store`` (manifest and files: inode, size,
@@ -177,10 +178,10 @@ class RestartMixin:
         manifest = store.read_manifest(name, version, self.rank)
         if manifest is None:
             raise CorruptCheckpointError(f"{name} v{version} vanished from {store.level}")
-        entry = manifest.file("regions")
+        entry = manifest.file("regions") or manifest.file("compressed")
         if entry is None:
             return manifest, None
-        rankfile = RankFile(store.version_dir(name, version) / entry.name)
+        rankfile = open_reader(store.version_dir(name, version) / entry.name, entry.kind)
         if (check_digest and entry.digest and manifest.checksum
                 and rankfile.digest(manifest.checksum) != entry.digest):
             rankfile.close()

@@ -188,3 +188,25 @@ def test_need_checkpoint_decisions_are_identical_on_every_rank(cfg):
     assert all(e == every[0] for e in every)
     assert sum(decisions) >= 3 and decisions.index(True) == 3      # first call + a warm-up of 3
     assert last["stall"] == pytest.approx(0.0004 * size, rel=1e-6)  # the slowest rank's stall
+
+
+def test_compressed_persistent_with_partner_lost_node_then_all_scratch(cfg):
+    """[compress] next to [partner]: a lost node comes back raw from its partner copies;
+    with every node's scratch gone, every rank reads its compressed persistent copy."""
+    from veloc.config import node_id
+    cfg = dict(cfg, compress={"enabled": "true", "codec": "zstd"}, partner={"enabled": "true"})
+    write_versions(cfg, [1, 2])
+    assert my_file(cfg, 2, "persistent").with_suffix(".vcz").exists()
+    assert not my_file(cfg, 2, "persistent").exists()
+    lost = comm.bcast(node_id() if rank == size - 1 else None, root=size - 1)
+    comm.Barrier()
+    if rank == size - 1:
+        shutil.rmtree(cfg["scratch"].format(node=lost))
+    comm.Barrier()
+    assert restart_newest(cfg) == (2, "partner" if node_id() == lost else "scratch")
+    nodes = set(comm.allgather(node_id()))
+    if rank == 0:
+        for node in nodes:
+            shutil.rmtree(cfg["scratch"].format(node=node), ignore_errors=True)
+    comm.Barrier()
+    assert restart_newest(cfg) == (2, "persistent")

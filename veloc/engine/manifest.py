@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import CorruptCheckpointError
 from .hashing import digest_file
-from .rankfile import RankFile
+from .compressed_file import open_reader
 
 FORMAT = 1
 
@@ -22,7 +22,7 @@ class FileEntry:
     """One file of a rank's copy. ``name`` is relative to the version directory."""
     name: str
     size: int
-    kind: str = "regions"       # "regions" (a .vck rank file) or "routed" (file-based mode)
+    kind: str = "regions"       # "regions" (a .vck rank file), "compressed" (.vcz) or "routed"
     original: str = None        # base name the application asked for (routed files)
     digest: str = None          # hex digest, filled in by the checksum module
 
@@ -94,8 +94,8 @@ def verify_files(manifest, directory, deep=True):
         if size != entry.size:
             raise CorruptCheckpointError(f"{path}: size {size} != {entry.size} recorded in the manifest "
                                          f"(truncated or overwritten)")
-        if entry.kind == "regions":
-            with RankFile(path):
+        if entry.kind in ("regions", "compressed"):
+            with open_reader(path, entry.kind):
                 pass
         if deep and entry.digest and manifest.checksum:
             actual = digest_file(path, manifest.checksum)

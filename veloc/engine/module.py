@@ -148,6 +148,10 @@ class Module:
     collective = False    # True: its handlers communicate with the other nodes' engines
     collects_old_versions = False   # True: garbage collection, skipped for a version that missed a level
 
+    @classmethod
+    def check_config(cls, section, source):
+        """Cross-key checks of this module's typed section at load time (ConfigError)."""
+
     def __init__(self, ctx):
         self.ctx = ctx
         section = ctx.config.section(self.name) if self.name in ctx.config.sections else {}

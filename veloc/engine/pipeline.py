@@ -15,13 +15,14 @@ from .hashing import MappedFiles
 from .levels import LEVEL_ORDER
 from .module import CHECKPOINT, EngineContext, LevelUnreachable, helper_cpu_seconds
 from .modules.checksum import ChecksumModule
+from .modules.compress import CompressModule
 from .modules.erasure import ErasureModule
 from .modules.flush import FlushModule
 from .modules.partner import PartnerModule
 from .modules.scratch import ScratchLevel
 from .modules.versioning import VersioningModule
 
-MODULE_CLASSES = [ScratchLevel, ChecksumModule, PartnerModule, ErasureModule, FlushModule, VersioningModule]
+MODULE_CLASSES = [ScratchLevel, ChecksumModule, CompressModule, PartnerModule, ErasureModule, FlushModule, VersioningModule]
 
 
 def register_module(cls):

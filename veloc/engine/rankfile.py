@@ -100,8 +100,17 @@ def region_info(r, offset):
                       tuple(int(x) for x in r.get("global_offset", ())), r.get("replicated") is True)
 
 
+def _with_extra_keys(descriptor, info):
+    """The region's header JSON: its layout plus any other keys of its descriptor (e.g.
+    ``lossy``), which readers pass through unchanged."""
+    out = _region_json(info)
+    out.update({k: v for k, v in descriptor.items() if k not in out and k not in ("dtype_name",)})
+    return out
+
+
 def build_header(name, version, rank, regions):
-    """Lay out ``regions`` (dicts with id, kind, dtype, shape, order, nbytes) after a header.
+    """Lay out ``regions`` (dicts with id, kind, dtype, shape, order, nbytes, and any extra
+    JSON-storable keys, kept in the header) after a header.
 
     Returns ``(header_bytes, infos, total_size)``.
     """
@@ -116,7 +125,7 @@ def build_header(name, version, rank, regions):
             offset = _align(offset + r["nbytes"])
         body = json.dumps({
             "format": FORMAT, "name": name, "version": version, "rank": rank,
-            "regions": [_region_json(i) for i in infos],
+            "regions": [_with_extra_keys(r, i) for r, i in zip(regions, infos)],
         }, separators=(",", ":")).encode()
         need = _align(PREFIX.size + len(body))
         if need <= guess:
@@ -153,13 +162,18 @@ def write_rank_file(fd, header, infos, views, total, mapped=None):
 class RankFile:
     """Read-only view of a rank file, validated on open (magic, header CRC, bounds)."""
 
-    def __init__(self, path):
+    def __init__(self, path, mapped=None):
+        """``mapped``: an existing read-only mapping of the whole file to read from (kept
+        open by its owner, e.g. the pipeline run's ``MappedFiles``), instead of a new one."""
         self.path = path
         self._file = open(path, "rb")
+        self._owns_map = mapped is None
         try:
             self.size = os.fstat(self._file.fileno()).st_size
             self.meta, self.regions = self._parse_header()
-            self._map = map_readonly(self._file.fileno(), self.size)
+            self._map = map_readonly(self._file.fileno(), self.size) if mapped is None else mapped
+            if len(self._map) != self.size:
+                raise CorruptCheckpointError(f"{self.path}: changed while being read")
         except BaseException:
             self._file.close()
             raise
@@ -213,6 +227,12 @@ class RankFile:
         from .hashing import digest_buffer
         return digest_buffer(self._map, algorithm)
 
+    def head_view(self):
+        """A read-only uint8 view of the file's bytes before its first region (the header
+        and its padding)."""
+        first = min((r.offset for r in self.regions), default=self.size)
+        return np.frombuffer(self._map, np.uint8, first, 0)
+
     def bytes_view(self, info):
         """A read-only uint8 numpy view of a region's bytes (no copy)."""
         return np.frombuffer(self._map, np.uint8, info.nbytes, info.offset)
@@ -222,13 +242,26 @@ class RankFile:
         raw = self.bytes_view(info)
         return raw.view(info.numpy_dtype()).reshape(info.shape, order=info.order)
 
+    # The reader interface restart uses for every region file (see also
+    # compressed_file.CompressedReader): regions, region(id), read_into, load_bytes,
+    # digest, close.
+    def read_into(self, info, out):
+        """Copy array region ``info`` into ``out`` (a numpy array of its dtype and shape)."""
+        src = self.as_array(info)
+        np.copyto(out, src, casting="no")
+        del src
+
+    def load_bytes(self, info):
+        """The bytes of region ``info`` (a pickled object), as a read-only view."""
+        return self.bytes_view(info)
+
     def close(self):
-        if getattr(self, "_map", None) is not None:
+        if getattr(self, "_map", None) is not None and self._owns_map:
             try:
                 self._map.close()
             except BufferError:  # a caller still holds a view; the mapping goes with it
                 pass
-            self._map = None
+        self._map = None
         self._file.close()
 
     def __enter__(self):

@@ -10,14 +10,22 @@ digests on the way. Frequency: ``[flush] every = N`` versions and/or
 ``persistent_interval`` seconds (VELOC's key: 0 = every version, < 0 = never); a
 time-based decision is taken by node 0 and shared, so every node flushes the same
 versions.
+
+With ``[compress]`` (priority 20) having written a compressed sidecar for a rank, the
+flush copies that instead of the raw rank file (:func:`flush_compressed`; the
+persistent manifest lists it as a ``compressed`` file), and a restore to scratch
+rebuilds the raw rank file from it (:func:`restore_compressed`).
 """
 
 from ...config_keys import Key, boolean, integer, module_keys
 from ...errors import CheckpointError, CorruptCheckpointError
 from ...faults import fault_point
-from ..fileio import copy_file, make_dirs
-from ..hashing import hasher
+from ..compressed_file import CompressedReader
+from ..fileio import atomic_file, copy_file, make_dirs
+from ..hashing import digest_file, hasher
+from ..manifest import FileEntry
 from ..module import Module
+from .compress import compressed_record, sidecar_name
 from .scratch import remove_versions_from, verify_copy
 
 
@@ -48,6 +56,13 @@ class FlushModule(Module):
             raise CheckpointError(f"flush of {cmd.name} v{cmd.version}: rank {rank} has no committed "
                                   f"scratch copy on node {self.ctx.node}")
         dst = self.ctx.persistent(rank)
+        record = compressed_record(manifest)
+        if record is not None and "persistent" in record.get("levels", ()):
+            out = flush_compressed(manifest, record, src, dst, direct=self.direct_io)
+            out.record_module(self.name, every=self.every, interval=self.interval)
+            fault_point("flush")
+            dst.commit_manifest(out)
+            return
         # digests computed moments ago by this run's checksum module from these very
         # files are not recomputed (a whole hash pass of backend CPU per version); a
         # copy that went bad in between still fails its check at restart
@@ -79,8 +94,12 @@ class FlushModule(Module):
             if manifest is None:
                 raise CorruptCheckpointError(f"no persistent copy of {name} v{version} for rank {rank}")
             dst = self.ctx.scratch(rank)
-            copy_verified(manifest, src, dst, "restore")
-            dst.commit_manifest(manifest.copy_for("scratch", node=self.ctx.node))
+            if manifest.file("compressed") is not None:
+                out = restore_compressed(manifest, src, dst, self.ctx.node)
+            else:
+                copy_verified(manifest, src, dst, "restore")
+                out = manifest.copy_for("scratch", node=self.ctx.node)
+            dst.commit_manifest(out)
         return True
 
 
@@ -109,3 +128,64 @@ def copy_verified(manifest, src, dst, what, direct=False, verify=True, mapped_fi
         if size != entry.size or (h and h.hexdigest() != entry.digest):
             raise CorruptCheckpointError(f"{what}: {sdir / entry.name} does not match its manifest "
                                          f"(size or {manifest.checksum} digest); not copied to {dst.level}")
+
+
+def flush_compressed(manifest, record, src, dst, direct=False):
+    """Copy a rank's compressed sidecar (written by the compress module, ``record``) and its
+    routed files from scratch ``src`` to persistent ``dst``; return the persistent manifest,
+    which lists the sidecar as a ``compressed`` file in place of the raw rank file. The
+    sidecar's stored-bytes digest is checked on the bytes as they are copied."""
+    if record.get("file") != sidecar_name(manifest.rank):
+        raise CorruptCheckpointError(f"flush: rank {manifest.rank}'s scratch manifest names compressed file "
+                                     f"{record.get('file')!r}, expected {sidecar_name(manifest.rank)!r}")
+    if manifest.checksum and record.get("checksum") != manifest.checksum:
+        raise CheckpointError(f"flush: {record['file']} of rank {manifest.rank} was digested with "
+                              f"{record.get('checksum')}, the copy with {manifest.checksum}")
+    routed = manifest.copy_for("persistent")
+    routed.files = [e for e in routed.files if e.kind != "regions"]
+    copy_verified(routed, src, dst, "flush", direct=direct)
+    sidecar = FileEntry(record["file"], int(record["size"]), kind="compressed",
+                        digest=record.get("digest") if manifest.checksum else None)
+    one = manifest.copy_for("persistent")
+    one.files = [sidecar]
+    copy_verified(one, src, dst, "flush", direct=direct)
+    out = manifest.copy_for("persistent")
+    out.files = [sidecar] + routed.files
+    return out
+
+
+def restore_compressed(manifest, src, dst, node):
+    """Rebuild a rank's raw rank file on scratch ``dst`` from its compressed persistent copy
+    at ``src`` (stored-bytes digest checked first, then each block's checksum as it is
+    decoded; a lossless copy's result must match the raw file's recorded digest), copy its
+    routed files, and return the scratch manifest listing the raw file."""
+    entry = manifest.file("compressed")
+    sdir = src.version_dir(manifest.name, manifest.version)
+    ddir = dst.version_dir(manifest.name, manifest.version)
+    routed = manifest.copy_for("scratch")
+    routed.files = [e for e in manifest.files if e.kind != "compressed"]
+    copy_verified(routed, src, dst, "restore")
+    try:
+        reader = CompressedReader(sdir / entry.name)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"restore: {sdir / entry.name} is missing") from None
+    with reader:
+        if reader.size != entry.size or (manifest.checksum and entry.digest
+                                         and reader.digest(manifest.checksum) != entry.digest):
+            raise CorruptCheckpointError(f"restore: {sdir / entry.name} does not match its manifest (size or "
+                                         f"{manifest.checksum} digest); not decoded")
+        target = ddir / dst.regions_file_name(manifest.rank)
+        make_dirs(ddir)
+        with atomic_file(target, dst.durable) as fd:
+            size = reader.restore_raw(fd)
+        source = reader.meta.get("source") or {}
+        algorithm = manifest.checksum or source.get("checksum")
+        digest = digest_file(target, algorithm) if algorithm else None
+        if (reader.lossless() and source.get("digest") and source.get("checksum") == algorithm
+                and digest != source["digest"]):
+            raise CorruptCheckpointError(f"restore: {sdir / entry.name} decodes to data whose {algorithm} "
+                                         "digest differs from the original rank file's")
+    out = manifest.copy_for("scratch", node=node)
+    out.files = [FileEntry(target.name, size, kind="regions", digest=digest if manifest.checksum else None)] \
+        + routed.files
+    return out
