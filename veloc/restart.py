@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
 from .engine.levels import LevelStore
-from .engine.rankfile import RankFile
+from .engine.formats import open_rank_file
 from .errors import CorruptCheckpointError, RestartError, VelocError
 from .names import check_name, check_version
 
@@ -180,7 +180,7 @@ class RestartMixin:
         entry = manifest.file("regions")
         if entry is None:
             return manifest, None
-        rankfile = RankFile(store.version_dir(name, version) / entry.name)
+        rankfile = open_rank_file(store.version_dir(name, version) / entry.name)
         if (check_digest and entry.digest and manifest.checksum
                 and rankfile.digest(manifest.checksum) != entry.digest):
             rankfile.close()

@@ -59,7 +59,7 @@ def _classify(tables, nranks):
         if rid not in ids:
             ids.append(rid)
     for rid in ids:
-        entries = [tables[r].get(rid) for r in range(nranks)]
+        entries = [tables.get(r, {}).get(rid) for r in range(nranks)]
         if any(e is None for e in entries):
             local.append({"id": rid, "reason": "not every rank holds it"})
             continue
