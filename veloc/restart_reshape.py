@@ -211,6 +211,8 @@ class ReshapeMixin:
                 return (f"region {region_id!r} of {where} is a global array {tuple(stored['global_shape'])}: "
                         "protect it with global_shape= and offset= (this rank's slab) to restore it here")
             order = "C" if region.obj.flags.c_contiguous else "F"
+            if region.obj.flags.c_contiguous and region.obj.flags.f_contiguous:
+                order = stored["order"]        # laid out alike in both orders
             if (list(gshape) != list(stored["global_shape"]) or order != stored["order"]
                     or dtype_descr(region.obj.dtype) != stored["dtype"]):
                 return (f"global region {region_id!r} of {where} is {stored['dtype']} "

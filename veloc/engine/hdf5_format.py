@@ -149,13 +149,19 @@ def _write_metadata(h5py, rankfile, tmp, name, version, rank, nranks):
         for info in rankfile.regions:
             shape, dtype, storage = _storage(h5py, info)
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_layout(h5py.h5d.CONTIGUOUS)
             dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             dset = f.create_dataset(names[info.id], shape=shape, dtype=dtype, dcpl=dcpl)
             dset.attrs.update(_region_attrs(info, storage))
             dset.attrs.update({"veloc_version": int(version), "veloc_rank": int(rank)})
-            if info.nbytes:
-                placed.append((int(dset.id.get_offset()), rankfile.bytes_view(info)))
+            if not info.nbytes:
+                continue
+            offset = dset.id.get_offset()
+            if offset is None:     # HDF5 allocates some (scalar) datasets only on write
+                dset.write_direct(np.ascontiguousarray(rankfile.bytes_view(info).view(dtype).reshape(shape)))
+            else:
+                placed.append((int(offset), rankfile.bytes_view(info)))
     return sorted(placed, key=lambda p: p[0])
 
 

@@ -51,7 +51,8 @@ def _tiles(gshape, starts, stops):
 
 
 def _classify(tables, nranks):
-    """``(stitched, local)``: ``stitched`` = ``[(id, "global"|"replicated")]``,
+    """``(stitched, local)``: ``stitched`` = ``[(id, "replicated" or the global array's
+    order "C"/"F")]``,
     ``local`` = ``[{"id", "reason"}]``."""
     stitched, local = [], []
     ids = list(tables[0]) if 0 in tables else []
@@ -71,9 +72,10 @@ def _classify(tables, nranks):
             local.append({"id": rid, "reason": "neither global (global_shape, offset) nor replicated"})
             continue
         first = attrs[0]
-        same = all(np.array_equal(a["veloc_global_shape"], first["veloc_global_shape"])
-                   and _text(a["veloc_dtype"]) == _text(first["veloc_dtype"])
-                   and _text(a["veloc_order"]) == _text(first["veloc_order"]) for a in attrs)
+        # a slab with at most one dimension longer than 1 is laid out alike in C and F order
+        orders = {_text(a["veloc_order"]) for a in attrs if sum(int(n) > 1 for n in a["veloc_shape"]) > 1}
+        same = len(orders) <= 1 and all(np.array_equal(a["veloc_global_shape"], first["veloc_global_shape"])
+                                        and _text(a["veloc_dtype"]) == _text(first["veloc_dtype"]) for a in attrs)
         if not same or _text(first["veloc_storage"]) != "typed":
             local.append({"id": rid, "reason": "its slabs disagree on global shape, dtype or order"
                           if not same else "its dtype has no HDF5 equivalent"})
@@ -84,7 +86,7 @@ def _classify(tables, nranks):
         if not _tiles(gshape, starts, stops):
             local.append({"id": rid, "reason": f"its slabs do not tile the global shape {tuple(gshape)}"})
             continue
-        stitched.append((rid, "global"))
+        stitched.append((rid, orders.pop() if orders else "C"))
     return stitched, local
 
 
@@ -106,9 +108,9 @@ def write_global(rank_paths, path, name, version, nranks, durable=True):
             for rid, how in stitched:
                 dname, attrs, dshape, dtype = tables[0][rid]
                 ranks = [0] if how == "replicated" else range(nranks)
-                reverse = _text(attrs["veloc_order"]) == "F"
+                reverse = how == "F"
                 shape = dshape if how == "replicated" else tuple(int(x) for x in attrs["veloc_global_shape"])
-                layout = h5py.VirtualLayout(shape=tuple(shape)[::-1] if reverse and how == "global" else shape,
+                layout = h5py.VirtualLayout(shape=tuple(shape)[::-1] if reverse else shape,
                                             dtype=dtype)
                 for r in ranks:
                     rname, rattrs, rshape, _ = tables[r][rid]
@@ -124,6 +126,8 @@ def write_global(rank_paths, path, name, version, nranks, durable=True):
                         layout[tuple(slice(a, b) for a, b in box)] = source
                 dset = f.create_virtual_dataset(dname, layout)
                 dset.attrs.update({k: attrs[k] for k in _SHARED_ATTRS if k in attrs})
+                if how != "replicated":
+                    dset.attrs["veloc_order"] = how
         if durable:
             fd = os.open(tmp, os.O_RDONLY)
             try:
