@@ -51,7 +51,7 @@ def to_h5(tmp_path, arrays, rank=0, nranks=1, layouts=None):
     src = rank_file(tmp_path / f"r{rank}.vck", arrays, rank, layouts)
     dst = tmp_path / f"r{rank}.h5"
     with RankFile(src) as rf:
-        size, digest = write_rank_h5(rf, dst, "x", 1, rank, nranks, checksum="xxh3_128")
+        size, digest, _ = write_rank_h5(rf, dst, "x", 1, rank, nranks, checksum="xxh3_128")
     return dst, size, digest
 
 
