@@ -165,7 +165,13 @@ class Hdf5Writer(NativeWriter):
             return None
         ranks, tables = {}, {}
         for r in range(cmd.nranks):
-            manifest = store.read_manifest(cmd.name, cmd.version, r)
+            try:
+                manifest = store.read_manifest(cmd.name, cmd.version, r)
+            except CorruptCheckpointError as exc:
+                ctx.log.warning("%s v%d: no %s written: %s", cmd.name, cmd.version, GLOBAL_FILE, exc)
+                return None
+            if manifest is None:      # removed meanwhile (a newer run superseded it)
+                return None
             params = next((m["params"] for m in manifest.modules if m["module"] == "hdf5"), None)
             if params is not None and manifest.file("regions") is not None:
                 ranks[r] = vdir / manifest.file("regions").name
