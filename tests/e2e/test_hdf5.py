@@ -112,18 +112,24 @@ def async_env(dirs):
     shutil.rmtree(runtime, ignore_errors=True)
 
 
-@pytest.mark.timeout(120)
-def test_async_restart_from_hdf5_after_losing_all_scratch(dirs, reference, async_env):
-    """The node backends flush in the background and each writes global.h5 once it sees
-    every rank's copy; after the crash they finish alone."""
-    cfg, env = async_env
-    crash(cfg, 4, env=env)
+def wait_then_stop_backends(dirs, cfg, env):
+    """Wait until the backends, alone after the crash, completed the version at persistent
+    (global.h5 exists), then stop them as a lost job's would be."""
     target = dirs["persistent"] / "heat" / f"v{FAIL_AT}" / "global.h5"
     deadline = time.monotonic() + 30
     while not target.exists():
         assert time.monotonic() < deadline, "the backends did not complete the version at persistent"
         time.sleep(0.1)
     kill_job_backends(cfg, dict(os.environ, **env))
+
+
+@pytest.mark.timeout(120)
+def test_async_restart_from_hdf5_after_losing_all_scratch(dirs, reference, async_env):
+    """The node backends flush in the background and each writes global.h5 once it sees
+    every rank's copy; after the crash they finish alone."""
+    cfg, env = async_env
+    crash(cfg, 4, env=env)
+    wait_then_stop_backends(dirs, cfg, env)
     check_files(dirs, FAIL_AT, 4)
     shutil.rmtree(dirs["scratch"])
     out = dirs["tmp"] / "out.npy"
@@ -179,3 +185,15 @@ def test_non_global_region_is_refused_on_another_rank_count(dirs):
     assert proc.stdout.count("region 'own' of loc v1 (written by 2 ranks, restarting on 3) cannot be "
                              "redistributed") == 3, proc.stdout
     assert "region 'own'" in proc.stderr and "not restorable on this job's 3 ranks" in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_async_restart_on_another_rank_count(dirs, reference, async_env):
+    """Async mode, 4 -> 2 ranks: the backends wrote global.h5 in the background."""
+    cfg, env = async_env
+    crash(cfg, 4, env=env)
+    wait_then_stop_backends(dirs, cfg, env)
+    shutil.rmtree(dirs["scratch"])
+    out = dirs["tmp"] / "out.npy"
+    assert restart(cfg, 2, out, env=env) == (FAIL_AT, "persistent=2")
+    assert_bit_exact(out, reference)
