@@ -21,6 +21,7 @@ run, in alternation, against this machine's own limits:
 Usage: .venv/bin/python scripts/bench/bench_formats.py [--size 256M] [--reps 3]
 """
 import argparse
+import mmap
 import os
 import shutil
 import statistics
@@ -139,9 +140,8 @@ def main():
     try:
         manifests = make_scratch(scratch, rows, args.writers, 1)
         native, hdf5 = NativeWriter(), Hdf5Writer()
-        raw = np.frombuffer(bytearray(nbytes), np.uint8)          # page-aligned? copy into an mmap
-        import mmap
-        aligned = mmap.mmap(-1, nbytes - nbytes % 4096)
+        raw = np.frombuffer(bytearray(nbytes), np.uint8)          # the copyto source
+        aligned = mmap.mmap(-1, nbytes - nbytes % 4096)         # page-aligned, for O_DIRECT
         for rep in range(args.reps):
             start = time.perf_counter()
             write_file_direct(disk / f"raw{rep}", aligned)
