@@ -278,8 +278,8 @@ class Hdf5RankFile:
                     self.meta = {k[6:]: (_text(v) if isinstance(v, (bytes, str)) else int(v))
                                  for k, v in f.attrs.items() if k.startswith("veloc_")}
                     self.regions = [self._region(path, f[key]) for key in f]
-            except (OSError, KeyError, ValueError, TypeError) as exc:
-                raise CorruptCheckpointError(f"{path}: not a readable veloc HDF5 rank file ({exc})") from None
+            except (OSError, KeyError, ValueError, TypeError, AttributeError) as exc:
+                raise CorruptCheckpointError(f"{path}: not a readable veloc HDF5 rank file ({exc!r})") from None
             self._map = map_readonly(self._file.fileno(), self.size) if self.size else None
         except BaseException:
             self._file.close()
