@@ -250,7 +250,7 @@ def _build(raw, source):
         sections[name] = MappingProxyType(_parse_keys(raw.get(name, {}), schema, f"in [{name}]", source))
     check_policy_keys(sections["policy"], source)
     for cls in _module_classes():
-        cls.check_config(sections[cls.name], source)
+        cls.check_config(sections[cls.name], top, source)
     frozen_raw = MappingProxyType({k: MappingProxyType(dict(v)) for k, v in raw.items()})
     return Config(MappingProxyType(top), MappingProxyType(sections), source, frozen_raw)
 

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
 from .engine.levels import LevelStore
-from .engine.compressed_file import open_reader
+from .engine.formats import open_rank_file
 from .errors import CorruptCheckpointError, RestartError, VelocError
 from .names import check_name, check_version
+from .restart_reshape import ReshapeMixin
 
 log = logging.getLogger("veloc.restart")
 REGION_FILE_KINDS = ("regions", "compressed")   # a raw rank file, or its compressed form (read in place)
@@ -34,13 +35,15 @@ class _Restoring:
         self.manifest, self.rankfile = manifest, rankfile
 
 
-class RestartMixin:
+class RestartMixin(ReshapeMixin):
     """``restart_test``, ``restart`` and the restart phases."""
 
     def restart_test(self, name: str, max_version: Optional[int] = None) -> Optional[int]:
         """Every rank, collective: the newest version ``<= max_version`` (no bound: ``None``)
         of ``name`` that every rank can restore from some level after verifying it, or
         ``None``. A corrupt or missing copy falls back to another level or an older version.
+        A newer HDF5 version written on another rank count counts too when every protected
+        region is global or replicated (``veloc.restart_reshape``).
         Raises RestartError for a bad name/version or a failing engine/backend."""
         self._check_open()
         name = check_name(name, error=RestartError)
@@ -59,11 +62,11 @@ class RestartMixin:
             level, reasons = self.host.verify(name, version)
             if self.host.all_true(level is not None):
                 self._plans[(name, version)] = (level, self._copy_stamp(self._level_store(level), name, version))
-                return version
+                return self._reshape_newest(name, max_version, version) or version
             if level is None:
                 log.warning("rank %d: %s v%d not restorable here (%s); trying an older version",
                             self.rank, name, version, "; ".join(reasons))
-        return None
+        return self._reshape_newest(name, max_version, None)
 
     def restart(self, name: str, version: int) -> None:
         """``restart_begin`` + ``recover_mem`` + ``restart_end``; every rank, collective.
@@ -95,6 +98,10 @@ class RestartMixin:
             raise RestartError("restart_begin called while a checkpoint or restart is open")
         self.checkpoint_wait()
         level, stamp = getattr(self, "_plans", {}).get((name, version), (None, None))
+        if level is None and (name, version) in getattr(self, "_reshape_plans", {}):
+            reader = self._reshape_open(name, version, self._reshape_plans[(name, version)])
+            self._restoring = _Restoring(name, version, "persistent", None, reader)
+            return
         reasons = []
         verified_now = level is None
         if verified_now:
@@ -102,9 +109,14 @@ class RestartMixin:
         failure = self.host.first_failure(None if level is not None else
                                           ("; ".join(reasons) or "no intact copy at any level"))
         if failure is not None:
+            reader, why = self._reshape_fallback(name, version)   # written on another rank count?
+            if reader is not None:
+                self._restoring = _Restoring(name, version, "persistent", None, reader)
+                return
             rank, detail = failure
-            raise RestartError(f"cannot restart {name!r} v{version}: rank {rank} cannot restore it: {detail}. "
-                               f"Use restart_test({name!r}) to find a version every rank can restore")
+            raise RestartError(f"cannot restart {name!r} v{version}: rank {rank} cannot restore it: {detail}"
+                               + (f"; on this job's rank count: {why}" if why else "")
+                               + f". Use restart_test({name!r}) to find a version every rank can restore")
         store = self._level_store(level)
         in_place = level == "persistent" and self._regions_only(store, name, version)
         # Collective in sync mode, so every rank takes part; a rank reading a persistent
@@ -181,7 +193,7 @@ class RestartMixin:
         entry = manifest.file("regions") or manifest.file("compressed")
         if entry is None:
             return manifest, None
-        rankfile = open_reader(store.version_dir(name, version) / entry.name, entry.kind)
+        rankfile = open_rank_file(store.version_dir(name, version) / entry.name, entry.kind)
         if (check_digest and entry.digest and manifest.checksum
                 and rankfile.digest(manifest.checksum) != entry.digest):
             rankfile.close()

@@ -387,9 +387,10 @@ class CompressedReader:
 
 
 def open_reader(path, kind="regions", workers=1):
-    """The reader of a rank's region file: :class:`RankFile` for ``kind == "regions"``,
-    :class:`CompressedReader` for ``"compressed"``."""
-    return CompressedReader(path, workers) if kind == "compressed" else RankFile(path)
+    """The reader of a rank's region file of any format (see
+    :func:`veloc.engine.formats.open_rank_file`)."""
+    from .formats import open_rank_file
+    return open_rank_file(path, kind, workers)
 
 
 def encode_buffer(buf, codec="auto", itemsize=1, level=None, block_size=DEFAULT_BLOCK):

@@ -149,8 +149,9 @@ class Module:
     collects_old_versions = False   # True: garbage collection, skipped for a version that missed a level
 
     @classmethod
-    def check_config(cls, section, source):
-        """Cross-key checks of this module's typed section at load time (ConfigError)."""
+    def check_config(cls, section, top, source):
+        """Cross-key checks of this module's typed ``section`` (and the typed top-level keys
+        ``top``) when a configuration is loaded; raise ConfigError."""
 
     def __init__(self, ctx):
         self.ctx = ctx

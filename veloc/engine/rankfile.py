@@ -162,9 +162,10 @@ def write_rank_file(fd, header, infos, views, total, mapped=None):
 class RankFile:
     """Read-only view of a rank file, validated on open (magic, header CRC, bounds)."""
 
-    def __init__(self, path, mapped=None):
+    def __init__(self, path, mapped=None, mapping=None):
         """``mapped``: an existing read-only mapping of the whole file to read from (kept
         open by its owner, e.g. the pipeline run's ``MappedFiles``), instead of a new one."""
+        mapped = mapped if mapped is not None else mapping     # both names are in use
         self.path = path
         self._file = open(path, "rb")
         self._owns_map = mapped is None

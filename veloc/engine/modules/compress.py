@@ -23,15 +23,19 @@ every`` overrides it). With a time-based flush (``persistent_interval`` or ``[fl
 interval`` > 0) it cannot know in advance which versions the flush will take, so it
 compresses every ``every``-th version.
 """
+import logging
+
 from ...config_keys import Key, byte_size, choice, integer, module_keys
 from ...errors import CheckpointError, ConfigError, VelocError
 from ...faults import fault_point
+from ..compressed_copy import compressed_record, sidecar_name  # noqa: F401  (re-exported)
 from ..compressed_file import plan_codecs, write_compressed
 from ..hashing import DEFAULT_ALGORITHM
 from ..module import Module
 from ..rankfile import RankFile
 
-SIDECAR_SUFFIX = ".vcz"
+
+log = logging.getLogger("veloc.compress")
 
 
 def _compressed_levels(key, raw):
@@ -65,22 +69,6 @@ def check_compress_keys(section, source=""):
                           f"(registered: {', '.join(codec_names())})")
 
 
-def sidecar_name(rank):
-    """The compressed sidecar's name in a version folder."""
-    return f"r{int(rank)}{SIDECAR_SUFFIX}"
-
-
-def compressed_record(manifest):
-    """The compress module's record of a scratch manifest, if it wrote a sidecar:
-    ``{"file", "size", "digest", "checksum", "raw_size", "codecs", "lossy_error_bounds",
-    "levels", ...}``, else ``None``. It travels into the persistent manifest's module list."""
-    for entry in manifest.modules:
-        if entry.get("module") == "compress":
-            params = entry.get("params") or {}
-            return params if params.get("file") else None
-    return None
-
-
 class CompressModule(Module):
     name = "compress"
     config_keys = module_keys(20, codec=Key(choice("auto", "zstd", "lz4", "blosc2", "none"), "auto"),
@@ -88,7 +76,7 @@ class CompressModule(Module):
                               levels=Key(_compressed_levels, ("persistent",)))
 
     @classmethod
-    def check_config(cls, section, source):
+    def check_config(cls, section, top, source):
         check_compress_keys(section, source)
 
     def __init__(self, ctx):
@@ -103,6 +91,11 @@ class CompressModule(Module):
         interval = flush.get("interval")
         interval = ctx.config.persistent_interval if interval is None else interval
         self.flushed = ctx.config.persistent is not None and interval >= 0 and flush.get("enabled") is not False
+        if self.enabled and self.flushed and flush.get("format") == "hdf5":
+            # the HDF5 format writes its datasets from the raw rank file: no sidecar to make
+            log.warning("[compress] is enabled but [flush] format = hdf5 stores uncompressed datasets; "
+                        "compression applies to format = native only")
+            self.flushed = False
 
     def default_enabled(self):
         return False
