@@ -301,6 +301,7 @@ def test_checkpoint_waits_for_the_previous_version_only_without_a_recycled_file(
     one only when no recycled scratch file is ready for this rank."""
     cfg = {"scratch": str(dirs["scratch"] / "{node}"), "scratch_versions": 1}
     with veloc.init_single(0, cfg) as c:
+        c.writer.prepare_enabled = False      # only recycled files in the pool
         c.protect("a", np.zeros(1000))
         real_host, calls = c.host, []
 
