@@ -170,8 +170,10 @@ class AsyncHost(HostAgreement):
         mine = value.get(str(self.rank), {})
         return {int(v): levels for v, levels in mine.items()}
 
-    def verify(self, name, version):
-        level, reasons = self._call("VERIFY", name, int(version))[str(self.rank)]
+    def verify(self, name, version, verified=None):
+        """This rank's ``(fastest intact level or None, reasons)``; ``verified``: the level
+        at which this rank has just checked its copy itself (the backend skips it)."""
+        level, reasons = self._call("VERIFY", name, int(version), verified=verified)[str(self.rank)]
         return level, list(reasons)
 
     def restore(self, name, version, level):
