@@ -170,7 +170,7 @@ class EngineExecutor:
             # ranks that checked their own copy just now (in parallel) are not checked again
             known = {int(it["rank"]): it["verified"] for it in batch.items if it.get("verified")}
             pending = [r for r in ranks if r not in known]
-            table = self.engine.verify(name, int(version), pending, first.get("nranks")) if pending else {}
+            table = self.engine.verify(name, int(version), pending, first.get("nranks"))   # always: may be collective
             table.update({r: (level, []) for r, level in known.items()})
             info["value"] = {r: list(v) for r, v in table.items()}
         else:

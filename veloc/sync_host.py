@@ -100,7 +100,7 @@ class SyncHost(HostAgreement):
         pending = [r for r in self.local_ranks if known[r] is None]
 
         def check(engine):
-            table = engine.verify(name, version, pending, self.nranks) if pending else {}
+            table = engine.verify(name, version, pending, self.nranks)   # collective modules: always
             return {r: (known[r], []) if known[r] is not None else table[r] for r in self.local_ranks}
         return self._on_leaders(check, RestartError)[self.rank]
 
