@@ -44,6 +44,7 @@ class RestartMixin:
         ``None``. A corrupt or missing copy falls back to another level or an older version.
         Raises RestartError for a bad name/version or a failing engine/backend."""
         self._check_open()
+        self.writer.hold()        # no scratch file is prepared while a restart reads
         name = check_name(name, error=RestartError)
         if max_version is not None:
             max_version = check_version(max_version, error=RestartError)
@@ -64,6 +65,7 @@ class RestartMixin:
             if level is None:
                 log.warning("rank %d: %s v%d not restorable here (%s); trying an older version",
                             self.rank, name, version, "; ".join(reasons))
+        self.writer.release()
         return None
 
     def restart(self, name: str, version: int) -> None:
@@ -234,6 +236,7 @@ class RestartMixin:
         """Close the restored version; record ``last_restart`` when ``success``; local."""
         state = self._require_restoring("restart_end")
         self._restoring = None
+        self.writer.release()
         if state.rankfile is not None:
             state.rankfile.close()
         if success:

@@ -144,3 +144,16 @@ def test_a_close_during_preparation_leaves_no_mapping_and_no_temporary_file(tmp_
     writer.close()                       # joins the preparation
     assert len(writer.mappings) == 0
     assert not [p for p in _pool_files(writer.pool) if p.name.endswith(".tmp")]
+
+
+def test_no_file_is_prepared_while_a_restart_reads(tmp_path, monkeypatch):
+    monkeypatch.setattr(local_write, "QUIET_S", 0.05)
+    store, writer = _writer(tmp_path)
+    writer.expect(lambda: 8192)
+    writer.hold()                        # restart_test began
+    time.sleep(0.3)
+    assert writer.prepared == 0
+    writer.release()                     # restart_end
+    writer.wait(5)
+    assert writer.prepared == 1 and [p.stat().st_size for p in _pool_files(writer.pool)] == [8192]
+    writer.close()

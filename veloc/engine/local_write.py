@@ -74,6 +74,7 @@ class LocalWriter:
         self._written = False               # a first write happened: nothing to predict any more
         self._expected = None               # (callable giving the size, time of the last call)
         self._cancel = threading.Event()    # a write starts: stop waiting to prepare
+        self._held = False                  # a restart reads: prepare after it (hold/release)
         self.prepared = 0                   # files prepared by this writer (a diagnostic)
 
     # -- the write ----------------------------------------------------------------------
@@ -135,10 +136,22 @@ class LocalWriter:
                                             name=f"veloc-prepare-r{self.rank}")
             self._thread.start()
 
+    def hold(self) -> None:
+        """A restart begins (``restart_test``): the first checkpoint's file is not prepared
+        while the restart reads, which it would slow down."""
+        self._held = True
+
+    def release(self) -> None:
+        """The restart is over (``restart_end``, or ``restart_test`` found nothing): prepare
+        after another quiet time, if a first write is still to come."""
+        self._held = False
+        if self._expected is not None:
+            self.expect(self._expected[0])
+
     def _prepare_first(self):
         while True:
             size_of, since = self._expected
-            left = since + QUIET_S - time.monotonic()
+            left = QUIET_S if self._held else since + QUIET_S - time.monotonic()
             if left <= 0:
                 break
             if self._cancel.wait(left):
