@@ -88,7 +88,18 @@ def _heat_rows(name, data):
             _row(name, "heat loop overhead, whole loop", statistics.median(whole), "plain run of the pair",
                  _range(whole, pct), len(whole)),
             _row(name, "  of which inside checkpoint(), steady", statistics.median(inside),
-                 "plain run of the pair", _range(inside, pct), len(inside))]
+                 "plain run of the pair", _range(inside, pct), len(inside))] + _heat_cpu_rows(name, data)
+
+
+def _heat_cpu_rows(name, data):
+    heat = data.get("heat") or {}
+    pairs = [(p, a) for p, a in zip(heat.get("plain", []), heat.get("async", [])) if "ranks_cpu" in a]
+    if not pairs:
+        return []
+    total = [(a["ranks_cpu"] + sum(a.get("backend_cpu", {}).values())) / p["ranks_cpu"] - 1 for p, a in pairs]
+    return [_row(name, "heat CPU-time overhead, ranks + backend, whole run", statistics.median(total),
+                 "plain run of the pair", _range(total, "{:+.1%}"), len(total),
+                 "/".join(f"{a.get('load', 0):.1f}" for _, a in pairs))]
 
 
 def training_overheads(runs):
