@@ -227,7 +227,6 @@ def run(args, comm):
     if args.fail_at is not None and not 0 <= args.fail_rank < size:
         raise ValueError(f"--fail-rank {args.fail_rank} is not a rank of this job (0..{size - 1})")
     lo, hi = row_range(args.rows, size, rank)
-    n = hi - lo
     up = rank - 1 if rank > 0 else MPI.PROC_NULL
     down = rank + 1 if rank < size - 1 else MPI.PROC_NULL
     # local rows that get updated: global rows 1 .. rows-2 (local index = global - lo + 1)

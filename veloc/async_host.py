@@ -18,7 +18,6 @@ with the other nodes' before running collective modules on it. Each item also na
 the job's nodes (``job_nodes``): work of a job that does not span the backend world
 runs on its node alone.
 """
-import importlib
 import time
 import uuid
 from pathlib import Path
@@ -165,8 +164,10 @@ class AsyncHost(Host):
         mine = value.get(str(self.rank), {})
         return {int(v): levels for v, levels in mine.items()}
 
-    def verify(self, name, version):
-        level, reasons = self._call("VERIFY", name, int(version))[str(self.rank)]
+    def verify(self, name, version, verified=None):
+        """This rank's ``(fastest intact level or None, reasons)``; ``verified``: the level
+        at which this rank has just checked its copy itself (the backend skips it)."""
+        level, reasons = self._call("VERIFY", name, int(version), verified=verified)[str(self.rank)]
         return level, list(reasons)
 
     def restore(self, name, version, level):

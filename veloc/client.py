@@ -11,11 +11,11 @@ from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
 from .config import load_config, node_id
 from .engine.debris import claim_rank_scratch
-from .engine.fileio import FILE_MODE, fsync_dir, make_dirs, remove_quietly, temp_name
+from .engine.fileio import FILE_MODE, fsync_dir, make_dirs
 from .engine.levels import RecyclePool
+from .engine.local_write import LocalWriter, predicted_size
 from .engine.manifest import FileEntry, Manifest
-from .engine.rankfile import build_header, write_rank_file
-from .engine.write_mappings import WriteMappings
+from .engine.rankfile import build_header
 from .errors import BackendError, CheckpointError, ConfigError, VelocError
 from .faults import fault_point
 from .names import check_file_name, check_name, check_version
@@ -75,7 +75,7 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
         self.scratch = self._agree_on_setup(self._prepare_scratch)
         self.pool = RecyclePool(self.config.scratch_dir(self.node, self.rank))
         self._claim = claim_rank_scratch(self.scratch, self.rank, self.pool, None if single else self.size, log)
-        self.mappings = WriteMappings(keep=(self.config.scratch_versions or 1) + self.pool.keep)
+        self.writer = LocalWriter(self.scratch, self.rank, self.pool, self.config.scratch_versions)
         self.host = self._make_host()
 
     # -- setup ----------------------------------------------------------------------
@@ -137,6 +137,7 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
         region = Region(region_id, obj, use_pickle=pickle, global_shape=global_shape, offset=offset,
                         replicated=replicated, lossy=lossy)
         self.regions[region.id] = region
+        self.writer.expect(lambda: predicted_size(list(self.regions.values())))
 
     def unprotect(self, region_id: RegionId) -> None:
         """Stop protecting ``region_id``; local. Raises CheckpointError if it is not protected."""
@@ -236,28 +237,9 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
         """Write ``(descriptor, buffer)`` pairs to this rank's scratch file of ``pending``."""
         header, infos, total = build_header(pending.name, pending.version, self.rank, [d for d, _ in snaps])
         final = pending.vdir / self.scratch.regions_file_name(self.rank)
-        tmp = temp_name(final)
-        recycled = self.pool.take(self.rank, tmp)
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT, FILE_MODE)
-            try:
-                mapped = None
-                if recycled is not None and recycled >= total > 0:
-                    if os.fstat(fd).st_blocks * 512 < total:
-                        # Holes would be allocated by page faults in the copy, where a full
-                        # tmpfs means SIGBUS; allocate them here, where it means ENOSPC.
-                        os.posix_fallocate(fd, 0, total)
-                    mapped = self.mappings.get(fd, total)
-                elif recycled is not None:
-                    self.mappings.forget(fd)
-                write_rank_file(fd, header, infos, [v for _, v in snaps], total, mapped)
-                fault_point("local_write")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
+            self.writer.write(pending.name, final, header, infos, [v for _, v in snaps], total)
         except OSError as exc:
-            remove_quietly(tmp)
             raise CheckpointError(f"rank {self.rank}: cannot write {final} ({total} bytes): {exc.strerror}; "
                                   "earlier versions are untouched") from exc
         pending.files.append(FileEntry(final.name, total, "regions"))
@@ -404,7 +386,7 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
         finally:
             self._closed = True
             self._close_policy()
-            self.mappings.close()
+            self.writer.close()
             self.host.close()
             self._close_snapshot()
             self._claim.release()
@@ -431,7 +413,7 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
         if self._closed:
             return
         self._closed = True
-        self.mappings.close()
+        self.writer.close()
         self.host.close(collective=False)
         self._claim.release()
 

@@ -11,8 +11,10 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
-from .engine.levels import LevelStore
 from .engine.formats import open_rank_file
+from .engine.hashing import digest_file
+from .engine.levels import LEVEL_ORDER, LevelStore
+from .engine.modules.scratch import verify_copy
 from .errors import CorruptCheckpointError, RestartError, VelocError
 from .names import check_name, check_version
 from .restart_reshape import ReshapeMixin
@@ -46,6 +48,7 @@ class RestartMixin(ReshapeMixin):
         region is global or replicated (``veloc.restart_reshape``).
         Raises RestartError for a bad name/version or a failing engine/backend."""
         self._check_open()
+        self.writer.hold()        # no scratch file is prepared while a restart reads
         name = check_name(name, error=RestartError)
         if max_version is not None:
             max_version = check_version(max_version, error=RestartError)
@@ -59,14 +62,17 @@ class RestartMixin(ReshapeMixin):
                         [max(v) if v else None for v in everyone][:16])
         self._plans = {}
         for version in sorted(common, reverse=True):
-            level, reasons = self.host.verify(name, version)
+            level, reasons = self.host.verify(name, version, self._verify_own(name, version, mine[version]))
             if self.host.all_true(level is not None):
                 self._plans[(name, version)] = (level, self._copy_stamp(self._level_store(level), name, version))
                 return self._reshape_newest(name, max_version, version) or version
             if level is None:
                 log.warning("rank %d: %s v%d not restorable here (%s); trying an older version",
                             self.rank, name, version, "; ".join(reasons))
-        return self._reshape_newest(name, max_version, None)
+        found = self._reshape_newest(name, max_version, None)
+        if found is None:
+            self.writer.release()
+        return found
 
     def restart(self, name: str, version: int) -> None:
         """``restart_begin`` + ``recover_mem`` + ``restart_end``; every rank, collective.
@@ -148,6 +154,24 @@ class RestartMixin(ReshapeMixin):
             raise error or RestartError(f"restart of {name!r} v{version} failed on rank {failure[0]}: {failure[1]}")
         self._restoring = _Restoring(name, version, level, manifest, rankfile)
 
+    def _verify_own(self, name, version, levels):
+        """This rank's fastest level holding an intact copy of ``version`` among ``levels``
+        that the rank reads itself (scratch, then persistent), checked here and now, so
+        that every rank hashes its own copy at the same time; ``None`` when the fastest
+        listed level is one only the node's engine can check (partner, erasure) or no
+        copy here is intact (the engine then checks every level and says why)."""
+        for level in LEVEL_ORDER:
+            if level not in levels:
+                continue
+            store = self._level_store(level)
+            if store is None:
+                return None
+            reason = verify_copy(store, name, version, self.rank, self.size)
+            if reason is None:
+                return level
+            log.info("rank %d: %s v%d at %s: %s", self.rank, name, version, level, reason)
+        return None
+
     def _level_store(self, level):
         """This rank's store at ``level`` where the rank itself can read it (scratch and
         persistent), else ``None`` (partner and erasure copies live on other nodes)."""
@@ -193,12 +217,11 @@ class RestartMixin(ReshapeMixin):
         entry = manifest.file("regions") or manifest.file("compressed")
         if entry is None:
             return manifest, None
-        rankfile = open_rank_file(store.version_dir(name, version) / entry.name, entry.kind)
+        path = store.version_dir(name, version) / entry.name
         if (check_digest and entry.digest and manifest.checksum
-                and rankfile.digest(manifest.checksum) != entry.digest):
-            rankfile.close()
-            raise CorruptCheckpointError(f"{rankfile.path}: {manifest.checksum} mismatch on read")
-        return manifest, rankfile
+                and digest_file(path, manifest.checksum) != entry.digest):
+            raise CorruptCheckpointError(f"{path}: {manifest.checksum} mismatch on read")
+        return manifest, open_rank_file(path, entry.kind)
 
     def recover_size(self, region_id: Union[int, str]) -> int:
         """Size in bytes of region ``region_id`` in the version being restored; local, between
@@ -228,6 +251,7 @@ class RestartMixin(ReshapeMixin):
         """Close the restored version; record ``last_restart`` when ``success``; local."""
         state = self._require_restoring("restart_end")
         self._restoring = None
+        self.writer.release()
         if state.rankfile is not None:
             state.rankfile.close()
         if success:

@@ -92,11 +92,17 @@ class SyncHost(Host):
                                  RestartError)
         return table[self.rank]
 
-    def verify(self, name, version):
-        """This rank's ``(fastest intact level or None, reasons)``."""
-        table = self._on_leaders(lambda engine: engine.verify(name, version, self.local_ranks, self.nranks),
-                                 RestartError)
-        return table[self.rank]
+    def verify(self, name, version, verified=None):
+        """This rank's ``(fastest intact level or None, reasons)``. ``verified``: the level
+        at which this rank has just checked its copy itself (``None``: not checked); the
+        leader's engine checks the other ranks only."""
+        known = dict(zip(self.local_ranks, self.node_comm.allgather(verified)))
+        pending = [r for r in self.local_ranks if known[r] is None]
+
+        def check(engine):
+            table = engine.verify(name, version, pending, self.nranks)   # collective modules: always
+            return {r: (known[r], []) if known[r] is not None else table[r] for r in self.local_ranks}
+        return self._on_leaders(check, RestartError)[self.rank]
 
     def restore(self, name, version, level):
         """Bring this rank's copy to scratch from ``level`` (collective; ``None``: nothing

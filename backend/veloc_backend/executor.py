@@ -16,7 +16,8 @@ items of every local rank for the same call):
 
 - ``CHECKPOINT`` — run the pipeline for version ``version`` of ``name``.
 - ``AVAILABLE`` — ``{rank: {version: [levels]}}`` (restart_test).
-- ``VERIFY`` — ``{rank: [fastest intact level or None, reasons]}``.
+- ``VERIFY`` — ``{rank: [fastest intact level or None, reasons]}``; a rank whose item
+  names the level where it ``verified`` its own copy is not checked again.
 - ``RESTORE`` — bring each rank's copy back to scratch from its ``level``.
 - ``SUPERSEDE`` — a new run of ``name`` starts at ``threshold``: remove the node's
   copies of versions ``>= threshold`` at every level (``{level: [versions]}``).
@@ -166,7 +167,11 @@ class EngineExecutor:
         elif kind == "SUPERSEDE":
             info["value"] = self.engine.supersede(name, int(first["threshold"]), ranks)
         elif kind == "VERIFY":
-            table = self.engine.verify(name, int(version), ranks, first.get("nranks"))
+            # ranks that checked their own copy just now (in parallel) are not checked again
+            known = {int(it["rank"]): it["verified"] for it in batch.items if it.get("verified")}
+            pending = [r for r in ranks if r not in known]
+            table = self.engine.verify(name, int(version), pending, first.get("nranks"))   # always: may be collective
+            table.update({r: (level, []) for r, level in known.items()})
             info["value"] = {r: list(v) for r, v in table.items()}
         else:
             plan = {int(it["rank"]): it["level"] for it in batch.items}

@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -97,7 +98,6 @@ def python_env(extra=None):
 
 def stop_backends(cfg, runtime):
     """Stop every backend of this bench job (they were started by the ranks)."""
-    sys.path.insert(0, str(REPO))
     from veloc_backend import control
     env = dict(os.environ, VELOC_RUNTIME_DIR=str(runtime))
     for ep, st in control.job_backends(cfg, env):
@@ -204,12 +204,17 @@ def heat_run(opts, rows, cols, cfg=None, runtime=None):
     args += ["--config", str(cfg), "--every", str(opts.every)] if cfg else ["--no-checkpoint"]
     env = python_env({"VELOC_RUNTIME_DIR": str(runtime)} if runtime else None)
     t = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU of mpiexec and the ranks (their waited-for descendants), not of a backend
+    cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     match = HEAT_LINE.search(proc.stdout)
     if proc.returncode or not match:
         raise SystemExit(f"heat run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return {"loop": float(match.group(3)), "ckpt": float(match.group(5)),
+    return {"loop": float(match.group(3)), "ckpt": float(match.group(5)), "ranks_cpu": cpu,
+            "load": os.getloadavg()[0],
             "checkpoints": int(match.group(4)), "wall": wall, "steady_loop": float(match.group(6)),
             "steady_checkpoints": int(match.group(7)), "steady_ckpt": float(match.group(8))}
 
@@ -218,6 +223,18 @@ def steady_from(opts):
     """The iteration after which the scratch files are recycled: the first
     ``scratch_versions + 1`` checkpoints write freshly allocated tmpfs pages."""
     return opts.every * (opts.scratch_versions + 1)
+
+
+MODULE_LINE = re.compile(r"v\d+: (\w+) done in [\d.]+ s \(([\d.]+) s CPU\)")
+
+
+def backend_cpu(logs):
+    """``{module: CPU seconds}`` summed over every version, from the backend logs in ``logs``."""
+    out = {}
+    for path in Path(logs).glob("*.log"):
+        for match in MODULE_LINE.finditer(path.read_text(errors="replace")):
+            out[match.group(1)] = out.get(match.group(1), 0.0) + float(match.group(2))
+    return out
 
 
 def run_heat(opts, shm, disk, runtime):
@@ -235,15 +252,19 @@ def run_heat(opts, shm, disk, runtime):
                      f"scratch_versions = {opts.scratch_versions}"]
             if not opts.no_persistent:
                 lines += [f"persistent = {disk}/{tag}", "max_versions = 2"]
+            logs = Path(disk) / f"{tag}-logs"
+            if not any(item.split("=", 1)[0].strip() == "log_prefix" for item in opts.set):
+                lines.append(f"log_prefix = {logs}")      # the backend's per-module CPU
             lines += [" = ".join(part.strip() for part in item.split("=", 1)) for item in opts.set]
             cfg.write_text("\n".join(lines) + "\n")
             if opts.backend_args is not None:     # start the node's backend here
-                sys.path.insert(0, str(REPO))
                 from veloc_backend import lifecycle
                 lifecycle.ensure_backend(cfg, python_env({"VELOC_RUNTIME_DIR": str(runtime)}),
                                          extra_args=("--idle-exit", "300", *shlex.split(opts.backend_args)))
             async_.append(heat_run(opts, rows, cols, cfg, runtime))
             stop_backends(cfg, runtime)
+            async_[-1]["backend_cpu"] = backend_cpu(logs)
+            shutil.rmtree(logs, ignore_errors=True)
             shutil.rmtree(Path(shm) / tag, ignore_errors=True)
             shutil.rmtree(Path(disk) / tag, ignore_errors=True)
         print(f"  pair {i + 1}: plain loop {plain[-1]['loop']:.2f} s, async loop {async_[-1]['loop']:.2f} s "
@@ -271,6 +292,23 @@ def run_heat(opts, shm, disk, runtime):
           f"({async_[0]['steady_checkpoints']} checkpoints into recycled scratch files)")
     print(f"  {'mpiexec wall time (s)':28} {med(plain, 'wall'):8.2f} {med(async_, 'wall'):8.2f} "
           f"{statistics.median(wall):+9.1%}   (incl. backend start and final drain)")
+    cpu = [a["ranks_cpu"] / p["ranks_cpu"] - 1 for p, a in zip(plain, async_)]
+    print(f"  {'CPU time of the ranks (s)':28} {med(plain, 'ranks_cpu'):8.2f} {med(async_, 'ranks_cpu'):8.2f} "
+          f"{statistics.median(cpu):+9.1%}   (pairs: {', '.join(f'{x:+.1%}' for x in cpu)}; "
+          "the backend's own CPU is in its log)")
+    per_module = {}
+    for run in async_:
+        for module, secs in run.get("backend_cpu", {}).items():
+            per_module.setdefault(module, []).append(1e3 * secs / run["checkpoints"])
+    if per_module:
+        print("  backend CPU per checkpoint (ms, median over runs; from its log): " + ", ".join(
+            f"{m} {statistics.median(v):.0f}" for m, v in per_module.items()))
+        total = [(a["ranks_cpu"] + sum(a.get("backend_cpu", {}).values())) / p["ranks_cpu"] - 1
+                 for p, a in zip(plain, async_)]
+        print(f"  {'CPU time, ranks + backend':28} {'':8} {'':8} {statistics.median(total):+9.1%}   "
+              f"(pairs: {', '.join(f'{x:+.1%}' for x in total)})")
+    loads = {kind: ", ".join(f"{r['load']:.1f}" for r in runs) for kind, runs in (("plain", plain), ("async", async_))}
+    print(f"  load average after each run: plain {loads['plain']}; async {loads['async']}")
     return {"plain": plain, "async": async_, "rows": rows, "cols": cols}
 
 

@@ -20,6 +20,8 @@ competes for memory bandwidth. Reported: median over rounds, in ms and as ``stal
     python scripts/bench/bench_snapshot.py --mib 256 --rounds 5 --compute-ms 200
 """
 import argparse
+import json
+import os
 import shutil
 import statistics
 import sys
@@ -47,6 +49,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--compute-ms", type=float, default=100.0)
     parser.add_argument("--shm-dir", default="/dev/shm")
+    parser.add_argument("--json", metavar="OUT", help="also write every round's seconds to OUT")
     args = parser.parse_args()
     per = (args.mib << 20) // 4 // args.arrays
     state = [np.random.default_rng(i).random(per, dtype=np.float32) for i in range(args.arrays)]
@@ -104,6 +107,11 @@ def main():
     for name, values in rows.items():
         med = statistics.median(values)
         print(f"{name:<16}{med * 1e3:>12.2f}{med / copy:>12.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "mib": args.mib, "arrays": args.arrays, "rounds": args.rounds, "compute_ms": args.compute_ms,
+            "allocations": allocations, "load_average": os.getloadavg()[0], "seconds": rows,
+            "x_copyto": {k: statistics.median(v) / copy for k, v in rows.items()}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -106,7 +106,6 @@ def run_once(args, work, kind, index):
 
 
 def stop_backends(cfg, env):
-    sys.path.insert(0, str(REPO))
     from veloc_backend import control
     for ep, _ in control.job_backends(cfg, env):
         control.shutdown(ep, drain_first=True)

@@ -179,9 +179,7 @@ def kill_target(cycle, tag):
 
 def stop_backends(cfg, env, timeout=10.0):
     """Ask the backends of a finished job to stop (they would idle on otherwise)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from backend import control
+    from veloc_backend import control
     try:
         for ep, _status in control.job_backends(cfg, env):
             control.shutdown(ep, drain_first=True)

@@ -105,7 +105,9 @@ def test_background_failure_reaches_checkpoint_wait(ajob):
     blocker.write_text("x")
     ajob["cfg"].write_text(ajob["cfg"].read_text().replace(
         f"persistent = {ajob['persistent']}", f"persistent = {blocker}/sub"))
-    proc = run_mpi([ajob["app"], ajob["cfg"], 1, 2, "ok"], n=2, env=ajob["env"], check=False)
+    # v1's failure is raised by the first checkpoint that waits for v1: v3 at the latest
+    # (v2 waits for it only when no recycled or prepared scratch file is ready)
+    proc = run_mpi([ajob["app"], ajob["cfg"], 1, 3, "ok"], n=2, env=ajob["env"], check=False)
     assert proc.returncode != 0
     errors = [line for line in proc.stdout.splitlines() if "ERROR" in line]
     assert errors, proc.stdout + proc.stderr
@@ -165,7 +167,6 @@ def test_init_single_with_mapping_config(ajob):
 # --------------------------------------------------------------------------- backend world
 
 from veloc_backend import launcher
-from veloc_backend import world
 VNODES = ["vnode0", "vnode1"]
 
 WORLD_APP = textwrap.dedent("""
@@ -318,8 +319,8 @@ def test_hung_world_member_breaks_the_world_not_the_node(ajob, world_of_two, hun
     wait_log(ajob, other, f"ERROR .*backend world broken: {why}")
     detected = time.monotonic() - t0
     assert detected < 10
-    proc = run_mpi([ajob["app"], ajob["cfg"], 1, 2, "ok"], n=2, env={**ajob["env"], "VELOC_NODE_ID": other},
-                   check=False)
+    proc = run_mpi([ajob["app"], ajob["cfg"], 1, 3, "ok"], n=2, env={**ajob["env"], "VELOC_NODE_ID": other},
+                   check=False)        # v3 waits for v1 (v2 may not: a prepared scratch file is ready)
     assert proc.returncode != 0 and "rank 1 done" not in proc.stdout
     assert re.search(r"rank 1 ERROR BackendError: .*job v1 failed: .*the partner level is configured "
                      r"\(\[partner\]\) but job v1 cannot reach it", proc.stdout), proc.stdout

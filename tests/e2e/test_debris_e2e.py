@@ -20,7 +20,7 @@ APP = '''
 import logging, os, signal, sys
 import numpy as np
 from mpi4py import MPI
-import veloc, veloc.client
+import veloc, veloc.client, veloc.engine.local_write
 
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 cfg, phase = sys.argv[1], sys.argv[2]
@@ -28,6 +28,7 @@ comm = MPI.COMM_WORLD
 rank = comm.Get_rank()
 a = np.full(1 << 18, float(rank + 1))            # 2 MiB per rank
 ck = veloc.init(cfg, comm)
+ck.writer.prepare_enabled = False                # v2's torn file is a fresh one of 64 KiB
 ck.protect("a", a)
 if phase == "crash":
     ck.checkpoint("job", 1)
@@ -38,7 +39,7 @@ if phase == "crash":
             os.pwrite(fd, b"x" * 65536, 0)
             comm.Barrier()
             os.kill(os.getpid(), signal.SIGKILL)
-        veloc.client.write_rank_file = dying
+        veloc.engine.local_write.write_rank_file = dying
     if rank >= 2:
         ck.checkpoint_begin("job", 2)
         ck.checkpoint_mem()                      # rank 2: file in place, never committed

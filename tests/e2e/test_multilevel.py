@@ -208,7 +208,7 @@ def backends(dirs):
         cmd = [mpiexec_path()]
         for i, node in enumerate(NODES):
             cmd += ([":"] if i else []) + ["-n", "1", "-env", "VELOC_NODE_ID", node, sys.executable,
-                                           "-m", f"{pkg}.main", str(cfg), "--idle-exit", "120"]
+                                           "-m", "veloc_backend.main", str(cfg), "--idle-exit", "120"]
         state["proc"] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
         while len(control.job_backends(cfg, env)) < len(NODES):

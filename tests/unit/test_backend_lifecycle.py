@@ -5,7 +5,6 @@ marker file per finished batch, so the tests need no engine. Every backend start
 test is killed at its end, and each also exits by itself after 60 idle seconds.
 """
 import importlib
-import importlib.util
 import json
 import os
 import shutil

@@ -301,6 +301,7 @@ def test_checkpoint_waits_for_the_previous_version_only_without_a_recycled_file(
     one only when no recycled scratch file is ready for this rank."""
     cfg = {"scratch": str(dirs["scratch"] / "{node}"), "scratch_versions": 1}
     with veloc.init_single(0, cfg) as c:
+        c.writer.prepare_enabled = False      # only recycled files in the pool
         c.protect("a", np.zeros(1000))
         real_host, calls = c.host, []
 
@@ -325,10 +326,10 @@ def test_checkpoint_waits_for_the_previous_version_only_without_a_recycled_file(
 def test_restart_hashes_once_unless_the_copy_changed_after_restart_test(cfg, dirs, monkeypatch):
     """restart_test verifies the copy; restart reads it without hashing it again, unless
     the scratch file was rewritten in between: then the read checks it and refuses it."""
-    from veloc.engine.rankfile import RankFile
+    import veloc.restart
     calls = []
-    real_digest = RankFile.digest
-    monkeypatch.setattr(RankFile, "digest", lambda self, alg: calls.append(self.path) or real_digest(self, alg))
+    real_digest = veloc.restart.digest_file
+    monkeypatch.setattr(veloc.restart, "digest_file", lambda path, alg: calls.append(path) or real_digest(path, alg))
     a = np.arange(4096.0)
     with veloc.init_single(0, cfg) as c:
         c.protect("a", a)

@@ -36,7 +36,7 @@ from ..codecs import get_codec
 from ..errors import ConfigError, CorruptCheckpointError
 from .fileio import atomic_file, pwrite_all
 from .hashing import digest_buffer, hasher, map_readonly
-from .rankfile import RankFile, RegionInfo
+from .rankfile import RegionInfo
 
 MAGIC = b"VELOCCZ1"
 END_MAGIC = b"VELOCCZE"

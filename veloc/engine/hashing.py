@@ -14,6 +14,7 @@ from ..errors import ConfigError
 
 ALGORITHMS = {"xxh3_128": xxhash.xxh3_128, "xxh3_64": xxhash.xxh3_64}
 DEFAULT_ALGORITHM = "xxh3_128"
+HASH_CHUNK = 1 << 20      # read-and-hash granularity of digest_file (fits in L2/L3)
 
 
 def hasher(algorithm=DEFAULT_ALGORITHM):
@@ -32,17 +33,34 @@ def digest_buffer(buffer, algorithm=DEFAULT_ALGORITHM):
 
 
 def digest_file(path, algorithm=DEFAULT_ALGORITHM, mapped_files=None):
-    """Hex digest of a whole file, hashed straight from a read-only mapping (kept in
-    ``mapped_files`` for later modules of the same pipeline run, when given)."""
+    """Hex digest of a whole file: from a read-only mapping kept in ``mapped_files`` for
+    later modules of the same pipeline run, when given (the checksum module: the flush
+    writes from that mapping), else read in cache-sized chunks (every verification)."""
     if mapped_files is not None:
         mapped = mapped_files.get(path)
         return digest_buffer(b"" if mapped is None else mapped, algorithm)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return digest_buffer(b"", algorithm)
-        with map_readonly(f.fileno(), size) as mapped:
-            return digest_buffer(mapped, algorithm)
+    h = hasher(algorithm)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _hash_chunks(fd, h)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def _hash_chunks(fd, h):
+    """Feed the whole file ``fd`` to ``h`` in ``HASH_CHUNK`` reads into one reused buffer
+    that stays in the CPU cache: about twice as fast as hashing a pre-faulted mapping of
+    the file (no page-table population); on a disk file, large sequential reads."""
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    offset = 0
+    while True:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            return
+        h.update(view[:n])
+        offset += n
 
 
 class MappedFiles:

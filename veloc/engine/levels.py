@@ -139,7 +139,8 @@ class RecyclePool:
     """Already-allocated scratch files kept for reuse by the next checkpoint of a rank.
 
     Writing over allocated tmpfs pages is 2-3x faster than allocating fresh ones (see
-    docs/ARCHITECTURE.md). Garbage collection (engine) puts; application ranks take.
+    docs/ARCHITECTURE.md). Garbage collection (engine) and the rank's own preparation of
+    files (``veloc.engine.local_write``) put; application ranks take.
     """
 
     def __init__(self, scratch_root, keep_per_rank=2):
@@ -153,14 +154,18 @@ class RecyclePool:
             return []
 
     def put(self, path, rank):
+        """Move ``path`` into the pool; ``False`` (and the file removed) when the pool of
+        ``rank`` is full or the move fails."""
         make_dirs(self.dir)
         if len(self._mine(rank)) >= self.keep:
             remove_quietly(path)
-            return
+            return False
         try:
             os.replace(path, self.dir / f"r{int(rank)}.{secrets.token_hex(6)}.vck")
         except OSError:
             remove_quietly(path)
+            return False
+        return True
 
     def has(self, rank):
         """Whether a pooled file of ``rank`` is waiting for reuse."""

@@ -1,6 +1,6 @@
 """Writable mappings of a rank's recycled scratch files, kept from one checkpoint to the next.
 
-Used by one application rank (``Client.checkpoint_mem``) in sync and async mode. A
+Used by one application rank (``veloc.engine.local_write``) in sync and async mode. A
 recycled scratch file comes back from the pool under a new name but is the same inode;
 mapping it anew for every checkpoint costs a page-table population (``MAP_POPULATE``)
 and an unmap, about a quarter of the whole local write of a large rank file. Keeping the
@@ -41,6 +41,17 @@ class WriteMappings:
         while len(self._maps) > self.keep:
             self._maps.popitem(last=False)[1].close()
         return mapped
+
+    def adopt(self, fd, mapped):
+        """Keep ``mapped``, a shared writable mapping of the whole open file ``fd`` made by
+        the caller (a file prepared for a later write), as that inode's mapping."""
+        st = os.fstat(fd)
+        old = self._maps.pop((st.st_dev, st.st_ino), None)
+        if old is not None and old is not mapped:
+            old.close()
+        self._maps[(st.st_dev, st.st_ino)] = mapped
+        while len(self._maps) > self.keep:
+            self._maps.popitem(last=False)[1].close()
 
     def forget(self, fd):
         """Drop the mapping of ``fd``'s inode, if any (before the file is rewritten or resized)."""
