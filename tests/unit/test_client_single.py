@@ -191,7 +191,7 @@ def test_lost_scratch_reads_persistent_in_place_and_routed_files_come_back(cfg, 
     """After losing scratch, a rank file alone is read where it is on persistent, hashed
     once (by restart_test); a version with routed files is brought back to scratch."""
     import shutil
-    from veloc.engine.rankfile import RankFile
+    from veloc.storage.rankfile import RankFile
     opened, hashed = [], []
     real_init, real_digest = RankFile.__init__, RankFile.digest
     monkeypatch.setattr(RankFile, "__init__", lambda self, path: opened.append(path) or real_init(self, path))

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from .engine.levels import LevelStore
-from .engine.module import CHECKPOINT
-from .host_base import Host
-from .errors import BackendError, CheckpointError, RestartError, VelocError
-from .ipc import BackendConnection
-from .progress import ProgressReporter
+from veloc.storage.levels import LevelStore
+from veloc.engine.module import CHECKPOINT
+from veloc.hosts.base import Host
+from veloc.errors import BackendError, CheckpointError, RestartError, VelocError
+from veloc.ipc import BackendConnection
+from veloc.progress import ProgressReporter
 
 START_TIMEOUT = 60.0      # s: find or start the node's backend
 # Liveness: the backend answers every request on a connection thread of its own, also

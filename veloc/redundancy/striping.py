@@ -4,13 +4,13 @@ Who calls what: the ``[erasure]`` module (veloc/engine/modules/erasure.py) in ev
 node's engine (sync-mode node leader or active backend). ``GroupStore`` and the block
 helpers are local; ``encode_exchange`` and ``rebuild_exchange`` are point-to-point over
 ``ctx.peers.comm`` between the members of one group (nonblocking uppercase mpi4py on
-numpy buffers; see ``veloc.engine.transfer``), and must be entered by every member of
+numpy buffers; see ``veloc.redundancy.transfer``), and must be entered by every member of
 the group with the same arguments apart from its own index and buffers.
 
 A member's *data block* is the concatenation of the files of its ranks' scratch copies
 (ranks ascending, files in manifest order), zero-padded to ``k * chunk`` bytes where
 ``chunk = ceil(max member length / k)``; chunk ``t`` of it feeds the stripe where the
-member sits at data position ``t`` (``veloc.engine.topology``). Encoding sends the
+member sits at data position ``t`` (``veloc.redundancy.topology``). Encoding sends the
 chunks straight from the files' mappings; a rebuild reads survivors' blocks into memory.
 
 The *group record* ``<scratch>/.erasure/<name>/v<version>/group.json`` (the same on
@@ -26,13 +26,13 @@ import shutil
 
 import numpy as np
 
-from ..errors import CorruptCheckpointError
-from .fileio import atomic_write_bytes, make_dirs, remove_quietly
-from .hashing import digest_buffer, digest_file, hasher
-from .levels import _VDIR
-from .manifest import Manifest
-from .topology import data_members, data_position, held_parity, parity_members
-from .transfer import TAG_ERASURE, Exchange, OutgoingFile, close_all
+from veloc.errors import CorruptCheckpointError
+from veloc.storage.fileio import atomic_write_bytes, make_dirs, remove_quietly
+from veloc.storage.hashing import digest_buffer, digest_file, hasher
+from veloc.storage.levels import _VDIR
+from veloc.storage.manifest import Manifest
+from veloc.redundancy.topology import data_members, data_position, held_parity, parity_members
+from veloc.redundancy.transfer import TAG_ERASURE, Exchange, OutgoingFile, close_all
 
 RECORD = "group.json"
 DIGEST = "xxh3_128"
@@ -58,7 +58,7 @@ class GroupStore:
     def version_dirs(self, name):
         """``[(version, folder, committed)]`` of every version folder of ``name`` here; a
         folder without a group record is an interrupted encoding or a dropped victim (crash
-        debris, ``veloc.engine.debris``, once no encoding runs on this node)."""
+        debris, ``veloc.storage.debris``, once no encoding runs on this node)."""
         try:
             dirs = list((self.root / name).iterdir())
         except OSError:

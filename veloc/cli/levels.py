@@ -1,4 +1,4 @@
-"""Every level of a configuration as the ``veloc ls``/``verify`` tool sees it (see ``veloc.cli``).
+"""Every level of a configuration as the ``veloc ls``/``verify`` tool sees it (see ``veloc.cli.main``).
 
 Run by a user on any node, outside the application and its engine; it only reads.
 Levels, fastest first:
@@ -20,13 +20,13 @@ import re
 import string
 from dataclasses import dataclass, field
 
-from .engine.levels import LevelStore
-from .engine.modules.scratch import verify_copy
-from .engine.striping import DIGEST, GroupStore, ranks_of
-from .engine.topology import held_parity
-from .engine.hashing import digest_file
-from .errors import ConfigError, CorruptCheckpointError
-from .names import check_node_id
+from veloc.storage.levels import LevelStore
+from veloc.engine.modules.scratch import verify_copy
+from veloc.redundancy.striping import DIGEST, GroupStore, ranks_of
+from veloc.redundancy.topology import held_parity
+from veloc.storage.hashing import digest_file
+from veloc.errors import ConfigError, CorruptCheckpointError
+from veloc.names import check_node_id
 
 
 class UsageError(Exception):

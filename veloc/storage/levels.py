@@ -12,9 +12,9 @@ import re
 import secrets
 from pathlib import Path
 
-from ..errors import CorruptCheckpointError
-from .fileio import atomic_write_bytes, make_dirs, remove_quietly
-from .manifest import Manifest
+from veloc.errors import CorruptCheckpointError
+from veloc.storage.fileio import atomic_write_bytes, make_dirs, remove_quietly
+from veloc.storage.manifest import Manifest
 
 log = logging.getLogger("veloc.levels")
 _VDIR = re.compile(r"v(\d+)")
@@ -140,7 +140,7 @@ class RecyclePool:
 
     Writing over allocated tmpfs pages is 2-3x faster than allocating fresh ones (see
     docs/ARCHITECTURE.md). Garbage collection (engine) and the rank's own preparation of
-    files (``veloc.engine.local_write``) put; application ranks take.
+    files (``veloc.storage.local_write``) put; application ranks take.
     """
 
     def __init__(self, scratch_root, keep_per_rank=2):

@@ -1,14 +1,14 @@
 """Compressed copies on the persistent level: the sidecar the compress module writes next to
-a rank's scratch file (``r<rank>.vcz``, :mod:`veloc.engine.compressed_file`), how the
+a rank's scratch file (``r<rank>.vcz``, :mod:`veloc.storage.compressed_file`), how the
 native persistent format copies it in place of the raw rank file, and how a restore to
 scratch rebuilds the raw file from it. Runs in the node's engine (flush and restore).
 """
-from ..errors import CheckpointError, CorruptCheckpointError
-from .compressed_file import CompressedReader
-from .fileio import atomic_file, make_dirs
-from .formats import copy_verified
-from .hashing import digest_file
-from .manifest import FileEntry
+from veloc.errors import CheckpointError, CorruptCheckpointError
+from veloc.storage.compressed_file import CompressedReader
+from veloc.storage.fileio import atomic_file, make_dirs
+from veloc.storage.formats import copy_verified
+from veloc.storage.hashing import digest_file
+from veloc.storage.manifest import FileEntry
 
 SIDECAR_SUFFIX = ".vcz"
 

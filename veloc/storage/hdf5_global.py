@@ -1,6 +1,6 @@
 """The per-version ``global.h5`` of the HDF5 format: virtual datasets over the rank files.
 
-Layout: see :mod:`veloc.engine.hdf5_format`. :func:`write_global` is called by the flush
+Layout: see :mod:`veloc.storage.hdf5_format`. :func:`write_global` is called by the flush
 module of whichever node first sees every rank's copy of a version committed (any node
 may, several may: the file is committed atomically and says the same thing each time).
 :class:`GlobalFile` is opened by application ranks restarting on another rank count (a
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CorruptCheckpointError
-from .fileio import FILE_MODE, fsync_dir, temp_name
-from .rankfile import RegionInfo
+from veloc.errors import CorruptCheckpointError
+from veloc.storage.fileio import FILE_MODE, fsync_dir, temp_name
+from veloc.storage.rankfile import RegionInfo
 
 _SHARED_ATTRS = ("veloc_id", "veloc_kind", "veloc_dtype", "veloc_dtype_name", "veloc_order", "veloc_storage",
                  "veloc_global_shape", "veloc_replicated")
@@ -108,7 +108,7 @@ def write_global(rank_paths, path, name, version, nranks, durable=True, tables=N
     (``rank_paths``: ``{rank: path}``, all ``nranks`` of them), atomically. ``tables``:
     each rank's datasets as ``write_rank_h5`` returned them (``{rank: [...]}``), else
     read from the files. Returns the list of regions left out (``{"id", "reason"}``)."""
-    from .hdf5_format import FORMAT, require_h5py
+    from veloc.storage.hdf5_format import FORMAT, require_h5py
     h5py = require_h5py()
     path = Path(path)
     tables = _rank_tables(h5py, rank_paths) if tables is None else _tables_from_manifests(tables)
@@ -167,7 +167,7 @@ class GlobalFile:
     (``[{"id", "reason"}]``), and hyperslab reads through the virtual datasets."""
 
     def __init__(self, path):
-        from .hdf5_format import require_h5py
+        from veloc.storage.hdf5_format import require_h5py
         h5py = require_h5py()
         self.path = Path(path)
         try:

@@ -1,8 +1,8 @@
 """The host interface: how a client reaches its node's engine, and the agreements every
 rank takes part in.
 
-A host (:class:`veloc.sync_host.SyncHost` runs the engine inside the application,
-:class:`veloc.async_host.AsyncHost` talks to the node's backend) is built by the client
+A host (:class:`veloc.hosts.sync_host.SyncHost` runs the engine inside the application,
+:class:`veloc.hosts.async_host.AsyncHost` talks to the node's backend) is built by the client
 on every application rank and implements every abstract method of :class:`Host`. The
 agreements (``all_true``, ``first_failure``) are collective over the client's
 communicator ``self.comm``: every rank calls them in the same order, so a failure on

@@ -10,7 +10,7 @@ import os
 
 import xxhash
 
-from ..errors import ConfigError
+from veloc.errors import ConfigError
 
 ALGORITHMS = {"xxh3_128": xxhash.xxh3_128, "xxh3_64": xxhash.xxh3_64}
 DEFAULT_ALGORITHM = "xxh3_128"

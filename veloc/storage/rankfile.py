@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import CorruptCheckpointError
-from .fileio import pwrite_all
-from .hashing import map_readonly
+from veloc.errors import CorruptCheckpointError
+from veloc.storage.fileio import pwrite_all
+from veloc.storage.hashing import map_readonly
 
 MAGIC = b"VELOCRK1"
 PREFIX = struct.Struct("<8sII")
@@ -225,7 +225,7 @@ class RankFile:
 
     def digest(self, algorithm):
         """Hex digest of the whole file, from the mapping."""
-        from .hashing import digest_buffer
+        from veloc.storage.hashing import digest_buffer
         return digest_buffer(self._map, algorithm)
 
     def head_view(self):

@@ -2,7 +2,7 @@
 persistent trees.
 
 A write that dies before its commit leaves *debris*: temporary files
-(``.<name>.<writer tag>.<random>.tmp``, :func:`veloc.engine.fileio.temp_name`), rank files
+(``.<name>.<writer tag>.<random>.tmp``, :func:`veloc.storage.fileio.temp_name`), rank files
 whose manifest was never committed (or was removed before the files), erasure version
 folders without a group record, surplus recycle-pool files and empty version folders.
 None of it is ever read (a copy exists only once its manifest or group record is
@@ -54,11 +54,11 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CorruptCheckpointError, VelocError
-from .fileio import FILE_MODE, boot_tag, make_dirs, process_start
-from .levels import _MANIFEST, _VDIR, LevelStore
-from .striping import GroupStore
-from .transfer import node_scratch
+from veloc.errors import CorruptCheckpointError, VelocError
+from veloc.storage.fileio import FILE_MODE, boot_tag, make_dirs, process_start
+from veloc.storage.levels import _MANIFEST, _VDIR, LevelStore
+from veloc.redundancy.striping import GroupStore
+from veloc.redundancy.transfer import node_scratch
 
 log = logging.getLogger("veloc.debris")
 FOREIGN_GRACE_S = 3600.0

@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
-from ..errors import CorruptCheckpointError, VelocError
-from .fileio import commit_temp, make_dirs, open_temp, remove_quietly
-from .hashing import digest_buffer
+from veloc.errors import CorruptCheckpointError, VelocError
+from veloc.storage.fileio import commit_temp, make_dirs, open_temp, remove_quietly
+from veloc.storage.hashing import digest_buffer
 
 PIECE = 1 << 30          # bytes per MPI message (well below the 2 GiB count limit)
 TAG_PARTNER = 7301

@@ -2,7 +2,7 @@
 
 ``[flush] format`` picks the writer: ``native`` (each rank's verified scratch ``.vck``
 file copied as is) or ``hdf5`` (one plain HDF5 file per rank plus a per-version file of
-virtual datasets, see :mod:`veloc.engine.hdf5_format`). Readers never look at the
+virtual datasets, see :mod:`veloc.storage.hdf5_format`). Readers never look at the
 config: a copy says by its files which format it is in, so a job configured for one
 format restarts from versions written in the other.
 
@@ -29,7 +29,7 @@ a persistent copy in place, the command-line tool)::
                                    # bytes_view, as_array, read_into, digest, close
 
 To add a format: a writer class with ``write_rank`` and ``finish_version``, a reader
-class like :class:`~veloc.engine.rankfile.RankFile` recognised by its file suffix in
+class like :class:`~veloc.storage.rankfile.RankFile` recognised by its file suffix in
 :func:`open_rank_file`, its name in ``WRITERS`` and in the ``[flush] format`` choices
 (``veloc/config.py``). See docs/ARCHITECTURE.md.
 """
@@ -38,11 +38,11 @@ import mmap
 import os
 from pathlib import Path
 
-from ..errors import CheckpointError, CorruptCheckpointError
-from .fileio import copy_file, make_dirs
-from .hashing import hasher
-from .manifest import FileEntry
-from .rankfile import RankFile
+from veloc.errors import CheckpointError, CorruptCheckpointError
+from veloc.storage.fileio import copy_file, make_dirs
+from veloc.storage.hashing import hasher
+from veloc.storage.manifest import FileEntry
+from veloc.storage.rankfile import RankFile
 
 FORMATS = ("native", "hdf5")
 
@@ -52,10 +52,10 @@ def open_rank_file(path, kind="regions", workers=1):
     (manifest entry ``kind == "compressed"``, a ``.vcz``), an HDF5 rank file (by suffix) or
     a native ``.vck``. ``workers``: decode threads of a compressed copy."""
     if kind == "compressed":
-        from .compressed_file import CompressedReader
+        from veloc.storage.compressed_file import CompressedReader
         return CompressedReader(path, workers)
     if str(path).endswith(".h5"):
-        from .hdf5_format import Hdf5RankFile
+        from veloc.storage.hdf5_format import Hdf5RankFile
         return Hdf5RankFile(path)
     return RankFile(path)
 
@@ -63,7 +63,7 @@ def open_rank_file(path, kind="regions", workers=1):
 def version_complete(vdir, rank):
     """Whether ``rank``'s copy in version folder ``vdir`` belongs to a version complete at
     its level: always for native copies; for HDF5 copies once ``global.h5`` exists."""
-    from .hdf5_format import GLOBAL_FILE, rank_file_name
+    from veloc.storage.hdf5_format import GLOBAL_FILE, rank_file_name
     vdir = Path(vdir)
     return not (vdir / rank_file_name(rank)).exists() or (vdir / GLOBAL_FILE).exists()
 
@@ -109,7 +109,7 @@ class NativeWriter:
         module from these very files are not recomputed; a copy that went bad in between
         still fails its check at restart. With a compressed sidecar (``[compress]``), that
         is copied in place of the raw rank file."""
-        from .compressed_copy import compressed_record, flush_compressed
+        from veloc.storage.compressed_copy import compressed_record, flush_compressed
         record = compressed_record(manifest)
         if record is not None and "persistent" in record.get("levels", ()):
             return flush_compressed(manifest, record, ctx.scratch(rank), ctx.persistent(rank), direct=self.direct_io)
@@ -126,12 +126,12 @@ class Hdf5Writer(NativeWriter):
     name = "hdf5"
 
     def __init__(self, direct_io=True):
-        from .hdf5_format import require_h5py
+        from veloc.storage.hdf5_format import require_h5py
         require_h5py()
         super().__init__(direct_io)
 
     def write_rank(self, ctx, cmd, rank, manifest):
-        from .hdf5_format import rank_file_name, write_rank_h5
+        from veloc.storage.hdf5_format import rank_file_name, write_rank_h5
         src, dst = ctx.scratch(rank), ctx.persistent(rank)
         sdir = src.version_dir(cmd.name, cmd.version)
         ddir = dst.version_dir(cmd.name, cmd.version)
@@ -165,7 +165,7 @@ class Hdf5Writer(NativeWriter):
     def finish_version(self, ctx, cmd):
         """Commit ``global.h5`` if every rank's copy of the version is committed and no
         other node has done it yet; returns its path, or ``None``."""
-        from .hdf5_format import GLOBAL_FILE, write_global
+        from veloc.storage.hdf5_format import GLOBAL_FILE, write_global
         store = ctx.persistent(0)
         vdir = store.version_dir(cmd.name, cmd.version)
         target = vdir / GLOBAL_FILE

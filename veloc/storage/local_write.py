@@ -5,14 +5,14 @@ ways to put a checkpoint's bytes into a tmpfs file, fastest first (measured on t
 machine's kind, 256 MiB, see scripts/bench):
 
 - a ``memcpy`` into a writable mapping of an allocated file that this process keeps
-  mapped (:class:`~veloc.engine.write_mappings.WriteMappings`): the speed of
+  mapped (:class:`~veloc.storage.write_mappings.WriteMappings`): the speed of
   ``np.copyto``;
 - ``pwrite`` into an allocated file (about a third of that);
 - ``pwrite`` into a fresh file, which allocates its pages on the way (the speed of
   ``np.save``; faulting a fresh *mapping* page by page would be half as fast again).
 
 Scratch files rotate: garbage collection puts the files of old versions into the
-:class:`~veloc.engine.levels.RecyclePool` and the next write takes one, so in the steady
+:class:`~veloc.storage.levels.RecyclePool` and the next write takes one, so in the steady
 state every write is the first kind. Until the rotation is full (the first
 ``scratch_versions`` + 1 checkpoints of a job; every checkpoint with
 ``scratch_versions = 0``, which never recycles), a background thread of this rank
@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..faults import fault_point
-from .fileio import FILE_MODE, make_dirs, remove_quietly, temp_name
-from .levels import LevelStore, RecyclePool
-from .rankfile import build_header, write_rank_file
-from .write_mappings import WriteMappings
+from veloc.faults import fault_point
+from veloc.storage.fileio import FILE_MODE, make_dirs, remove_quietly, temp_name
+from veloc.storage.levels import LevelStore, RecyclePool
+from veloc.storage.rankfile import build_header, write_rank_file
+from veloc.storage.write_mappings import WriteMappings
 
 log = logging.getLogger("veloc.local_write")
 QUIET_S = 0.2      # after the last protect(), before the first checkpoint's file is prepared

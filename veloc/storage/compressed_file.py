@@ -32,11 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import xxhash
 
-from ..codecs import get_codec
-from ..errors import ConfigError, CorruptCheckpointError
-from .fileio import atomic_file, pwrite_all
-from .hashing import digest_buffer, hasher, map_readonly
-from .rankfile import RegionInfo
+from veloc.storage.codecs import get_codec
+from veloc.errors import ConfigError, CorruptCheckpointError
+from veloc.storage.fileio import atomic_file, pwrite_all
+from veloc.storage.hashing import digest_buffer, hasher, map_readonly
+from veloc.storage.rankfile import RegionInfo
 
 MAGIC = b"VELOCCZ1"
 END_MAGIC = b"VELOCCZE"
@@ -388,8 +388,8 @@ class CompressedReader:
 
 def open_reader(path, kind="regions", workers=1):
     """The reader of a rank's region file of any format (see
-    :func:`veloc.engine.formats.open_rank_file`)."""
-    from .formats import open_rank_file
+    :func:`veloc.storage.formats.open_rank_file`)."""
+    from veloc.storage.formats import open_rank_file
     return open_rank_file(path, kind, workers)
 
 

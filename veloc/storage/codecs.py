@@ -3,7 +3,7 @@
 A codec encodes one block (a buffer of at most ``[compress] block_size`` bytes) into
 bytes and decodes stored bytes straight into a caller's buffer of the block's raw size,
 so a restore never needs a temporary larger than one block. The codec of every block is
-recorded in the compressed file's header (see ``veloc/engine/compressed_file.py``), so
+recorded in the compressed file's header (see ``veloc/storage/compressed_file.py``), so
 a restart undoes it without looking at the config.
 
 Called by the node's engine (the compress module, in the sync-mode leader rank or the
@@ -33,7 +33,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .errors import ConfigError, CorruptCheckpointError
+from veloc.errors import ConfigError, CorruptCheckpointError
 
 EXTRA_HINT = "install the compression libraries with: pip install 'veloc[compress]'"
 

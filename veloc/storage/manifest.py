@@ -10,8 +10,8 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-from ..errors import CorruptCheckpointError
-from .hashing import digest_file
+from veloc.errors import CorruptCheckpointError
+from veloc.storage.hashing import digest_file
 
 FORMAT = 1
 
@@ -101,6 +101,6 @@ def verify_files(manifest, directory, deep=True):
                                              f"(rank {manifest.rank}, version {manifest.version}, "
                                              f"level {manifest.level})")
         elif entry.kind in ("regions", "compressed"):
-            from .formats import open_rank_file    # a .vck, .vcz or HDF5 rank file, checked on open
+            from veloc.storage.formats import open_rank_file    # a .vck, .vcz or HDF5 rank file, checked on open
             with open_rank_file(path, entry.kind):
                 pass

@@ -13,7 +13,7 @@ import os
 import secrets
 from pathlib import Path
 
-from ..errors import CheckpointError
+from veloc.errors import CheckpointError
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -49,7 +49,7 @@ def fsync_dir(path):
 def temp_name(path):
     """A unique hidden temporary name next to ``path`` (same directory, so rename is atomic):
     ``.<name>.<writer tag>.<random>.tmp``. The writer tag (:func:`writer_tag`) names the
-    process that writes it, so crash-debris collection (``veloc.engine.debris``) can tell
+    process that writes it, so crash-debris collection (``veloc.storage.debris``) can tell
     a temporary file of a live writer from one a killed writer left behind."""
     return path.with_name(f".{path.name}.{writer_tag()}.{secrets.token_hex(4)}.tmp")
 

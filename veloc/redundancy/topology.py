@@ -37,7 +37,7 @@ members loses at most ``m`` blocks of every stripe.
 """
 import re
 
-from ..errors import ConfigError
+from veloc.errors import ConfigError
 
 
 class TopologyError(ConfigError):

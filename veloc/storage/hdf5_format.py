@@ -38,7 +38,7 @@ The raw bytes of each rank dataset are written by veloc itself (``O_DIRECT`` whe
 file system takes it) at the offset HDF5 allocated for the dataset, after h5py has
 written the file's metadata; the file's digest (manifest) covers every byte. Readers:
 :class:`Hdf5RankFile` (one rank's file, the same calls as
-:class:`veloc.engine.rankfile.RankFile`) and :class:`GlobalFile` (hyperslab reads
+:class:`veloc.storage.rankfile.RankFile`) and :class:`GlobalFile` (hyperslab reads
 through the virtual datasets). Used by the flush module (engine), by restart (every
 application rank) and by readers of checkpoints.
 """
@@ -49,11 +49,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, CorruptCheckpointError
-from .fileio import FILE_MODE, O_DIRECT, fsync_dir, pwrite_all, temp_name
-from .hashing import digest_buffer, hasher, map_readonly
-from .hdf5_global import GlobalFile, write_global    # the version file, re-exported here
-from .rankfile import RegionInfo, dtype_descr
+from veloc.errors import ConfigError, CorruptCheckpointError
+from veloc.storage.fileio import FILE_MODE, O_DIRECT, fsync_dir, pwrite_all, temp_name
+from veloc.storage.hashing import digest_buffer, hasher, map_readonly
+from veloc.storage.hdf5_global import GlobalFile, write_global    # the version file, re-exported here
+from veloc.storage.rankfile import RegionInfo, dtype_descr
 
 __all__ = ["GLOBAL_FILE", "GlobalFile", "Hdf5RankFile", "SUFFIX", "dataset_names", "rank_file_name",
            "require_h5py", "write_global", "write_rank_h5"]
@@ -259,7 +259,7 @@ def _info_from_attrs(path, dset, attrs, offset):
 
 class Hdf5RankFile:
     """Read-only view of one ``r<rank>.h5``, validated on open; the same calls as
-    :class:`~veloc.engine.rankfile.RankFile` (``regions``, ``region``, ``bytes_view``,
+    :class:`~veloc.storage.rankfile.RankFile` (``regions``, ``region``, ``bytes_view``,
     ``as_array``, ``read_into``, ``digest``, ``close``). Region bytes are read from a
     read-only mapping of the file at each contiguous dataset's offset, so a restore is
     one copy straight into the protected array. Any process may open one."""

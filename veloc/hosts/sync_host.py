@@ -13,11 +13,11 @@ import traceback
 
 from mpi4py import MPI
 
-from .engine.module import CHECKPOINT, Command, Peers
-from .engine.pipeline import Engine
-from .host_base import Host
-from .errors import CheckpointError, RestartError, VelocError
-from .logfile import sync_engine_logger
+from veloc.engine.module import CHECKPOINT, Command, Peers
+from veloc.engine.pipeline import Engine
+from veloc.hosts.base import Host
+from veloc.errors import CheckpointError, RestartError, VelocError
+from veloc.logfile import sync_engine_logger
 
 
 class SyncHost(Host):

@@ -1,10 +1,10 @@
-"""Rank files behind the ``veloc show``/``extract`` commands (see ``veloc.cli``).
+"""Rank files behind the ``veloc show``/``extract`` commands (see ``veloc.cli.main``).
 
 Run by a user on any node, outside the application and its engine. It reads rank files
 (``.vck``) and compressed rank files (``.vcz``, decoded on the fly; ``show`` adds each
 region's codec, stored size and ratio); it never modifies a checkpoint and never
 unpickles anything. The levels
-(``ls``/``verify``) are in ``veloc.cli_levels``.
+(``ls``/``verify``) are in ``veloc.cli.levels``.
 """
 import os
 import re
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli_levels import UsageError
-from .engine.compressed_file import MAGIC as COMPRESSED_MAGIC
-from .engine.compressed_file import open_reader
-from .engine.fileio import atomic_file
-from .errors import CorruptCheckpointError
+from veloc.cli.levels import UsageError
+from veloc.storage.compressed_file import MAGIC as COMPRESSED_MAGIC
+from veloc.storage.compressed_file import open_reader
+from veloc.storage.fileio import atomic_file
+from veloc.errors import CorruptCheckpointError
 
 
 # -- rank files ------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def parse_region_id(text):
 
 
 def _write_private(out, write):
-    """Create ``out`` with mode 0600 atomically (:func:`veloc.engine.fileio.atomic_file`)."""
+    """Create ``out`` with mode 0600 atomically (:func:`veloc.storage.fileio.atomic_file`)."""
     out = Path(out)
     if out.is_dir():
         raise UsageError(f"{out}: is a directory; give the output file name")

@@ -15,14 +15,14 @@ import sys
 from collections import Counter, namedtuple
 from dataclasses import asdict
 
-from .cli_inspect import describe_rankfile, extract_region, parse_region_id
-from .cli_levels import (UsageError, checkpoint_states, fields_of, levels_reached, nodes_on_disk, open_levels,
+from veloc.cli.inspect import describe_rankfile, extract_region, parse_region_id
+from veloc.cli.levels import (UsageError, checkpoint_states, fields_of, levels_reached, nodes_on_disk, open_levels,
                          verify_version)
-from .cli_plan import plan_args, run_plan
-from .config import load_config, node_id
-from .errors import VelocError
-from .names import check_name, check_node_id
-from .progress import EVERY, ProgressReporter
+from veloc.cli.plan import plan_args, run_plan
+from veloc.config import load_config, node_id
+from veloc.errors import VelocError
+from veloc.names import check_name, check_node_id
+from veloc.progress import EVERY, ProgressReporter
 
 Command = namedtuple("Command", "name help arguments run")
 NODE_LOCAL = ("scratch", "partner")

@@ -1,6 +1,6 @@
 """Writable mappings of a rank's recycled scratch files, kept from one checkpoint to the next.
 
-Used by one application rank (``veloc.engine.local_write``) in sync and async mode. A
+Used by one application rank (``veloc.storage.local_write``) in sync and async mode. A
 recycled scratch file comes back from the pool under a new name but is the same inode;
 mapping it anew for every checkpoint costs a page-table population (``MAP_POPULATE``)
 and an unmap, about a quarter of the whole local write of a large rank file. Keeping the

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli_inspect import UsageError
-from .config import load_config, node_id
-from .engine.fileio import FILE_MODE, make_dirs
-from .errors import VelocError
-from .training.interval_models import multilevel_plan
+from veloc.cli.inspect import UsageError
+from veloc.config import load_config, node_id
+from veloc.storage.fileio import FILE_MODE, make_dirs
+from veloc.errors import VelocError
+from veloc.training.interval_models import multilevel_plan
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
