@@ -7,9 +7,11 @@ from .client import Client
 from .config import Config, load_config
 from .errors import (BackendError, CheckpointError, ConfigError, CorruptCheckpointError, RestartError,
                      VelocError)
+from .reader import open  # noqa: A001 (veloc.open; the builtin stays untouched in every other module)
 from .restart import RestartInfo
 from .training import RNGState
 
 __all__ = ["init", "init_single", "Ckpt", "Client", "Config", "load_config", "RestartInfo", "VelocError",
-           "ConfigError", "CheckpointError", "RestartError", "BackendError", "CorruptCheckpointError", "RNGState"]
+           "ConfigError", "CheckpointError", "RestartError", "BackendError", "CorruptCheckpointError", "RNGState",
+           "open"]
 __version__ = "0.1.0"

@@ -1,0 +1,121 @@
+"""The per-format seam of the read API (``veloc.open``): one reader per stored rank copy.
+
+Called only by :mod:`veloc.reader` in a plain analysis process (no MPI). A rank's copy
+of a version at a level is described by its manifest; the manifest's file entries say
+which format holds the regions (``FileEntry.kind``). :func:`open_rank_copy` picks the
+reader registered for that kind, checks the file's size, opens it (which validates its
+header) and, when asked, checks its content digest against the manifest, so a reader it
+returns is verified and open.
+
+A reader answers the :class:`RankReader` calls: ``regions`` (the file header's
+:class:`~veloc.engine.rankfile.RegionInfo` list), ``array(info)`` (a read-only array,
+memory-mapped where the format allows), ``raw(info)`` (a pickle region's bytes),
+``digest(algorithm)`` and ``close()``. A new persistent format plugs in with
+:func:`register_reader` (its manifest file kind and a factory taking the file's path).
+Copies no reader can decode (compressed sidecar files, for example) raise
+:class:`UnreadableCopy` with a message saying what they are, so the caller can take the
+same version from another level instead.
+"""
+from typing import Callable, Dict, List, Optional, Protocol
+
+import numpy as np
+
+from .engine.rankfile import RankFile, RegionInfo
+from .errors import CorruptCheckpointError, RestartError
+
+
+class UnreadableCopy(RestartError):
+    """A committed copy exists but is stored in a form this reader cannot decode."""
+
+
+class RankReader(Protocol):
+    """What :mod:`veloc.reader` needs from one rank's open, verified copy."""
+    path: object
+    regions: List[RegionInfo]
+
+    def array(self, info: RegionInfo) -> np.ndarray: ...
+
+    def raw(self, info: RegionInfo) -> memoryview: ...
+
+    def digest(self, algorithm: str) -> str: ...
+
+    def close(self) -> None: ...
+
+
+class NativeReader:
+    """A ``.vck`` rank file: arrays are read-only views of one shared read-only mapping."""
+
+    def __init__(self, path):
+        self.path = path
+        self._file = RankFile(path)
+        self.regions = self._file.regions
+
+    def array(self, info):
+        return self._file.as_array(info)
+
+    def raw(self, info):
+        return memoryview(self._file.bytes_view(info))
+
+    def digest(self, algorithm):
+        return self._file.digest(algorithm)
+
+    def close(self):
+        self._file.close()
+
+
+READERS: Dict[str, Callable[[object], RankReader]] = {"regions": NativeReader}
+COMPRESSED_SUFFIXES = (".vcz",)
+
+
+def register_reader(kind: str, factory: Callable[[object], RankReader]) -> None:
+    """Let :func:`open_rank_copy` read manifest file entries of ``kind`` with ``factory(path)``."""
+    READERS[kind] = factory
+
+
+def _where(manifest):
+    return f"{manifest.name} v{manifest.version} rank {manifest.rank} at level {manifest.level}"
+
+
+def regions_entry(manifest):
+    """The manifest entry holding the rank's memory regions (``None`` for a rank that
+    checkpointed only routed files); raises :class:`UnreadableCopy` for a compressed or
+    unknown form."""
+    entries = [f for f in manifest.files if f.kind != "routed"]
+    if not entries:
+        return None
+    entry = entries[0]
+    if entry.name.endswith(COMPRESSED_SUFFIXES) or "compress" in entry.kind:
+        raise UnreadableCopy(f"compressed copy: {entry.name} ({_where(manifest)}) is stored compressed "
+                             "([compress] module) and veloc.open has no decoder for it; read the version "
+                             "from another level (level=...), or restart the job, which restores it")
+    if entry.kind not in READERS:
+        raise UnreadableCopy(f"{entry.name} ({_where(manifest)}) is stored as {entry.kind!r}, a format "
+                             f"veloc.open cannot read (readable: {', '.join(sorted(READERS))}); "
+                             "read another level (level=...)")
+    return entry
+
+
+def open_rank_copy(manifest, directory, verify=True) -> Optional[RankReader]:
+    """An open reader of ``manifest``'s regions file in ``directory`` (``None`` if the rank
+    has no memory regions): size checked against the manifest, header validated, and with
+    ``verify`` the content digest too. Raises CorruptCheckpointError or UnreadableCopy."""
+    entry = regions_entry(manifest)
+    if entry is None:
+        return None
+    path = directory / entry.name
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise CorruptCheckpointError(f"{path}: missing ({_where(manifest)})") from None
+    if size != int(entry.size):
+        raise CorruptCheckpointError(f"{path}: size {size} != {entry.size} recorded in the manifest "
+                                     f"(truncated or overwritten; {_where(manifest)})")
+    reader = READERS[entry.kind](path)
+    try:
+        if verify and manifest.checksum and entry.digest:
+            if reader.digest(manifest.checksum) != entry.digest:
+                raise CorruptCheckpointError(f"{path}: {manifest.checksum} checksum mismatch ({_where(manifest)})")
+    except BaseException:
+        reader.close()
+        raise
+    return reader
