@@ -49,6 +49,11 @@ class NativeReader:
         self.path = path
         self._file = RankFile(path)
         self.regions = self._file.regions
+        for info in self.regions:
+            if info.kind == "array" and info.numpy_dtype().hasobject:
+                self._file.close()
+                raise CorruptCheckpointError(f"{path}: region {info.id!r} declares a Python-object dtype "
+                                             f"{info.dtype!r}; refused (arrays are never unpickled)")
 
     def array(self, info):
         return self._file.as_array(info)

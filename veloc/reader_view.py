@@ -172,6 +172,12 @@ class CheckpointView:
                 raise CorruptCheckpointError(f"{reader.path}: cannot unpickle region {region_id!r}: {exc}") from exc
         return reader.array(info)
 
+    def read_bytes(self, region_id, rank: int) -> memoryview:
+        """The stored bytes of one rank's region, as they are on disk (a pickled region's
+        pickle bytes, never unpickled here)."""
+        reader, info = self._info(region_id, rank)
+        return reader.raw(info)
+
     def slabs(self, region_id) -> Iterator[Tuple[int, Tuple[slice, ...], np.ndarray]]:
         """``(rank, index in the global array, read-only slab)`` of every rank holding a
         global region, after checking that they tile the global shape exactly."""

@@ -1,0 +1,201 @@
+"""``veloc export CFG NAME VERSION OUT.h5``: one version, from any level, as one HDF5 file.
+
+Run by a user on any machine that sees the checkpoint (no MPI). The version is opened
+with :func:`veloc.open` (the same level choice and digest checks) and written with
+h5py, so h5py, ``h5dump``, HDFView or ParaView read it without veloc:
+
+- a global array (``protect(..., global_shape=, offset=)``) is one dataset ``/<id>`` of
+  its global shape, written slab by slab (never held whole in memory);
+- a replicated region (``replicated=True``) is one dataset ``/<id>``, from one copy;
+- any other array region is ``/rank<r>/<id>`` for each rank holding it;
+- a pickled region is skipped unless ``--allow-pickle``, which stores its raw pickle
+  bytes (``uint8``, never unpickled here) as ``/rank<r>/<id>``.
+
+Dataset names are the region ids (an int id that a string id spells too becomes
+``int.<id>``); attributes record the checkpoint name, version, rank count, level, and
+each region's id, kind, dtype and element type name. The file is committed atomically
+(written under a temporary name with mode 0600, fsynced, renamed, directory fsynced):
+``OUT`` is either absent or complete. Needs h5py (``pip install 'veloc[hdf5]'``).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .cli_levels import UsageError
+from .engine.fileio import FILE_MODE, fsync_dir, remove_quietly, temp_name
+from .engine.levels import LEVEL_ORDER
+from .names import check_name
+from .progress import EVERY, human_bytes
+from .reader import open as open_view
+from .reader_view import region_names
+
+FORMAT = "veloc-export/1"
+
+
+def _import_h5py():
+    try:
+        import h5py
+    except ImportError:
+        raise UsageError("veloc export needs h5py: pip install 'veloc[hdf5]'") from None
+    return h5py
+
+
+def _version(text):
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"version must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def export_args(p):
+    p.add_argument("cfg", metavar="CFG", help="the application's veloc INI configuration file")
+    p.add_argument("name", metavar="NAME", help="checkpoint name")
+    p.add_argument("version", metavar="VERSION", type=_version, help="checkpoint version")
+    p.add_argument("out", metavar="OUT.h5", help="HDF5 file to create (mode 0600, committed atomically)")
+    p.add_argument("--level", choices=[lvl for lvl in LEVEL_ORDER if lvl != "erasure"],
+                   help="read only this level (default: the fastest intact copy of each rank)")
+    p.add_argument("--node", action="append", metavar="N",
+                   help="node whose scratch to read; repeat for several (default: every node's scratch folder "
+                        "on this machine, and this node's)")
+    p.add_argument("--no-verify", action="store_true", help="check sizes and headers only, not content digests")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="store pickled regions as their raw pickle bytes (uint8; never unpickled here)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--progress", type=_seconds, default=EVERY, metavar="S",
+                   help=f"print bytes written and the rate every S seconds (default {EVERY:g})")
+
+
+class _Progress:
+    """One line on stderr every ``every`` seconds while an export runs."""
+
+    def __init__(self, total, every, stream=None):
+        self.total, self.every, self.done = total, every, 0
+        self.start = time.monotonic()
+        self.next_at = self.start + every
+        self.stream = stream or sys.stderr
+
+    def add(self, nbytes):
+        self.done += nbytes
+        now = time.monotonic()
+        if now >= self.next_at:
+            self.next_at = now + self.every
+            rate = self.done / max(now - self.start, 1e-9)
+            print(f"veloc export: {human_bytes(self.done)} of {human_bytes(self.total)} "
+                  f"({100 * self.done / max(self.total, 1):.0f} %), {human_bytes(rate)}/s",
+                  file=self.stream, flush=True)
+
+
+def _attrs(dataset, spec, kind, view, rank=None):
+    dataset.attrs["region_id"] = spec.id
+    dataset.attrs["region_id_type"] = type(spec.id).__name__
+    dataset.attrs["kind"] = kind
+    if spec.dtype is not None:
+        dataset.attrs["dtype"] = spec.dtype.str if not spec.dtype.fields else json.dumps(spec.dtype.descr)
+    if spec.dtype_name:
+        dataset.attrs["dtype_name"] = spec.dtype_name
+    dataset.attrs["nranks"] = view.nranks
+    if rank is not None:
+        dataset.attrs["rank"] = rank
+
+
+def _total(view, allow_pickle):
+    total = 0
+    for spec in view.regions.values():
+        if spec.kind != "array" and not allow_pickle:
+            continue
+        for rank in spec.ranks if not spec.replicated else spec.ranks[:1]:
+            total += view.read(spec.id, rank).nbytes if spec.kind == "array" else 0
+    return total
+
+
+def write_export(h5file, view, allow_pickle=False, progress=None):
+    """Write every region of ``view`` into the open h5py file; returns the ids skipped."""
+    h5file.attrs.update({"format": FORMAT, "name": view.name, "version": view.version,
+                         "nranks": view.nranks, "level": view.level,
+                         "rank_levels": json.dumps({str(r): lvl for r, lvl in view.rank_levels.items()})})
+    names = region_names(list(view.regions.values()))
+    skipped = []
+    shared = {names[s.id] for s in view.regions.values() if s.kind == "array" and (s.is_global or s.replicated)}
+    clash = sorted(n for n in shared if n.startswith("rank") and n[4:].isdigit())
+    if clash:
+        raise UsageError(f"region(s) {', '.join(clash)} would clash with the per-rank groups /rank<r> of the export")
+    for spec in view.regions.values():
+        name = names[spec.id]
+        if spec.kind == "array" and spec.is_global:
+            dataset = h5file.create_dataset(name, shape=spec.global_shape, dtype=spec.dtype)
+            _attrs(dataset, spec, "global", view)
+            for _rank, index, slab in view.slabs(spec.id):
+                dataset[index] = slab
+                progress and progress.add(slab.nbytes)
+        elif spec.kind == "array" and spec.replicated:
+            data = view.read_global(spec.id)
+            _attrs(h5file.create_dataset(name, data=data), spec, "replicated", view)
+            progress and progress.add(data.nbytes)
+        elif spec.kind == "array" or allow_pickle:
+            for rank in spec.ranks:
+                if spec.kind == "array":
+                    data = view.read(spec.id, rank)
+                else:
+                    data = np.frombuffer(view.read_bytes(spec.id, rank), np.uint8)
+                dataset = h5file.require_group(f"rank{rank}").create_dataset(name, data=data)
+                _attrs(dataset, spec, "per-rank" if spec.kind == "array" else "pickle", view, rank)
+                progress and progress.add(data.nbytes)
+        else:
+            skipped.append(spec.id)
+    return skipped
+
+
+def export_version(view, out, allow_pickle=False, progress=None, force=False):
+    """Commit ``view`` as the HDF5 file ``out`` atomically (mode 0600); returns the ids of
+    pickled regions skipped."""
+    h5py = _import_h5py()
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists: pass --force to replace it")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out.parent}: no such directory")
+    tmp = temp_name(out)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+    try:
+        with h5py.File(tmp, "w") as h5file:
+            skipped = write_export(h5file, view, allow_pickle, progress)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, out)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    fsync_dir(out.parent)
+    return skipped
+
+
+def run_export(args):
+    """The ``veloc export`` command: exit 0 on success."""
+    _import_h5py()
+    name = check_name(args.name, error=UsageError)
+    with open_view(args.cfg, name, args.version, args.level, verify=not args.no_verify,
+                   nodes=args.node) as view:
+        progress = _Progress(_total(view, args.allow_pickle), args.progress)
+        skipped = export_version(view, args.out, args.allow_pickle, progress, args.force)
+        print(f"exported {view.name} v{view.version} ({view.nranks} ranks, level {view.level}, "
+              f"{len(view.regions) - len(skipped)} region(s), {human_bytes(progress.done)}) to {args.out}")
+        for region_id in skipped:
+            print(f"skipped pickled region {region_id!r} (use --allow-pickle to store its raw pickle bytes)")
+    return 0
