@@ -1,6 +1,5 @@
 """``veloc export``: one version into one HDF5 file read back with plain h5py; the file is
 committed atomically with mode 0600; bad input is one clear line and exit status 2."""
-import os
 import stat
 
 import numpy as np
