@@ -13,8 +13,9 @@ version that can be read whole is chosen, from the fastest level where every ran
 is intact; when no single level holds every rank intact (a lost node's scratch, a
 corrupt file), each rank is read from its own fastest intact copy (``view.level`` is
 then ``"mixed"``, ``view.rank_levels`` says which). With ``verify=True`` (the default)
-every chosen file's content digest is checked against its manifest on open (one pass at
-hashing speed, ~10 GB/s); ``verify=False`` checks sizes and headers only. Erasure-coded
+every chosen file's content digest (where the checksum module recorded one) is checked
+against its manifest on open, one xxh3 pass over the mapped file that the reads then
+reuse; ``verify=False`` checks sizes and headers only. Erasure-coded
 copies are not decoded here: a version held only as parity needs a rebuild by restarting
 the job, and the error says so.
 """
@@ -107,7 +108,7 @@ class _Copies:
         for lvl in levels:
             for rank, store in copies[lvl.name].get(version, []):
                 self.by_level[lvl.name].setdefault(rank, []).append(store)
-        self.manifests, self.opened, self.reasons = {}, {}, {}
+        self.manifests, self.opened, self.reasons, self.failed = {}, {}, {}, set()
         self.nranks = 0
         for lvl, ranks in self.by_level.items():
             for rank, stores in ranks.items():
@@ -146,8 +147,9 @@ class _Copies:
             if key in self.opened:
                 return True, self.opened[key]
             manifest = self._manifest(lvl, rank, store)
-            if manifest is None:
+            if manifest is None or key in self.failed:
                 continue
+            self.failed.add(key)
             if int(manifest.nranks) != self.nranks and rank < self.nranks:
                 self.reasons.setdefault((lvl, rank), []).append(
                     f"{store.root}: written by a job of {manifest.nranks} ranks, other copies by {self.nranks}")
@@ -157,6 +159,7 @@ class _Copies:
             except RestartError as exc:
                 self.reasons.setdefault((lvl, rank), []).append(str(exc))
                 continue
+            self.failed.discard(key)
             return True, self.opened[key]
         return False, None
 
@@ -173,6 +176,9 @@ def _open_version(name, version, levels, copies, erasure, verify):
     expected = state.expected()
     readers: Dict[int, Any] = {}
     rank_levels: Dict[int, str] = {}
+    nowhere = [r for r in expected if not any(r in ranks for ranks in state.by_level.values())]
+    if nowhere or not expected:
+        raise _no_copy(state, erasure, nowhere)      # before hashing anything
     try:
         for lvl in levels:       # the fastest level where every rank is intact
             if expected and all(r in state.by_level[lvl.name] for r in expected):

@@ -119,8 +119,8 @@ class CheckpointView:
     ``"mixed"``), ``rank_levels`` (``{rank: level}``), ``nranks`` (the writing job's size),
     ``ranks`` (the ranks held: ``0..nranks-1``, or the unique ids of ``init_single``
     processes), ``regions`` (``{id: RegionSpec}``), ``verified`` (whether content digests
-    were checked on open). Close it (or use it as a context manager) to release the
-    mappings; arrays handed out stay valid while referenced.
+    were checked on open, where the manifests record them). Close it (or use it as a
+    context manager) to release the mappings; arrays handed out stay valid while referenced.
     """
 
     def __init__(self, name, version, nranks, readers: Dict[int, Any], rank_levels: Dict[int, str],
