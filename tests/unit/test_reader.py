@@ -265,3 +265,24 @@ def test_reads_what_the_real_client_wrote(dirs, cfg):
     with veloc.open(cfg, "real") as view:
         assert (view.version, view.nranks, view.ranks) == (12, 1, (0,))
         assert np.array_equal(view.read_global("grid"), grid) and view.read_global("it").tolist() == [12]
+
+
+def test_fortran_order_slabs_and_arrays_outliving_the_view(dirs, cfg):
+    full = np.arange(7 * 4, dtype=np.int16).reshape(7, 4)
+    for rank, (a, b) in enumerate([(0, 3), (3, 7)]):
+        with veloc.init_single(rank, cfg) as client:
+            client.protect("f", np.asfortranarray(full[a:b]), global_shape=full.shape, offset=(a, 0))
+            client.checkpoint("fort", 1)
+    view = veloc.open(cfg, "fort")
+    assert view.ranks == (0, 1) and view.nranks == 1      # two init_single processes, ids 0 and 1
+    part = view.read("f", 1)
+    assert part.flags.f_contiguous and np.array_equal(part, full[3:])
+    assert np.array_equal(view.read_global("f"), full)
+    view.close()
+    assert np.array_equal(part, full[3:])                 # still mapped while referenced
+
+
+def test_object_dtype_in_a_header_is_refused(dirs, cfg):
+    write_copy(node_root(dirs), "evil", 1, 0, 1, [dict(region("x", np.zeros(2, np.int64)), dtype="|O")])
+    with pytest.raises(CorruptCheckpointError, match="Python-object dtype"):
+        veloc.open(cfg, "evil", verify=False)
