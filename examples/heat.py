@@ -12,8 +12,15 @@ side) and swaps them after every iteration. What veloc protects is exactly the s
 an uninterrupted run carries from one iteration to the next:
 
 * ``"grid"``: the rank's owned rows of the *current* buffer (a contiguous view; it is
-  re-protected before every checkpoint because the current buffer alternates), and
-* ``"it"``: the iteration counter (a one-element int64 array).
+  re-protected before every checkpoint because the current buffer alternates), as the
+  slab of the global ``rows`` x ``cols`` grid that starts at the rank's first row, and
+* ``"it"``: the iteration counter (a one-element int64 array), replicated (every rank
+  holds the same value).
+
+Because the grid is a global array and the counter replicated, a checkpoint written in
+the HDF5 format (``[flush] format = hdf5``) restores on another number of ranks: each
+rank reads its own rows. The Jacobi result does not depend on the decomposition, so
+such a run still ends bit-for-bit equal to an uninterrupted one.
 
 Both buffers hold the same fixed boundary values from the start, and ghost rows are
 refreshed before they are read, so restoring ``"grid"`` and ``"it"`` in place is enough
@@ -206,6 +213,12 @@ def gather_grid(comm, u, rows, cols, lo, hi):
     return full
 
 
+def protect_grid(ckpt, u, args, lo, hi):
+    """Protect the owned rows of buffer ``u`` as rows ``[lo, hi)`` of the global grid, so a
+    checkpoint restores on any number of ranks (each reads its own rows)."""
+    ckpt.protect("grid", u[1:hi - lo + 1], global_shape=(args.rows, args.cols), offset=(lo, 0))
+
+
 def run(args, comm):
     """The simulation; returns the iteration it ended at."""
     rank, size = comm.rank, comm.size
@@ -236,8 +249,8 @@ def run(args, comm):
     steady = None   # [start time, checkpoint seconds, checkpoints] from --timed-from on
     with session as ckpt:
         if ckpt is not None:
-            ckpt.protect("grid", cur[1:n + 1])
-            ckpt.protect("it", it)
+            protect_grid(ckpt, cur, args, lo, hi)
+            ckpt.protect("it", it, replicated=True)
             if try_restart(comm, ckpt, it) is None and rank == 0:
                 print("heat: no checkpoint found, starting from the initial state", flush=True)
         first = int(it[0])
@@ -251,7 +264,7 @@ def run(args, comm):
             it[0] += 1
             if ckpt is not None and args.every and it[0] % args.every == 0:
                 t0 = time.perf_counter()
-                ckpt.protect("grid", cur[1:n + 1])   # the current buffer alternates
+                protect_grid(ckpt, cur, args, lo, hi)   # the current buffer alternates
                 ckpt.checkpoint(CKPT_NAME, int(it[0]))
                 t_ckpt += time.perf_counter() - t0
                 n_ckpt += 1

@@ -156,7 +156,8 @@ def module_keys(priority, **extra):
 # Extension sections. A module registers its section here (see engine/modules/*).
 SECTION_KEYS = {
     "checksum": module_keys(10, algorithm=Key(_choice("xxh3_128", "xxh3_64"), "xxh3_128")),
-    "flush": module_keys(50, interval=Key(_int(), None), direct_io=Key(_bool, True)),
+    "flush": module_keys(50, interval=Key(_int(), None), direct_io=Key(_bool, True),
+                         format=Key(_choice("native", "hdf5"), "native")),
     "partner": module_keys(30),
     "erasure": module_keys(40, scheme=Key(_choice("xor", "rs"), "xor"), group_size=Key(_int(2), 4),
                            parity=Key(_int(1), None), interval=Key(_int(), None), backend=Key(_text, None)),
@@ -297,6 +298,24 @@ def check_policy_keys(policy: Mapping, source: str = "") -> None:
                           "e.g. 0.05 for 5 %")
 
 
+def check_flush_format(flush: Mapping, top: Mapping, source: str = "") -> None:
+    """``[flush] format = hdf5`` needs h5py, and one persistent folder for the whole job
+    (its per-version ``global.h5`` refers to every rank's file)."""
+    if flush.get("format") != "hdf5":
+        return
+    where = f" in {source}" if source else ""
+    try:
+        import h5py  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"[flush] format = hdf5{where} needs h5py, which is not installed: "
+                          "pip install 'veloc[hdf5]' (or use format = native)") from None
+    persistent = top.get("persistent") or ""
+    if "{node}" in persistent or "{rank" in persistent:
+        raise ConfigError(f"[flush] format = hdf5{where} needs one persistent folder shared by every rank, "
+                          f"but persistent = {persistent!r} has a {{node}}/{{rank}} placeholder: remove it "
+                          "or use format = native")
+
+
 def _build(raw, source):
     top = _parse_keys(raw.get(TOP, {}), TOP_KEYS, "at top level", source)
     _tell_compat_only(raw.get(TOP, {}))
@@ -310,6 +329,7 @@ def _build(raw, source):
     for name, schema in SECTION_KEYS.items():
         sections[name] = MappingProxyType(_parse_keys(raw.get(name, {}), schema, f"in [{name}]", source))
     check_policy_keys(sections["policy"], source)
+    check_flush_format(sections["flush"], top, source)
     frozen_raw = MappingProxyType({k: MappingProxyType(dict(v)) for k, v in raw.items()})
     return Config(MappingProxyType(top), MappingProxyType(sections), source, frozen_raw)
 

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
 from .engine.levels import LevelStore
-from .engine.rankfile import RankFile
+from .engine.formats import open_rank_file
 from .errors import CorruptCheckpointError, RestartError, VelocError
 from .names import check_name, check_version
+from .restart_reshape import ReshapeMixin
 
 log = logging.getLogger("veloc.restart")
 
@@ -33,7 +34,7 @@ class _Restoring:
         self.manifest, self.rankfile = manifest, rankfile
 
 
-class RestartMixin:
+class RestartMixin(ReshapeMixin):
     """``restart_test``, ``restart`` and the restart phases."""
 
     def restart_test(self, name: str, max_version: Optional[int] = None) -> Optional[int]:
@@ -58,11 +59,11 @@ class RestartMixin:
             level, reasons = self.host.verify(name, version)
             if self.host.all_true(level is not None):
                 self._plans[(name, version)] = (level, self._copy_stamp(self._level_store(level), name, version))
-                return version
+                return self._reshape_newest(name, max_version, version) or version
             if level is None:
                 log.warning("rank %d: %s v%d not restorable here (%s); trying an older version",
                             self.rank, name, version, "; ".join(reasons))
-        return None
+        return self._reshape_newest(name, max_version, None)
 
     def restart(self, name: str, version: int) -> None:
         """``restart_begin`` + ``recover_mem`` + ``restart_end``; every rank, collective.
@@ -94,6 +95,10 @@ class RestartMixin:
             raise RestartError("restart_begin called while a checkpoint or restart is open")
         self.checkpoint_wait()
         level, stamp = getattr(self, "_plans", {}).get((name, version), (None, None))
+        if level is None and (name, version) in getattr(self, "_reshape_plans", {}):
+            reader = self._reshape_open(name, version, self._reshape_plans[(name, version)])
+            self._restoring = _Restoring(name, version, "persistent", None, reader)
+            return
         reasons = []
         verified_now = level is None
         if verified_now:
@@ -101,9 +106,14 @@ class RestartMixin:
         failure = self.host.first_failure(None if level is not None else
                                           ("; ".join(reasons) or "no intact copy at any level"))
         if failure is not None:
+            reader, why = self._reshape_fallback(name, version)   # written on another rank count?
+            if reader is not None:
+                self._restoring = _Restoring(name, version, "persistent", None, reader)
+                return
             rank, detail = failure
-            raise RestartError(f"cannot restart {name!r} v{version}: rank {rank} cannot restore it: {detail}. "
-                               f"Use restart_test({name!r}) to find a version every rank can restore")
+            raise RestartError(f"cannot restart {name!r} v{version}: rank {rank} cannot restore it: {detail}"
+                               + (f"; on this job's rank count: {why}" if why else "")
+                               + f". Use restart_test({name!r}) to find a version every rank can restore")
         store = self._level_store(level)
         in_place = level == "persistent" and self._regions_only(store, name, version)
         # Collective in sync mode, so every rank takes part; a rank reading a persistent
@@ -180,7 +190,7 @@ class RestartMixin:
         entry = manifest.file("regions")
         if entry is None:
             return manifest, None
-        rankfile = RankFile(store.version_dir(name, version) / entry.name)
+        rankfile = open_rank_file(store.version_dir(name, version) / entry.name)
         if (check_digest and entry.digest and manifest.checksum
                 and rankfile.digest(manifest.checksum) != entry.digest):
             rankfile.close()

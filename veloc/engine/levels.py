@@ -120,10 +120,19 @@ class LevelStore:
             else:
                 remove_quietly(path)
         if prune:
+            if not any(_MANIFEST.fullmatch(n) for n in _listdir(vdir)):
+                remove_quietly(vdir / "global.h5")    # HDF5 format: stitches ranks that are gone
             try:
                 vdir.rmdir()
             except OSError:
                 pass
+
+
+def _listdir(path):
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 class RecyclePool:

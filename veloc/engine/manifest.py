@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import CorruptCheckpointError
 from .hashing import digest_file
-from .rankfile import RankFile
 
 FORMAT = 1
 
@@ -95,7 +94,8 @@ def verify_files(manifest, directory, deep=True):
             raise CorruptCheckpointError(f"{path}: size {size} != {entry.size} recorded in the manifest "
                                          f"(truncated or overwritten)")
         if entry.kind == "regions":
-            with RankFile(path):
+            from .formats import open_rank_file    # a .vck or an HDF5 rank file
+            with open_rank_file(path):
                 pass
         if deep and entry.digest and manifest.checksum:
             actual = digest_file(path, manifest.checksum)

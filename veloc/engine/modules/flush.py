@@ -6,7 +6,8 @@ directory fsync). The copy is written with O_DIRECT from the mapping the checksu
 made of the file moments before (``[flush] direct_io``): no page-cache copy, no
 writeback, and no second hash of data whose digest was just computed; ranks are flushed
 in parallel (``max_parallelism``). On RESTART it copies them back to scratch, verifying
-digests on the way. Frequency: ``[flush] every = N`` versions and/or
+digests on the way. ``[flush] format`` chooses how a version is stored there
+(``native`` copies, or ``hdf5`` files: ``veloc.engine.formats``). Frequency: ``[flush] every = N`` versions and/or
 ``persistent_interval`` seconds (VELOC's key: 0 = every version, < 0 = never); a
 time-based decision is taken by node 0 and shared, so every node flushes the same
 versions.
@@ -14,8 +15,7 @@ versions.
 
 from ...errors import CheckpointError, CorruptCheckpointError
 from ...faults import fault_point
-from ..fileio import copy_file, make_dirs
-from ..hashing import hasher
+from ..formats import copy_verified, make_writer, version_complete
 from ..module import Module
 from .scratch import remove_versions_from, verify_copy
 
@@ -29,6 +29,7 @@ class FlushModule(Module):
         interval = self.section.get("interval")
         self.interval = ctx.config.persistent_interval if interval is None else interval
         self.direct_io = self.section["direct_io"]
+        self.writer = make_writer(self.section) if self.enabled else None
 
     def default_enabled(self):
         return self.ctx.config.persistent is not None and self.ctx.config.persistent_interval >= 0
@@ -37,24 +38,18 @@ class FlushModule(Module):
         if not self.due(cmd):
             return False
         self.for_each_rank(cmd.ranks, lambda rank: self._flush_rank(cmd, rank))
+        self.writer.finish_version(self.ctx, cmd)
         return True
 
     def _flush_rank(self, cmd, rank):
-        src = self.ctx.scratch(rank)
-        manifest = src.read_manifest(cmd.name, cmd.version, rank)
+        manifest = self.ctx.scratch(rank).read_manifest(cmd.name, cmd.version, rank)
         if manifest is None:
             raise CheckpointError(f"flush of {cmd.name} v{cmd.version}: rank {rank} has no committed "
                                   f"scratch copy on node {self.ctx.node}")
-        dst = self.ctx.persistent(rank)
-        # digests computed moments ago by this run's checksum module from these very
-        # files are not recomputed (a whole hash pass of backend CPU per version); a
-        # copy that went bad in between still fails its check at restart
-        copy_verified(manifest, src, dst, "flush", direct=self.direct_io,
-                      verify=rank not in cmd.fresh_digests, mapped_files=cmd.mapped)
-        out = manifest.copy_for("persistent")
-        out.record_module(self.name, every=self.every, interval=self.interval)
+        out = self.writer.write_rank(self.ctx, cmd, rank, manifest)
+        out.record_module(self.name, every=self.every, interval=self.interval, format=self.writer.name)
         fault_point("flush")
-        dst.commit_manifest(out)
+        self.ctx.persistent(rank).commit_manifest(out)
 
     def supersede(self, name, threshold, ranks):
         return remove_versions_from(self.ctx.persistent, name, threshold, ranks)
@@ -63,12 +58,20 @@ class FlushModule(Module):
         out = {}
         for rank in ranks:
             store = self.ctx.persistent(rank)
-            out[rank] = set(store.rank_versions(name, rank)) if store else set()
+            out[rank] = {v for v in store.rank_versions(name, rank)
+                         if version_complete(store.version_dir(name, v), rank)} if store else set()
         return out
 
     def verify(self, name, version, ranks):
-        return {rank: verify_copy(self.ctx.persistent(rank), name, version, rank, self.ctx.nranks)
-                for rank in ranks}
+        out = {}
+        for rank in ranks:
+            store = self.ctx.persistent(rank)
+            if store is not None and not version_complete(store.version_dir(name, version), rank):
+                out[rank] = (f"{name} v{version} at persistent is incomplete: its HDF5 files lack "
+                             f"{store.version_dir(name, version)}/global.h5 (not every rank's copy was flushed)")
+                continue
+            out[rank] = verify_copy(store, name, version, rank, self.ctx.nranks)
+        return out
 
     def restore(self, name, version, ranks):
         for rank in ranks:
@@ -80,30 +83,3 @@ class FlushModule(Module):
             copy_verified(manifest, src, dst, "restore")
             dst.commit_manifest(manifest.copy_for("scratch", node=self.ctx.node))
         return True
-
-
-def copy_verified(manifest, src, dst, what, direct=False, verify=True, mapped_files=None):
-    """Copy every file of ``manifest`` from level ``src`` to level ``dst``, checking digests.
-
-    The digest is computed on the bytes as they are copied, so a copy that would carry
-    corrupted data is refused (the destination is never committed); ``verify=False``
-    checks sizes only. ``direct``: write with O_DIRECT where the destination file system
-    takes it (``[flush] direct_io``), from the mapping an earlier module of this pipeline
-    run made of the file (``mapped_files``), if any.
-    """
-    sdir = src.version_dir(manifest.name, manifest.version)
-    ddir = dst.version_dir(manifest.name, manifest.version)
-    make_dirs(ddir)
-    for entry in manifest.files:
-        h = hasher(manifest.checksum) if (verify and manifest.checksum and entry.digest) else None
-        try:
-            source_map = mapped_files.peek(sdir / entry.name) if mapped_files is not None else None
-            size = copy_file(sdir / entry.name, ddir / entry.name, durable=dst.durable,
-                             on_chunk=h.update if h else None, direct=direct, source_map=source_map)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{what}: {sdir / entry.name} is missing") from None
-        except OSError as exc:
-            raise CheckpointError(f"{what}: cannot copy {sdir / entry.name} to {ddir}: {exc.strerror}") from exc
-        if size != entry.size or (h and h.hexdigest() != entry.digest):
-            raise CorruptCheckpointError(f"{what}: {sdir / entry.name} does not match its manifest "
-                                         f"(size or {manifest.checksum} digest); not copied to {dst.level}")
