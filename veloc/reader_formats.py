@@ -3,7 +3,9 @@
 Called only by :mod:`veloc.reader` in a plain analysis process (no MPI). A rank's copy
 of a version at a level is described by its manifest; the manifest's file entries say
 which format holds the regions (``FileEntry.kind``). :func:`open_rank_copy` picks the
-reader registered for that kind, checks the file's size, opens it (which validates its
+reader registered for that kind (for ``regions``, the engine's own formats, told apart by
+file suffix: a ``.vck`` rank file or an HDF5 ``r<rank>.h5``, whose version counts only
+once its ``global.h5`` exists), checks the file's size, opens it (which validates its
 header) and, when asked, checks its content digest against the manifest, so a reader it
 returns is verified and open.
 
@@ -20,8 +22,9 @@ from typing import Callable, Dict, List, Optional, Protocol
 
 import numpy as np
 
-from .engine.rankfile import RankFile, RegionInfo
-from .errors import CorruptCheckpointError, RestartError
+from .engine.formats import open_rank_file, version_complete
+from .engine.rankfile import RegionInfo
+from .errors import ConfigError, CorruptCheckpointError, RestartError
 
 
 class UnreadableCopy(RestartError):
@@ -42,12 +45,14 @@ class RankReader(Protocol):
     def close(self) -> None: ...
 
 
-class NativeReader:
-    """A ``.vck`` rank file: arrays are read-only views of one shared read-only mapping."""
+class RankFileReader:
+    """A rank file of the engine's formats (``veloc.engine.formats.open_rank_file``: a
+    ``.vck`` file, or an ``r<rank>.h5`` of the HDF5 persistent format): arrays are
+    read-only views of one shared read-only mapping of the file."""
 
     def __init__(self, path):
         self.path = path
-        self._file = RankFile(path)
+        self._file = open_rank_file(path)
         self.regions = self._file.regions
         for info in self.regions:
             if info.kind == "array" and info.numpy_dtype().hasobject:
@@ -68,7 +73,7 @@ class NativeReader:
         self._file.close()
 
 
-READERS: Dict[str, Callable[[object], RankReader]] = {"regions": NativeReader}
+READERS: Dict[str, Callable[[object], RankReader]] = {"regions": RankFileReader}
 COMPRESSED_SUFFIXES = (".vcz",)
 
 
@@ -108,6 +113,9 @@ def open_rank_copy(manifest, directory, verify=True) -> Optional[RankReader]:
     if entry is None:
         return None
     path = directory / entry.name
+    if not version_complete(directory, manifest.rank):
+        raise UnreadableCopy(f"{path}: its version is not complete at this level yet ({_where(manifest)}: "
+                             "HDF5 copies count once the version's global.h5 is committed)")
     try:
         size = path.stat().st_size
     except OSError:
@@ -115,7 +123,10 @@ def open_rank_copy(manifest, directory, verify=True) -> Optional[RankReader]:
     if size != int(entry.size):
         raise CorruptCheckpointError(f"{path}: size {size} != {entry.size} recorded in the manifest "
                                      f"(truncated or overwritten; {_where(manifest)})")
-    reader = READERS[entry.kind](path)
+    try:
+        reader = READERS[entry.kind](path)
+    except ConfigError as exc:          # e.g. an HDF5 copy where h5py is not installed
+        raise UnreadableCopy(f"{path} ({_where(manifest)}): {exc}") from None
     try:
         if verify and manifest.checksum and entry.digest:
             if reader.digest(manifest.checksum) != entry.digest:

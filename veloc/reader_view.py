@@ -118,7 +118,7 @@ class CheckpointView:
     Attributes: ``name``, ``version``, ``level`` (the level every rank is read from, or
     ``"mixed"``), ``rank_levels`` (``{rank: level}``), ``nranks`` (the writing job's size),
     ``ranks`` (the ranks held: ``0..nranks-1``, or the unique ids of ``init_single``
-    processes), ``regions`` (``{id: RegionSpec}``), ``verified`` (whether content digests
+    processes), ``files`` (``{rank: path of the file read}``), ``regions`` (``{id: RegionSpec}``), ``verified`` (whether content digests
     were checked on open, where the manifests record them). Close it (or use it as a
     context manager) to release the mappings; arrays handed out stay valid while referenced.
     """
@@ -129,6 +129,7 @@ class CheckpointView:
         self._readers = dict(readers)
         self.rank_levels = dict(sorted(rank_levels.items()))
         self.ranks = tuple(sorted(self._readers))
+        self.files = {r: (reader.path if reader is not None else None) for r, reader in sorted(self._readers.items())}
         used = set(self.rank_levels.values())
         self.level = used.pop() if len(used) == 1 else "mixed"
         self.regions: Dict[Any, RegionSpec] = _region_specs(self._readers)

@@ -66,3 +66,30 @@ def test_four_ranks_mixed_levels_after_a_node_loss(dirs):
     with veloc.open(cfg, "glob") as view:
         assert view.level == "mixed" and view.rank_levels[2] == "partner"
         assert np.array_equal(view.read_global("grid"), expected["grid"])
+
+
+def test_heat_example_hdf5_copies_read_back_and_export(dirs, capsys):
+    """examples/heat.py (grid global, counter replicated) on 2 virtual nodes with the HDF5
+    persistent format: read_global from scratch and from the .h5 copies equals the grid the
+    job gathered itself."""
+    h5py = pytest.importorskip("h5py")
+    cfg = dirs["tmp"] / "heat.ini"
+    cfg.write_text(f"scratch = {dirs['scratch']}/{{node}}\npersistent = {dirs['persistent']}\nmode = sync\n"
+                   "persistent_interval = 0\n\n[flush]\nformat = hdf5\n")
+    out = dirs["tmp"] / "final.npy"
+    run_mpi([REPO / "examples" / "heat.py", "--config", cfg, "--rows", "37", "--cols", "23", "--steps", "40",
+             "--every", "20", "--out", out], nodes=["n0", "n1"], timeout=120)
+    final = np.load(out)
+    with veloc.open(cfg, "heat") as view:
+        assert (view.version, view.level, view.nranks) == (40, "scratch", 2)
+        assert view.regions["grid"].shapes == {0: (19, 23), 1: (18, 23)}
+        assert np.array_equal(view.read_global("grid"), final) and view.read_global("it").tolist() == [40]
+    with veloc.open(cfg, "heat", level="persistent") as view:
+        assert view.files[0].name == "r0.h5" and view.files[1].name == "r1.h5"
+        assert np.array_equal(view.read_global("grid"), final)
+    with veloc.open(cfg, "heat", version=20, level="persistent") as view:
+        assert view.read_global("it").tolist() == [20]
+    h5 = dirs["tmp"] / "heat40.h5"
+    assert main(["export", str(cfg), "heat", "40", str(h5), "--level", "persistent"]) == 0, capsys.readouterr()
+    with h5py.File(h5, "r") as f:
+        assert np.array_equal(f["grid"][...], final) and f["it"][...].tolist() == [40]

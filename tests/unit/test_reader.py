@@ -286,3 +286,26 @@ def test_object_dtype_in_a_header_is_refused(dirs, cfg):
     write_copy(node_root(dirs), "evil", 1, 0, 1, [dict(region("x", np.zeros(2, np.int64)), dtype="|O")])
     with pytest.raises(CorruptCheckpointError, match="Python-object dtype"):
         veloc.open(cfg, "evil", verify=False)
+
+
+def test_hdf5_persistent_copies(dirs, cfg):
+    pytest.importorskip("h5py")
+    hcfg = dict(cfg, flush={"format": "hdf5"})
+    grid = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with veloc.init_single(0, hcfg) as client:
+        client.protect("grid", grid, global_shape=(3, 4), offset=(0, 0))
+        client.protect("meta", [1, 2], pickle=True)
+        client.checkpoint("h", 1)
+    vdir = dirs["persistent"] / "h" / "v1"
+    assert (vdir / "r0.h5").exists() and (vdir / "global.h5").exists()
+    with veloc.open(cfg, "h", level="persistent") as view:
+        assert view.files[0] == vdir / "r0.h5"
+        assert np.array_equal(view.read_global("grid"), grid) and view.read("meta", 0, allow_pickle=True) == [1, 2]
+    flip_bytes(vdir / "r0.h5")
+    with veloc.open(cfg, "h") as view:         # scratch is read first anyway
+        assert view.level == "scratch"
+    with pytest.raises(CorruptCheckpointError, match="r0.h5: xxh3_128 checksum mismatch"):
+        veloc.open(cfg, "h", level="persistent")
+    (vdir / "global.h5").unlink()
+    with pytest.raises(RestartError, match="not complete at this level yet .*global.h5"):
+        veloc.open(cfg, "h", level="persistent", verify=False)
