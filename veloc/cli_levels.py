@@ -20,6 +20,7 @@ import re
 import string
 from dataclasses import dataclass, field
 
+from .engine.formats import version_complete
 from .engine.levels import LevelStore
 from .engine.modules.scratch import verify_copy
 from .engine.striping import DIGEST, GroupStore, ranks_of
@@ -191,6 +192,9 @@ class Level:
                 continue
             short, bad = _sizes_problems(store.version_dir(name, version), entries)
             truncated, problems = truncated or short, problems + bad
+            if not version_complete(store.version_dir(name, version), rank):
+                problems.append(f"{store.version_dir(name, version)}: HDF5 copy of rank {rank} but no global.h5: "
+                                "the version is not complete at this level")
             present.add(rank)
             nranks, size = max(nranks, recorded), size + nbytes
             unchecked |= not manifest.checksum or any(f.digest is None for f in manifest.files)
@@ -204,6 +208,10 @@ class Level:
             return
         for rank, store in copies:
             reason = verify_copy(store, name, version, rank)
+            if reason is None and not version_complete(store.version_dir(name, version), rank):
+                yield "MISSING", self.name, f"rank {rank}", (f"{store.version_dir(name, version)}: HDF5 copy intact, "
+                                                             "but no global.h5: the version is incomplete here")
+                continue
             if reason is not None:
                 yield "FAIL", self.name, f"rank {rank}", reason
                 continue

@@ -107,3 +107,4 @@ def test_export_without_h5py_says_how_to_install(dirs, ini, capsys, monkeypatch)
     monkeypatch.setattr(builtins, "__import__", no_h5py)
     code, _, err = run(capsys, "export", ini, "heat", 1, dirs["tmp"] / "x.h5")
     assert code == 2 and "pip install 'veloc[hdf5]'" in err
+
