@@ -74,7 +74,9 @@ def open(cfg, name: str, version: Optional[int] = None, level: Optional[str] = N
     failures = []
     for candidate in [version] if version is not None else found:
         try:
-            return _open_version(name, candidate, rank_levels, copies, erasure, verify)
+            view = _open_version(name, candidate, rank_levels, copies, erasure, verify)
+            view.skipped = [(v, str(exc)) for v, exc in zip(found, failures)]
+            return view
         except RestartError as exc:
             if version is not None:
                 raise
@@ -86,6 +88,8 @@ def open(cfg, name: str, version: Optional[int] = None, level: Optional[str] = N
 
 
 def _nodes(config, nodes):
+    if isinstance(nodes, str):
+        nodes = [nodes]
     if nodes is not None:
         return sorted({check_node_id(n) for n in nodes})
     here = {node_id()}

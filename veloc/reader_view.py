@@ -119,7 +119,8 @@ class CheckpointView:
     ``"mixed"``), ``rank_levels`` (``{rank: level}``), ``nranks`` (the writing job's size),
     ``ranks`` (the ranks held: ``0..nranks-1``, or the unique ids of ``init_single``
     processes), ``files`` (``{rank: path of the file read}``), ``regions`` (``{id: RegionSpec}``), ``verified`` (whether content digests
-    were checked on open, where the manifests record them). Close it (or use it as a
+    were checked on open, where the manifests record them), ``skipped`` (``[(version,
+    reason)]`` of newer versions passed over because they cannot be read whole). Close it (or use it as a
     context manager) to release the mappings; arrays handed out stay valid while referenced.
     """
 
@@ -133,6 +134,7 @@ class CheckpointView:
         used = set(self.rank_levels.values())
         self.level = used.pop() if len(used) == 1 else "mixed"
         self.regions: Dict[Any, RegionSpec] = _region_specs(self._readers)
+        self.skipped: List[Tuple[int, str]] = []     # newer versions passed over, and why
         self._closed = False
 
     def __repr__(self):

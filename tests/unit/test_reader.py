@@ -133,7 +133,12 @@ def test_newest_complete_version_skips_incomplete(dirs, cfg):
     write_heat(dirs, version=1)
     write_heat(dirs, version=2, skip={2})                 # rank 2 never committed v2
     with veloc.open(cfg, "heat") as view:
+        assert view.version == 1 and [v for v, _ in view.skipped] == [2]
+        assert "ranks 2 have no intact copy" in view.skipped[0][1]
+    with veloc.open(cfg, "heat", nodes="n0") as view:        # one node id as a plain string
         assert view.version == 1
+    with pytest.raises(RestartError, match="no checkpoint named 'heat' at any level .*nodes elsewhere"):
+        veloc.open(cfg, "heat", nodes=["elsewhere"])
     with pytest.raises(RestartError, match=r"heat v2 \(4 ranks\): ranks 2 have no intact copy .*"
                                            r"scratch ranks 0-1,3.*rank 2: no copy at any level read"):
         veloc.open(cfg, "heat", version=2)
