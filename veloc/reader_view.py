@@ -81,6 +81,13 @@ def _region_specs(readers):
     return specs
 
 
+def _plain_id(region_id):
+    """A region id as the file headers hold it: ``str``, or ``int`` for any integer type."""
+    if isinstance(region_id, str) or isinstance(region_id, bool) or not hasattr(region_id, "__index__"):
+        return region_id
+    return int(region_id.__index__())
+
+
 def _box(offset, shape):
     return "[" + ", ".join(f"{o}:{o + n}" for o, n in zip(offset, shape)) + "]"
 
@@ -148,6 +155,7 @@ class CheckpointView:
         return out + (f" region {region_id!r}" if region_id is not None else "")
 
     def _info(self, region_id, rank):
+        region_id = _plain_id(region_id)
         if self._closed:
             raise RestartError(f"{self._where()}: the view is closed")
         if rank not in self._readers:
@@ -209,6 +217,7 @@ class CheckpointView:
             yield rank, index, reader.array(info)
 
     def _spec(self, region_id):
+        region_id = _plain_id(region_id)
         if self._closed:
             raise RestartError(f"{self._where()}: the view is closed")
         for rid, spec in self.regions.items():

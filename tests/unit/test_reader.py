@@ -103,7 +103,7 @@ def test_read_global_2d_uneven_slabs_replicated_and_per_rank(dirs, cfg):
         assert view.regions[1].replicated and view.regions[1].shape == (1,)
         assert view.regions["local"].shape is None and not view.regions["local"].is_global
         assert np.array_equal(view.read_global("grid"), GRID + 3)
-        assert view.read_global(1).tolist() == [3]
+        assert view.read_global(1).tolist() == [3] and view.read_global(np.int64(1)).tolist() == [3]
         part = view.read("grid", 3)
         assert np.array_equal(part, GRID[2:, 3:] + 3) and not part.flags.writeable
         assert view.read("local", 2).tolist() == [2, 2, 2]
