@@ -14,16 +14,21 @@ A reader answers the :class:`RankReader` calls: ``regions`` (the file header's
 memory-mapped where the format allows), ``raw(info)`` (a pickle region's bytes),
 ``digest(algorithm)`` and ``close()``. A new persistent format plugs in with
 :func:`register_reader` (its manifest file kind and a factory taking the file's path).
+With ``verify=False`` a ``.vck`` file is mapped lazily, so reading one region of a large
+copy reads only that region.
 Copies no reader can decode (compressed sidecar files, for example) raise
 :class:`UnreadableCopy` with a message saying what they are, so the caller can take the
 same version from another level instead.
 """
+import builtins
+import mmap
+import os
 from typing import Callable, Dict, List, Optional, Protocol
 
 import numpy as np
 
 from .engine.formats import open_rank_file, version_complete
-from .engine.rankfile import RegionInfo
+from .engine.rankfile import RankFile, RegionInfo
 from .errors import ConfigError, CorruptCheckpointError, RestartError
 
 
@@ -45,14 +50,32 @@ class RankReader(Protocol):
     def close(self) -> None: ...
 
 
-class RankFileReader:
-    """A rank file of the engine's formats (``veloc.engine.formats.open_rank_file``: a
-    ``.vck`` file, or an ``r<rank>.h5`` of the HDF5 persistent format): arrays are
-    read-only views of one shared read-only mapping of the file."""
+class LazyRankFile(RankFile):
+    """A ``.vck`` rank file mapped without pre-faulting its pages (``RankFile`` maps them
+    all on open, which pays off when every byte is hashed or restored): reading one
+    region of a large copy then costs what that region holds."""
 
     def __init__(self, path):
         self.path = path
-        self._file = open_rank_file(path)
+        self._file = builtins.open(path, "rb")
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            self.meta, self.regions = self._parse_header()
+            self._map = mmap.mmap(self._file.fileno(), self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except BaseException:
+            self._file.close()
+            raise
+
+
+class RankFileReader:
+    """A rank file of the engine's formats (``veloc.engine.formats.open_rank_file``: a
+    ``.vck`` file, or an ``r<rank>.h5`` of the HDF5 persistent format): arrays are
+    read-only views of one shared read-only mapping of the file. ``lazy``: map a ``.vck``
+    file without pre-faulting it (no digest will be computed)."""
+
+    def __init__(self, path, lazy=False):
+        self.path = path
+        self._file = LazyRankFile(path) if lazy and path.suffix == ".vck" else open_rank_file(path)
         self.regions = self._file.regions
         for info in self.regions:
             if info.kind == "array" and info.numpy_dtype().hasobject:
@@ -73,12 +96,14 @@ class RankFileReader:
         self._file.close()
 
 
-READERS: Dict[str, Callable[[object], RankReader]] = {"regions": RankFileReader}
+READERS: Dict[str, Callable[..., RankReader]] = {"regions": RankFileReader}
 COMPRESSED_SUFFIXES = (".vcz",)
 
 
-def register_reader(kind: str, factory: Callable[[object], RankReader]) -> None:
-    """Let :func:`open_rank_copy` read manifest file entries of ``kind`` with ``factory(path)``."""
+def register_reader(kind: str, factory: Callable[..., RankReader]) -> None:
+    """Let :func:`open_rank_copy` read manifest file entries of ``kind`` with
+    ``factory(path, lazy)`` (``lazy``: no digest will be asked for, so read only what is
+    touched where the format allows)."""
     READERS[kind] = factory
 
 
@@ -124,7 +149,7 @@ def open_rank_copy(manifest, directory, verify=True) -> Optional[RankReader]:
         raise CorruptCheckpointError(f"{path}: size {size} != {entry.size} recorded in the manifest "
                                      f"(truncated or overwritten; {_where(manifest)})")
     try:
-        reader = READERS[entry.kind](path)
+        reader = READERS[entry.kind](path, lazy=not verify)
     except ConfigError as exc:          # e.g. an HDF5 copy where h5py is not installed
         raise UnreadableCopy(f"{path} ({_where(manifest)}): {exc}") from None
     try:
