@@ -13,7 +13,9 @@ h5py, so h5py, ``h5dump``, HDFView or ParaView read it without veloc:
 
 Dataset names are the region ids (an int id that a string id spells too becomes
 ``int.<id>``); attributes record the checkpoint name, version, rank count, level, and
-each region's id, kind, dtype and element type name. The file is committed atomically
+each region's id, kind, dtype and element type name; ``storage`` is ``typed``, or
+``bytes`` for a dtype HDF5 cannot express (``datetime64``, ``U``: stored as ``uint8`` with
+one more dimension of the item size) and for pickle bytes. The file is committed atomically
 (written under a temporary name with mode 0600, fsynced, renamed, directory fsynced):
 ``OUT`` is either absent or complete. Needs h5py (``pip install 'veloc[hdf5]'``).
 """
@@ -122,8 +124,32 @@ def _total(view, allow_pickle):
     return total
 
 
+def _as_bytes(h5py, dtype):
+    """Whether ``dtype`` must be stored as raw bytes: one HDF5 cannot express
+    (``datetime64``, ``U``) becomes ``uint8`` with one more dimension of its item size."""
+    try:
+        h5py.h5t.py_create(dtype, logical=True)
+    except TypeError:
+        return True
+    return False
+
+
+def _as_stored(array, raw):
+    if not raw:
+        return array
+    return np.ascontiguousarray(array).view(np.uint8).reshape(array.shape + (array.dtype.itemsize,))
+
+
+def _create(h5file, name, spec, shape, raw):
+    dtype = np.dtype(np.uint8) if raw else spec.dtype
+    dataset = h5file.create_dataset(name, shape=tuple(shape) + ((spec.dtype.itemsize,) if raw else ()), dtype=dtype)
+    dataset.attrs["storage"] = "bytes" if raw else "typed"
+    return dataset
+
+
 def write_export(h5file, view, allow_pickle=False, progress=None):
     """Write every region of ``view`` into the open h5py file; returns the ids skipped."""
+    h5py = _import_h5py()
     h5file.attrs.update({"format": FORMAT, "name": view.name, "version": view.version,
                          "nranks": view.nranks, "level": view.level,
                          "rank_levels": json.dumps({str(r): lvl for r, lvl in view.rank_levels.items()})})
@@ -135,24 +161,28 @@ def write_export(h5file, view, allow_pickle=False, progress=None):
         raise UsageError(f"region(s) {', '.join(clash)} would clash with the per-rank groups /rank<r> of the export")
     for spec in view.regions.values():
         name = names[spec.id]
+        raw = spec.kind == "array" and _as_bytes(h5py, spec.dtype)
         if spec.kind == "array" and spec.is_global:
-            dataset = h5file.create_dataset(name, shape=spec.global_shape, dtype=spec.dtype)
+            dataset = _create(h5file, name, spec, spec.global_shape, raw)
             _attrs(dataset, spec, "global", view)
             for _rank, index, slab in view.slabs(spec.id):
-                dataset[index] = slab
+                dataset[index] = _as_stored(slab, raw)
                 progress and progress.add(slab.nbytes)
         elif spec.kind == "array" and spec.replicated:
             data = view.read_global(spec.id)
-            _attrs(h5file.create_dataset(name, data=data), spec, "replicated", view)
+            _create(h5file, name, spec, data.shape, raw)[...] = _as_stored(data, raw)
+            _attrs(h5file[name], spec, "replicated", view)
             progress and progress.add(data.nbytes)
         elif spec.kind == "array" or allow_pickle:
             for rank in spec.ranks:
+                group = h5file.require_group(f"rank{rank}")
                 if spec.kind == "array":
                     data = view.read(spec.id, rank)
+                    _create(group, name, spec, data.shape, raw)[...] = _as_stored(data, raw)
                 else:
                     data = np.frombuffer(view.read_bytes(spec.id, rank), np.uint8)
-                dataset = h5file.require_group(f"rank{rank}").create_dataset(name, data=data)
-                _attrs(dataset, spec, "per-rank" if spec.kind == "array" else "pickle", view, rank)
+                    group.create_dataset(name, data=data).attrs["storage"] = "bytes"
+                _attrs(group[name], spec, "per-rank" if spec.kind == "array" else "pickle", view, rank)
                 progress and progress.add(data.nbytes)
         else:
             skipped.append(spec.id)

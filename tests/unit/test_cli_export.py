@@ -108,3 +108,19 @@ def test_export_without_h5py_says_how_to_install(dirs, ini, capsys, monkeypatch)
     code, _, err = run(capsys, "export", ini, "heat", 1, dirs["tmp"] / "x.h5")
     assert code == 2 and "pip install 'veloc[hdf5]'" in err
 
+
+
+def test_export_dtypes_hdf5_lacks_are_stored_as_bytes(dirs, ini, capsys):
+    stamps = np.array(["2024-01-01T00:00:00", "2025-06-30T12:00:00"], dtype="datetime64[s]")
+    pairs = np.zeros(3, dtype=[("a", "<i4"), ("b", "<f8")])
+    pairs["b"] = [0.5, 1.5, 2.5]
+    write_copy(node_root(dirs), "dt", 1, 0, 1, [region("t", stamps, (2,), (0,)), region("p", pairs, replicated=True),
+                                                region("c", np.array([1 + 2j]), None)])
+    out = dirs["tmp"] / "dt.h5"
+    code, _, err = run(capsys, "export", ini, "dt", 1, out)
+    assert code == 0, err
+    with h5py.File(out, "r") as f:
+        assert f["t"].attrs["storage"] == "bytes" and f["t"].shape == (2, 8)
+        assert np.array_equal(f["t"][...].view("<M8[s]").reshape(2), stamps)
+        assert f["p"].attrs["storage"] == "typed" and f["p"]["b"].tolist() == [0.5, 1.5, 2.5]
+        assert f["rank0/c"][...].tolist() == [1 + 2j]

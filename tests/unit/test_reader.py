@@ -52,7 +52,7 @@ def write_copy(root, name, version, rank, nranks, regions, level="scratch", chec
     path = vdir / (file_name or store.regions_file_name(rank))
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
-        write_rank_file(fd, header, infos, [memoryview(r["data"]).cast("B") for r in regions], total)
+        write_rank_file(fd, header, infos, [memoryview(r["data"].reshape(-1).view(np.uint8)) for r in regions], total)
     finally:
         os.close(fd)
     entry = FileEntry(path.name, total, "regions")
