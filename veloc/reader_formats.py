@@ -113,21 +113,21 @@ def _where(manifest):
 
 def regions_entry(manifest):
     """The manifest entry holding the rank's memory regions (``None`` for a rank that
-    checkpointed only routed files); raises :class:`UnreadableCopy` for a compressed or
-    unknown form."""
+    checkpointed only routed files); raises :class:`UnreadableCopy` for a form no
+    registered reader decodes (a compressed copy is named as such)."""
     entries = [f for f in manifest.files if f.kind != "routed"]
     if not entries:
         return None
     entry = entries[0]
+    if entry.kind in READERS and (entry.kind != "regions" or not entry.name.endswith(COMPRESSED_SUFFIXES)):
+        return entry
     if entry.name.endswith(COMPRESSED_SUFFIXES) or "compress" in entry.kind:
         raise UnreadableCopy(f"compressed copy: {entry.name} ({_where(manifest)}) is stored compressed "
                              "([compress] module) and veloc.open has no decoder for it; read the version "
                              "from another level (level=...), or restart the job, which restores it")
-    if entry.kind not in READERS:
-        raise UnreadableCopy(f"{entry.name} ({_where(manifest)}) is stored as {entry.kind!r}, a format "
-                             f"veloc.open cannot read (readable: {', '.join(sorted(READERS))}); "
-                             "read another level (level=...)")
-    return entry
+    raise UnreadableCopy(f"{entry.name} ({_where(manifest)}) is stored as {entry.kind!r}, a format "
+                         f"veloc.open cannot read (readable: {', '.join(sorted(READERS))}); "
+                         "read another level (level=...)")
 
 
 def open_rank_copy(manifest, directory, verify=True) -> Optional[RankReader]:

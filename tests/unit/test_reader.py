@@ -314,3 +314,26 @@ def test_hdf5_persistent_copies(dirs, cfg):
     (vdir / "global.h5").unlink()
     with pytest.raises(RestartError, match="not complete at this level yet .*global.h5"):
         veloc.open(cfg, "h", level="persistent", verify=False)
+
+
+def test_a_registered_reader_decodes_its_kind(dirs, cfg, monkeypatch):
+    """The seam: a reader registered for a manifest file kind is used for it (here a
+    kind 'compressed' entry whose file happens to be a plain .vck, read by the native reader)."""
+    from veloc import reader_formats
+    write_heat(dirs, version=1, nranks=2)
+    for rank in (0, 1):
+        store = LevelStore("scratch", node_root(dirs))
+        manifest = store.read_manifest("heat", 1, rank)
+        manifest.files[0].kind = "compressed"
+        store.commit_manifest(manifest)
+    with pytest.raises(RestartError, match="compressed copy: r0.vck .*no decoder"):
+        veloc.open(cfg, "heat")
+    opened = []
+
+    def factory(path, lazy=False):
+        opened.append((path.name, lazy))
+        return reader_formats.RankFileReader(path, lazy)
+    monkeypatch.setitem(reader_formats.READERS, "compressed", factory)
+    with veloc.open(cfg, "heat", verify=False) as view:
+        assert np.array_equal(view.read("grid", 1), GRID[:2, 3:] + 1)
+    assert sorted(opened) == [("r0.vck", True), ("r1.vck", True)]
