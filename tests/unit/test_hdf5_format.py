@@ -51,7 +51,7 @@ def to_h5(tmp_path, arrays, rank=0, nranks=1, layouts=None):
     src = rank_file(tmp_path / f"r{rank}.vck", arrays, rank, layouts)
     dst = tmp_path / f"r{rank}.h5"
     with RankFile(src) as rf:
-        size, digest = write_rank_h5(rf, dst, "x", 1, rank, nranks, checksum="xxh3_128")
+        size, digest, _ = write_rank_h5(rf, dst, "x", 1, rank, nranks, checksum="xxh3_128")
     return dst, size, digest
 
 
@@ -262,3 +262,48 @@ def test_incomplete_or_corrupt_hdf5_version_is_not_restored(dirs, hdf5_cfg):
     with veloc.init_single(0, hdf5_cfg) as c:
         c.protect(0, a)
         assert c.restart_test("s") is None
+
+
+def test_old_versions_go_with_their_global_file(dirs, hdf5_cfg):
+    a = np.arange(100.0)
+    with veloc.init_single(0, {**hdf5_cfg, "max_versions": 1}) as c:
+        c.protect(0, a)
+        for version in (1, 2, 3):
+            c.checkpoint("s", version)
+    assert sorted(p.name for p in (dirs["persistent"] / "s").iterdir()) == ["v3"]
+    assert (dirs["persistent"] / "s" / "v3" / "global.h5").is_file()
+
+
+def test_global_file_is_written_once_every_rank_is_committed(dirs, tmp_path):
+    """Two nodes flush their ranks independently; the second to finish writes global.h5,
+    and a later call (another node seeing the same) leaves it alone."""
+    from types import SimpleNamespace
+    from veloc.engine.formats import Hdf5Writer
+    from veloc.engine.levels import LevelStore
+    from veloc.engine.manifest import FileEntry, Manifest
+    scratch, persistent = LevelStore("scratch", dirs["scratch"]), LevelStore("persistent", dirs["persistent"])
+    manifests = {}
+    for rank in range(2):
+        vdir = scratch.version_dir("h", 4)
+        vdir.mkdir(parents=True, exist_ok=True)
+        path = rank_file(vdir / f"r{rank}.vck", {"g": np.full((2, 3), float(rank)), "it": np.array([4])}, rank,
+                         {"g": {"global_shape": [4, 3], "global_offset": [2 * rank, 0]}, "it": {"replicated": True}},
+                         name="h", version=4)
+        manifests[rank] = Manifest("h", 4, rank, 2, "n", "scratch", checksum="xxh3_128",
+                                   files=[FileEntry(path.name, path.stat().st_size,
+                                                    digest=digest_file(path, "xxh3_128"))])
+    log = SimpleNamespace(info=lambda *a: None, warning=lambda *a: None)
+    ctx = SimpleNamespace(scratch=lambda r: scratch, persistent=lambda r: persistent, log=log)
+    writer = Hdf5Writer()
+    for rank in range(2):
+        cmd = SimpleNamespace(name="h", version=4, nranks=2, fresh_digests=set(), mapped=None)
+        persistent.commit_manifest(writer.write_rank(ctx, cmd, rank, manifests[rank]))
+        done = writer.finish_version(ctx, cmd)
+        assert (done is not None) == (rank == 1)
+    target = persistent.version_dir("h", 4) / "global.h5"
+    with h5py.File(target, "r") as f:
+        assert f["g"][()].tolist() == [[0.0] * 3, [0.0] * 3, [1.0] * 3, [1.0] * 3] and f["it"][()].tolist() == [4]
+    assert writer.finish_version(ctx, cmd) is None
+    flip_bytes(persistent.version_dir("h", 4) / "r1.h5")
+    from veloc.engine.modules.scratch import verify_copy
+    assert "checksum mismatch" in verify_copy(persistent, "h", 4, 1)

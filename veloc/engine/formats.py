@@ -33,6 +33,9 @@ class like :class:`~veloc.engine.rankfile.RankFile` recognised by its file suffi
 :func:`open_rank_file`, its name in ``WRITERS`` and in the ``[flush] format`` choices
 (``veloc/config.py``). See docs/ARCHITECTURE.md.
 """
+import contextlib
+import mmap
+import os
 from pathlib import Path
 
 from ..errors import CheckpointError, CorruptCheckpointError
@@ -130,20 +133,23 @@ class Hdf5Writer(NativeWriter):
         entry = manifest.file("regions")
         if entry is None:
             return out
+        path = sdir / entry.name
         try:
-            with RankFile(sdir / entry.name) as rankfile:
+            with _source_map(path, cmd.mapped) as mapping, RankFile(path, mapping=mapping) as rankfile:
                 if (rank not in cmd.fresh_digests and manifest.checksum and entry.digest
                         and rankfile.digest(manifest.checksum) != entry.digest):
                     raise CorruptCheckpointError(f"flush: {rankfile.path} does not match its manifest "
                                                  f"({manifest.checksum} digest); not written to persistent")
-                size, digest = write_rank_h5(rankfile, ddir / rank_file_name(rank), cmd.name, cmd.version, rank,
-                                             cmd.nranks, checksum=manifest.checksum if entry.digest else None,
-                                             direct=self.direct_io, durable=dst.durable)
+                size, digest, datasets = write_rank_h5(
+                    rankfile, ddir / rank_file_name(rank), cmd.name, cmd.version, rank, cmd.nranks,
+                    checksum=manifest.checksum if entry.digest else None, direct=self.direct_io,
+                    durable=dst.durable)
         except FileNotFoundError:
-            raise CorruptCheckpointError(f"flush: {sdir / entry.name} is missing") from None
+            raise CorruptCheckpointError(f"flush: {path} is missing") from None
         except OSError as exc:
             raise CheckpointError(f"flush: cannot write {ddir / rank_file_name(rank)}: {exc}") from exc
         out.files = routed + [FileEntry(rank_file_name(rank), size, "regions", digest=digest)]
+        out.record_module("hdf5", datasets=datasets)     # what global.h5 needs, without reopening
         return out
 
     def finish_version(self, ctx, cmd):
@@ -157,15 +163,45 @@ class Hdf5Writer(NativeWriter):
             return None
         if not all(store.manifest_path(cmd.name, cmd.version, r).exists() for r in range(cmd.nranks)):
             return None
-        ranks = {r: vdir / rank_file_name(r) for r in range(cmd.nranks) if (vdir / rank_file_name(r)).exists()}
+        ranks, tables = {}, {}
+        for r in range(cmd.nranks):
+            try:
+                manifest = store.read_manifest(cmd.name, cmd.version, r)
+            except CorruptCheckpointError as exc:
+                ctx.log.warning("%s v%d: no %s written: %s", cmd.name, cmd.version, GLOBAL_FILE, exc)
+                return None
+            if manifest is None:      # removed meanwhile (a newer run superseded it)
+                return None
+            params = next((m["params"] for m in manifest.modules if m["module"] == "hdf5"), None)
+            if params is not None and manifest.file("regions") is not None:
+                ranks[r] = vdir / manifest.file("regions").name
+                tables[r] = params["datasets"]
         try:
-            local = write_global(ranks, target, cmd.name, cmd.version, cmd.nranks, durable=store.durable)
+            local = write_global(ranks, target, cmd.name, cmd.version, cmd.nranks, durable=store.durable,
+                                 tables=tables)
         except OSError as exc:
             raise CheckpointError(f"flush: cannot write {target}: {exc}") from exc
         for item in local:
             ctx.log.info("%s v%d: region %r is not in %s (%s); a restart on another rank count cannot "
                          "restore it", cmd.name, cmd.version, item["id"], target, item["reason"])
         return target
+
+
+@contextlib.contextmanager
+def _source_map(path, mapped_files):
+    """The mapping of ``path`` made by this pipeline run's checksum module, else a fresh
+    one (not pre-faulted: the direct write pins the pages itself), closed afterwards."""
+    existing = mapped_files.peek(path) if mapped_files is not None else None
+    if existing is not None:
+        yield existing
+        return
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if not size:
+            yield None
+            return
+        with mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mapping:
+            yield mapping
 
 
 WRITERS = {"native": NativeWriter, "hdf5": Hdf5Writer}

@@ -44,6 +44,7 @@ application rank) and by readers of checkpoints.
 """
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ import numpy as np
 from ..errors import ConfigError, CorruptCheckpointError
 from .fileio import FILE_MODE, O_DIRECT, fsync_dir, pwrite_all, temp_name
 from .hashing import digest_buffer, hasher, map_readonly
-from .rankfile import RegionInfo
+from .rankfile import RegionInfo, dtype_descr
 
 SUFFIX = ".h5"
 GLOBAL_FILE = "global.h5"
@@ -113,16 +114,18 @@ def write_rank_h5(rankfile, path, name, version, rank, nranks, checksum=None, di
     """Write the regions of an open, verified :class:`RankFile` as ``path`` (an
     ``r<rank>.h5``), committed atomically (temp name, fsync, rename, directory fsync).
 
-    Returns ``(size, digest)``: the file's size and its ``checksum`` digest (``None``
-    without an algorithm), computed from the bytes as they are laid out in the file.
-    Called by the flush module in the node's engine, one call per local rank.
+    Returns ``(size, digest, datasets)``: the file's size, its ``checksum`` digest
+    (``None`` without an algorithm), computed from the bytes as they are laid out in the
+    file, and ``[(dataset name, attributes, shape, dtype descr)]`` (JSON-ready; kept in
+    the manifest so ``global.h5`` is built without opening every rank's file). Called by
+    the flush module in the node's engine, one call per local rank.
     """
     h5py = require_h5py()
     path = Path(path)
     tmp = temp_name(path)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
     try:
-        placed = _write_metadata(h5py, rankfile, tmp, name, version, rank, nranks)
+        placed, datasets = _write_metadata(h5py, rankfile, tmp, name, version, rank, nranks)
         size = os.stat(tmp).st_size
         digest = _write_data(tmp, placed, size, checksum, direct, durable)
         os.replace(tmp, path)
@@ -134,13 +137,13 @@ def write_rank_h5(rankfile, path, name, version, rank, nranks, checksum=None, di
         raise
     if durable:
         fsync_dir(path.parent)
-    return size, digest
+    return size, digest, datasets
 
 
 def _write_metadata(h5py, rankfile, tmp, name, version, rank, nranks):
     """Create the HDF5 structure with every dataset allocated (never filled); return
-    ``[(file offset, source bytes)]`` of the data still to write."""
-    placed = []
+    ``[(file offset, source bytes)]`` of the data still to write, and the datasets."""
+    placed, datasets = [], []
     names = dataset_names(rankfile.regions)
     with h5py.File(tmp, "w", alignment_threshold=ALIGN_THRESHOLD, alignment_interval=ALIGN,
                    track_times=False) as f:
@@ -153,7 +156,10 @@ def _write_metadata(h5py, rankfile, tmp, name, version, rank, nranks):
             dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             dset = f.create_dataset(names[info.id], shape=shape, dtype=dtype, dcpl=dcpl)
-            dset.attrs.update(_region_attrs(info, storage))
+            attrs = _region_attrs(info, storage)
+            dset.attrs.update(attrs)
+            datasets.append((names[info.id], {k: v.tolist() if isinstance(v, np.ndarray) else v
+                                              for k, v in attrs.items()}, list(shape), dtype_descr(dtype)))
             dset.attrs.update({"veloc_version": int(version), "veloc_rank": int(rank)})
             if not info.nbytes:
                 continue
@@ -162,7 +168,7 @@ def _write_metadata(h5py, rankfile, tmp, name, version, rank, nranks):
                 dset.write_direct(np.ascontiguousarray(rankfile.bytes_view(info).view(dtype).reshape(shape)))
             else:
                 placed.append((int(offset), rankfile.bytes_view(info)))
-    return sorted(placed, key=lambda p: p[0])
+    return sorted(placed, key=lambda p: p[0]), datasets
 
 
 def _write_data(tmp, placed, size, checksum, direct, durable):
@@ -175,20 +181,31 @@ def _write_data(tmp, placed, size, checksum, direct, durable):
         except OSError:
             dfd = None
     h = hasher(checksum) if checksum else None
+    # the writes (which release the GIL) run in a helper thread while this one hashes
+    pool = ThreadPoolExecutor(1) if h is not None and placed else None
     try:
+        def write_all():
+            nonlocal dfd
+            for offset, view in placed:
+                dfd = _write_at(fd, dfd, view, offset)
+        writing = pool.submit(write_all) if pool is not None else None
+        if writing is None:
+            write_all()
         pos = 0
-        for offset, view in placed:
-            if h is not None and offset > pos:
+        for offset, view in placed if h is not None else ():
+            if offset > pos:       # metadata, written by h5py before
                 h.update(os.pread(fd, offset - pos, pos))
-            dfd = _write_at(fd, dfd, view, offset)
-            if h is not None:
-                h.update(view)
+            h.update(view)
             pos = offset + len(view)
         if h is not None and size > pos:
             h.update(os.pread(fd, size - pos, pos))
+        if writing is not None:
+            writing.result()
         if durable:
             os.fsync(fd)
     finally:
+        if pool is not None:
+            pool.shutdown()
         os.close(fd)
         if dfd is not None:
             os.close(dfd)

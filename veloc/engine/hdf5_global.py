@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import CorruptCheckpointError
 from .fileio import FILE_MODE, fsync_dir, temp_name
+from .rankfile import RegionInfo
 
 _SHARED_ATTRS = ("veloc_id", "veloc_kind", "veloc_dtype", "veloc_dtype_name", "veloc_order", "veloc_storage",
                  "veloc_global_shape", "veloc_replicated")
@@ -21,6 +22,18 @@ _SHARED_ATTRS = ("veloc_id", "veloc_kind", "veloc_dtype", "veloc_dtype_name", "v
 
 def _text(value):
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _tables_from_manifests(datasets_by_rank):
+    """The same tables from the dataset lists the flush recorded in each rank's manifest."""
+    tables = {}
+    for rank, datasets in datasets_by_rank.items():
+        table = {}
+        for name, attrs, shape, descr in datasets:
+            dtype = RegionInfo(None, "array", descr, (), "C", 0, 0).numpy_dtype()
+            table[json.loads(attrs["veloc_id"])] = (name, attrs, tuple(shape), dtype)
+        tables[rank] = table
+    return tables
 
 
 def _rank_tables(h5py, rank_paths):
@@ -90,14 +103,15 @@ def _classify(tables, nranks):
     return stitched, local
 
 
-def write_global(rank_paths, path, name, version, nranks, durable=True):
+def write_global(rank_paths, path, name, version, nranks, durable=True, tables=None):
     """Write ``global.h5`` at ``path`` from every rank's committed ``r<rank>.h5``
-    (``rank_paths``: ``{rank: path}``, all ``nranks`` of them), atomically. Returns the
-    list of regions left out (``{"id", "reason"}``)."""
+    (``rank_paths``: ``{rank: path}``, all ``nranks`` of them), atomically. ``tables``:
+    each rank's datasets as ``write_rank_h5`` returned them (``{rank: [...]}``), else
+    read from the files. Returns the list of regions left out (``{"id", "reason"}``)."""
     from .hdf5_format import FORMAT, require_h5py
     h5py = require_h5py()
     path = Path(path)
-    tables = _rank_tables(h5py, rank_paths)
+    tables = _rank_tables(h5py, rank_paths) if tables is None else _tables_from_manifests(tables)
     stitched, local = _classify(tables, nranks)
     tmp = temp_name(path)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))

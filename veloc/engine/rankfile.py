@@ -153,13 +153,16 @@ def write_rank_file(fd, header, infos, views, total, mapped=None):
 class RankFile:
     """Read-only view of a rank file, validated on open (magic, header CRC, bounds)."""
 
-    def __init__(self, path):
+    def __init__(self, path, mapping=None):
+        """``mapping``: an existing read-only mapping of the whole file to read from (kept
+        open by its owner), e.g. the one the checksum module made in the same pipeline run."""
         self.path = path
         self._file = open(path, "rb")
+        self._own_map = mapping is None
         try:
             self.size = os.fstat(self._file.fileno()).st_size
             self.meta, self.regions = self._parse_header()
-            self._map = map_readonly(self._file.fileno(), self.size)
+            self._map = map_readonly(self._file.fileno(), self.size) if mapping is None else mapping
         except BaseException:
             self._file.close()
             raise
@@ -223,7 +226,7 @@ class RankFile:
         return raw.view(info.numpy_dtype()).reshape(info.shape, order=info.order)
 
     def close(self):
-        if getattr(self, "_map", None) is not None:
+        if getattr(self, "_map", None) is not None and self._own_map:
             try:
                 self._map.close()
             except BufferError:  # a caller still holds a view; the mapping goes with it
