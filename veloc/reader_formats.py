@@ -20,7 +20,6 @@ Copies no reader can decode (compressed sidecar files, for example) raise
 :class:`UnreadableCopy` with a message saying what they are, so the caller can take the
 same version from another level instead.
 """
-import builtins
 import mmap
 import os
 from typing import Callable, Dict, List, Optional, Protocol
@@ -50,21 +49,16 @@ class RankReader(Protocol):
     def close(self) -> None: ...
 
 
-class LazyRankFile(RankFile):
-    """A ``.vck`` rank file mapped without pre-faulting its pages (``RankFile`` maps them
-    all on open, which pays off when every byte is hashed or restored): reading one
-    region of a large copy then costs what that region holds."""
-
-    def __init__(self, path):
-        self.path = path
-        self._file = builtins.open(path, "rb")
-        try:
-            self.size = os.fstat(self._file.fileno()).st_size
-            self.meta, self.regions = self._parse_header()
-            self._map = mmap.mmap(self._file.fileno(), self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        except BaseException:
-            self._file.close()
-            raise
+def _lazy_mapping(path):
+    """A read-only mapping of the whole file without pre-faulting its pages (``RankFile``
+    maps them all on open, which pays off when every byte is hashed or restored); ``None``
+    for an empty file, which the rank file's own checks then refuse."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) if size else None
+    finally:
+        os.close(fd)
 
 
 class RankFileReader:
@@ -75,11 +69,16 @@ class RankFileReader:
 
     def __init__(self, path, lazy=False):
         self.path = path
-        self._file = LazyRankFile(path) if lazy and path.suffix == ".vck" else open_rank_file(path)
+        self._lazy = _lazy_mapping(path) if lazy and path.suffix == ".vck" else None
+        try:
+            self._file = RankFile(path, mapping=self._lazy) if self._lazy is not None else open_rank_file(path)
+        except BaseException:
+            self._close_lazy()
+            raise
         self.regions = self._file.regions
         for info in self.regions:
             if info.kind == "array" and info.numpy_dtype().hasobject:
-                self._file.close()
+                self.close()
                 raise CorruptCheckpointError(f"{path}: region {info.id!r} declares a Python-object dtype "
                                              f"{info.dtype!r}; refused (arrays are never unpickled)")
 
@@ -94,6 +93,15 @@ class RankFileReader:
 
     def close(self):
         self._file.close()
+        self._close_lazy()
+
+    def _close_lazy(self):
+        if self._lazy is not None:
+            try:
+                self._lazy.close()
+            except BufferError:      # a caller still holds an array; the mapping goes with it
+                pass
+            self._lazy = None
 
 
 READERS: Dict[str, Callable[..., RankReader]] = {"regions": RankFileReader}
@@ -152,6 +160,8 @@ def open_rank_copy(manifest, directory, verify=True) -> Optional[RankReader]:
         reader = READERS[entry.kind](path, lazy=not verify)
     except ConfigError as exc:          # e.g. an HDF5 copy where h5py is not installed
         raise UnreadableCopy(f"{path} ({_where(manifest)}): {exc}") from None
+    except OSError as exc:              # removed or replaced since its size was checked
+        raise CorruptCheckpointError(f"{path}: unreadable ({exc.strerror}; {_where(manifest)})") from None
     try:
         if verify and manifest.checksum and entry.digest:
             if reader.digest(manifest.checksum) != entry.digest:
