@@ -5,17 +5,16 @@ of a version at a level is described by its manifest; the manifest's file entrie
 which format holds the regions (``FileEntry.kind``). :func:`open_rank_copy` picks the
 reader registered for that kind (for ``regions``, the engine's own formats, told apart by
 file suffix: a ``.vck`` rank file or an HDF5 ``r<rank>.h5``, whose version counts only
-once its ``global.h5`` exists), checks the file's size, opens it (which validates its
-header) and, when asked, checks its content digest against the manifest, so a reader it
-returns is verified and open.
+once its ``global.h5`` exists) after checking the file's size and, when asked, its
+content digest against the manifest (hashed in one pass before anything is parsed); the
+reader validates the file's header on open. A reader it returns is verified and open.
 
 A reader answers the :class:`RankReader` calls: ``regions`` (the file header's
 :class:`~veloc.engine.rankfile.RegionInfo` list), ``array(info)`` (a read-only array,
-memory-mapped where the format allows), ``raw(info)`` (a pickle region's bytes),
-``digest(algorithm)`` and ``close()``. A new persistent format plugs in with
+memory-mapped where the format allows: a ``.vck`` file is mapped without pre-faulting,
+so reading one region of a large copy reads only that region), ``raw(info)`` (a region's
+stored bytes) and ``close()``. A new persistent format plugs in with
 :func:`register_reader` (its manifest file kind and a factory taking the file's path).
-With ``verify=False`` a ``.vck`` file is mapped lazily, so reading one region of a large
-copy reads only that region.
 Copies no reader can decode (compressed sidecar files, for example) raise
 :class:`UnreadableCopy` with a message saying what they are, so the caller can take the
 same version from another level instead.
@@ -27,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Protocol
 import numpy as np
 
 from .engine.formats import open_rank_file, version_complete
+from .engine.hashing import digest_file
 from .engine.rankfile import RankFile, RegionInfo
 from .errors import ConfigError, CorruptCheckpointError, RestartError
 
@@ -43,8 +43,6 @@ class RankReader(Protocol):
     def array(self, info: RegionInfo) -> np.ndarray: ...
 
     def raw(self, info: RegionInfo) -> memoryview: ...
-
-    def digest(self, algorithm: str) -> str: ...
 
     def close(self) -> None: ...
 
@@ -64,16 +62,16 @@ def _lazy_mapping(path):
 class RankFileReader:
     """A rank file of the engine's formats (``veloc.engine.formats.open_rank_file``: a
     ``.vck`` file, or an ``r<rank>.h5`` of the HDF5 persistent format): arrays are
-    read-only views of one shared read-only mapping of the file. ``lazy``: map a ``.vck``
-    file without pre-faulting it (no digest will be computed)."""
+    read-only views of one shared read-only mapping of the file. A ``.vck`` file is mapped
+    without pre-faulting, so reading one region of a large copy reads only that region."""
 
-    def __init__(self, path, lazy=False):
+    def __init__(self, path):
         self.path = path
-        self._lazy = _lazy_mapping(path) if lazy and path.suffix == ".vck" else None
+        self._mapping = _lazy_mapping(path) if path.suffix == ".vck" else None
         try:
-            self._file = RankFile(path, mapping=self._lazy) if self._lazy is not None else open_rank_file(path)
+            self._file = RankFile(path, mapping=self._mapping) if self._mapping is not None else open_rank_file(path)
         except BaseException:
-            self._close_lazy()
+            self._close_mapping()
             raise
         self.regions = self._file.regions
         for info in self.regions:
@@ -88,20 +86,17 @@ class RankFileReader:
     def raw(self, info):
         return memoryview(self._file.bytes_view(info))
 
-    def digest(self, algorithm):
-        return self._file.digest(algorithm)
-
     def close(self):
         self._file.close()
-        self._close_lazy()
+        self._close_mapping()
 
-    def _close_lazy(self):
-        if self._lazy is not None:
+    def _close_mapping(self):
+        if self._mapping is not None:
             try:
-                self._lazy.close()
+                self._mapping.close()
             except BufferError:      # a caller still holds an array; the mapping goes with it
                 pass
-            self._lazy = None
+            self._mapping = None
 
 
 READERS: Dict[str, Callable[..., RankReader]] = {"regions": RankFileReader}
@@ -110,8 +105,7 @@ COMPRESSED_SUFFIXES = (".vcz",)
 
 def register_reader(kind: str, factory: Callable[..., RankReader]) -> None:
     """Let :func:`open_rank_copy` read manifest file entries of ``kind`` with
-    ``factory(path, lazy)`` (``lazy``: no digest will be asked for, so read only what is
-    touched where the format allows)."""
+    ``factory(path)`` (the file's digest is checked before, when asked)."""
     READERS[kind] = factory
 
 
@@ -156,17 +150,17 @@ def open_rank_copy(manifest, directory, verify=True) -> Optional[RankReader]:
     if size != int(entry.size):
         raise CorruptCheckpointError(f"{path}: size {size} != {entry.size} recorded in the manifest "
                                      f"(truncated or overwritten; {_where(manifest)})")
+    if verify and manifest.checksum and entry.digest:
+        try:
+            actual = digest_file(path, manifest.checksum)
+        except OSError as exc:
+            raise CorruptCheckpointError(f"{path}: unreadable ({exc.strerror}; {_where(manifest)})") from None
+        if actual != entry.digest:
+            raise CorruptCheckpointError(f"{path}: {manifest.checksum} checksum mismatch ({_where(manifest)})")
     try:
-        reader = READERS[entry.kind](path, lazy=not verify)
+        reader = READERS[entry.kind](path)
     except ConfigError as exc:          # e.g. an HDF5 copy where h5py is not installed
         raise UnreadableCopy(f"{path} ({_where(manifest)}): {exc}") from None
     except OSError as exc:              # removed or replaced since its size was checked
         raise CorruptCheckpointError(f"{path}: unreadable ({exc.strerror}; {_where(manifest)})") from None
-    try:
-        if verify and manifest.checksum and entry.digest:
-            if reader.digest(manifest.checksum) != entry.digest:
-                raise CorruptCheckpointError(f"{path}: {manifest.checksum} checksum mismatch ({_where(manifest)})")
-    except BaseException:
-        reader.close()
-        raise
     return reader
