@@ -10,7 +10,7 @@ the caller passes ``allow_pickle=True``.
 import bisect
 import pickle
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -189,9 +189,10 @@ class CheckpointView:
         reader, info = self._info(region_id, rank)
         return reader.raw(info)
 
-    def slabs(self, region_id) -> Iterator[Tuple[int, Tuple[slice, ...], np.ndarray]]:
-        """``(rank, index in the global array, read-only slab)`` of every rank holding a
-        global region, after checking that they tile the global shape exactly."""
+    def slabs(self, region_id) -> List[Tuple[int, Tuple[slice, ...], np.ndarray]]:
+        """``[(rank, index in the global array, read-only slab)]`` of every rank holding a
+        global region (memory-mapped, no copy), after checking that they tile the global
+        shape exactly."""
         spec = self._spec(region_id)
         if not spec.is_global:
             raise RestartError(f"{self._where(region_id=region_id)} is not a global array (protected without "
@@ -212,9 +213,8 @@ class CheckpointView:
             if absent:
                 raise CorruptCheckpointError(f"{exc} (ranks {rank_ranges(absent)} hold no such region)") from None
             raise
-        for rank, offset, shape, reader, info in placed:
-            index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
-            yield rank, index, reader.array(info)
+        return [(rank, tuple(slice(o, o + n) for o, n in zip(offset, shape)), reader.array(info))
+                for rank, offset, shape, reader, info in placed]
 
     def _spec(self, region_id):
         region_id = _plain_id(region_id)

@@ -109,6 +109,9 @@ def test_read_global_2d_uneven_slabs_replicated_and_per_rank(dirs, cfg):
         assert view.read("local", 2).tolist() == [2, 2, 2]
         with pytest.raises(RestartError, match="per-rank region .*read\\(id, rank\\), ranks 0-3"):
             view.read_global("local")
+        with pytest.raises(RestartError, match="'local' is not a global array"):
+            view.slabs("local")
+        assert [(r, index) for r, index, _ in view.slabs("grid")][3] == (3, (slice(2, 6), slice(3, 10)))
         with pytest.raises(RestartError, match="no region 'nope'; regions: 'grid', 1, 'local'"):
             view.read_global("nope")
         with pytest.raises(RestartError, match="rank 2 .*no region '1'"):
