@@ -64,9 +64,9 @@ def _seconds(text):
 
 
 def export_args(p):
-    p.epilog = ("The version is read as veloc.open reads it (the fastest intact copy of each rank, digests checked). In OUT: a "
-                "global array is the dataset /<id> of its global shape, a replicated region /<id> once, any other "
-                "region /rank<r>/<id>. Needs h5py: pip install 'veloc[hdf5]'.")
+    p.epilog = ("The version is read as veloc.open reads it (the fastest intact copy of each rank, digests "
+                "checked). In OUT: a global array is the dataset /<id> of its global shape, a replicated region "
+                "/<id> once, any other region /rank<r>/<id>. Needs h5py: pip install 'veloc[hdf5]'.")
     p.add_argument("cfg", metavar="CFG", help="the application's veloc INI configuration file")
     p.add_argument("name", metavar="NAME", help="checkpoint name")
     p.add_argument("version", metavar="VERSION", type=_version, help="checkpoint version")
