@@ -41,6 +41,8 @@ class RestartMixin(ReshapeMixin):
         """Every rank, collective: the newest version ``<= max_version`` (no bound: ``None``)
         of ``name`` that every rank can restore from some level after verifying it, or
         ``None``. A corrupt or missing copy falls back to another level or an older version.
+        A newer HDF5 version written on another rank count counts too when every protected
+        region is global or replicated (``veloc.restart_reshape``).
         Raises RestartError for a bad name/version or a failing engine/backend."""
         self._check_open()
         name = check_name(name, error=RestartError)

@@ -15,7 +15,8 @@ refused, naming it); the N rank files are verified (manifest, sizes, digests), o
 ``r`` by new rank ``r mod M``, so each file is hashed once. Restoring then reads each
 global region's slab (this rank's ``global_shape``/``offset`` as protected now) as a
 hyperslab through ``global.h5``'s virtual dataset straight into the protected array,
-and a replicated region from the lowest-numbered intact rank file.
+and a replicated region from the lowest-numbered intact rank file. A version with
+routed files (file-based mode) restores on its own rank count only.
 """
 import logging
 import re
@@ -158,13 +159,20 @@ class ReshapeMixin:
         failure = self.host.first_failure(self._reshape_check_regions(name, version, desc))
         if failure is not None:
             return None, f"rank {failure[0]}: {failure[1]}"
-        mine = []
+        mine, routed = [], None
+        store = LevelStore("persistent", root)
         for old in range(self.comm.Get_rank(), nranks, size):
-            reason = verify_copy(LevelStore("persistent", root), name, version, old)
+            reason = verify_copy(store, name, version, old)
             if reason is None and not (vdir / rank_file_name(old)).is_file():
                 reason = f"{vdir / rank_file_name(old)} is missing: rank {old}'s copy is not in HDF5"
+            if reason is None and any(f.kind != "regions" for f in store.read_manifest(name, version, old).files):
+                routed = (f"writer rank {old} routed files (file-based mode), which cannot be "
+                          "redistributed to another rank count")
             if reason is not None:
                 mine.append((old, reason))
+        failure = self.host.first_failure(routed)
+        if failure is not None:
+            return None, failure[1]
         bad = dict(item for part in self.comm.allgather(mine) for item in part)
         intact = [r for r in range(nranks) if r not in bad]
         needs_all = any(self.regions[i].layout.get("global_shape") for i in self.regions)

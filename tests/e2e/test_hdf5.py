@@ -197,3 +197,39 @@ def test_async_restart_on_another_rank_count(dirs, reference, async_env):
     out = dirs["tmp"] / "out.npy"
     assert restart(cfg, 2, out, env=env) == (FAIL_AT, "persistent=2")
     assert_bit_exact(out, reference)
+
+
+REPLICATED_APP = textwrap.dedent("""
+    import sys, numpy as np, veloc
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    it = np.zeros(2, np.int64)
+    state = {}
+    with veloc.init(sys.argv[1], comm) as ck:
+        ck.protect("it", it, replicated=True)
+        ck.protect("state", state, pickle=True, replicated=True)
+        if sys.argv[2] == "write":
+            it[:] = [7, 8]
+            state.update(lr=0.5, name="run")
+            ck.checkpoint("rep", 3)
+        else:
+            v = ck.restart_test("rep")
+            ck.restart("rep", v)
+            print(f"rank {comm.rank} v{v} it={it.tolist()} state={sorted(state.items())}", flush=True)
+""")
+
+
+@pytest.mark.timeout(60)
+def test_replicated_regions_come_from_any_intact_copy(dirs):
+    """Rank 0's file is corrupt: a job of another size reads the replicated regions from
+    the next intact rank file (global.h5 points at rank 0's copy)."""
+    from conftest import flip_bytes
+    cfg = write_config(dirs)
+    app = dirs["tmp"] / "rep_app.py"
+    app.write_text(REPLICATED_APP)
+    run_mpi([app, cfg, "write"], n=2, timeout=TIMEOUT)
+    shutil.rmtree(dirs["scratch"])
+    flip_bytes(dirs["persistent"] / "rep" / "v3" / "r0.h5")
+    proc = run_mpi([app, cfg, "read"], n=3, timeout=TIMEOUT)
+    for rank in range(3):
+        assert f"rank {rank} v3 it=[7, 8] state=[('lr', 0.5), ('name', 'run')]" in proc.stdout, proc.stdout

@@ -125,6 +125,11 @@ def test_truncated_or_foreign_file_is_corrupt(tmp_path):
         f["a"] = np.arange(3)
     with pytest.raises(CorruptCheckpointError, match="veloc attributes"):
         Hdf5RankFile(plain)
+    grouped = tmp_path / "grouped.h5"
+    with h5py.File(grouped, "w") as f:
+        f.create_group("g")
+    with pytest.raises(CorruptCheckpointError, match="grouped.h5"):
+        Hdf5RankFile(grouped)
     (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
     with pytest.raises(CorruptCheckpointError, match="junk.h5"):
         Hdf5RankFile(tmp_path / "junk.h5")

@@ -155,7 +155,7 @@ class Hdf5Writer(NativeWriter):
     def finish_version(self, ctx, cmd):
         """Commit ``global.h5`` if every rank's copy of the version is committed and no
         other node has done it yet; returns its path, or ``None``."""
-        from .hdf5_format import GLOBAL_FILE, rank_file_name, write_global
+        from .hdf5_format import GLOBAL_FILE, write_global
         store = ctx.persistent(0)
         vdir = store.version_dir(cmd.name, cmd.version)
         target = vdir / GLOBAL_FILE

@@ -52,7 +52,11 @@ import numpy as np
 from ..errors import ConfigError, CorruptCheckpointError
 from .fileio import FILE_MODE, O_DIRECT, fsync_dir, pwrite_all, temp_name
 from .hashing import digest_buffer, hasher, map_readonly
+from .hdf5_global import GlobalFile, write_global    # the version file, re-exported here
 from .rankfile import RegionInfo, dtype_descr
+
+__all__ = ["GLOBAL_FILE", "GlobalFile", "Hdf5RankFile", "SUFFIX", "dataset_names", "rank_file_name",
+           "require_h5py", "write_global", "write_rank_h5"]
 
 SUFFIX = ".h5"
 GLOBAL_FILE = "global.h5"
@@ -274,8 +278,8 @@ class Hdf5RankFile:
                     self.meta = {k[6:]: (_text(v) if isinstance(v, (bytes, str)) else int(v))
                                  for k, v in f.attrs.items() if k.startswith("veloc_")}
                     self.regions = [self._region(path, f[key]) for key in f]
-            except (OSError, KeyError, ValueError, TypeError) as exc:
-                raise CorruptCheckpointError(f"{path}: not a readable veloc HDF5 rank file ({exc})") from None
+            except (OSError, KeyError, ValueError, TypeError, AttributeError) as exc:
+                raise CorruptCheckpointError(f"{path}: not a readable veloc HDF5 rank file ({exc!r})") from None
             self._map = map_readonly(self._file.fileno(), self.size) if self.size else None
         except BaseException:
             self._file.close()
@@ -330,5 +334,3 @@ class Hdf5RankFile:
     def __exit__(self, *exc):
         self.close()
 
-
-from .hdf5_global import GlobalFile, write_global  # noqa: E402,F401  (re-exported)
