@@ -1,7 +1,7 @@
-"""``python -m veloc``: the ``veloc`` command-line tool (see :mod:`veloc.cli.main`)."""
+"""``python -m veloc``: the ``veloc`` command-line tool (see :mod:`veloc.cli.commands`)."""
 import sys
 
-from veloc.cli.main import main
+from veloc.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

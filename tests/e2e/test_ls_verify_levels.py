@@ -13,7 +13,7 @@ import os
 import pytest
 
 from conftest import REPO, flip_bytes, run_mpi
-from veloc.cli.main import main
+from veloc.cli import main
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 APP = REPO / "tests" / "e2e" / "apps" / "multilevel_app.py"

@@ -1,4 +1,4 @@
-"""The ``veloc`` command-line tool, driven in-process (``veloc.cli.main``) and once as a
+"""The ``veloc`` command-line tool, driven in-process (``veloc.cli.commands``) and once as a
 real process. Checkpoints are written with ``veloc.init_single`` (MPI.COMM_SELF, no
 mpiexec) for ranks 0 and 1 of a virtual node."""
 import json
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import veloc
-from veloc.cli.main import main
+from veloc.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 NODE = "n0"
@@ -282,7 +282,7 @@ def test_help(capsys):
 def test_entry_point_runs_as_a_process(ckpt):
     env = dict(os.environ, VELOC_NODE_ID=NODE,
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "veloc.cli.main", "ls", ckpt["cfg"]], env=env,
+    proc = subprocess.run([sys.executable, "-m", "veloc.cli.commands", "ls", ckpt["cfg"]], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "persistent" in proc.stdout and "complete" in proc.stdout

@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 import veloc
-from veloc.cli.main import main
+from veloc.cli import main
 from veloc.cli.levels import nodes_on_disk, values_on_disk
 
 

@@ -302,7 +302,7 @@ def test_lossy_region_restarts_within_bound_from_persistent_exactly_from_scratch
 
 
 def test_veloc_verify_fails_a_damaged_compressed_copy(dirs, cfg, capsys):
-    from veloc.cli.main import main
+    from veloc.cli import main
     ini = dirs["tmp"] / "c.ini"
     ini.write_text(f"scratch = {cfg['scratch']}\npersistent = {cfg['persistent']}\n[compress]\nenabled = true\n")
     run_versions(cfg, [1], np.zeros((64, 64)), np.ones(100, np.float32))

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from veloc.cli.main import main
+from veloc.cli import main
 from veloc.progress import ProgressReporter, format_progress, human_bytes
 
 from veloc_backend import executor as executor_mod

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from veloc.cli.main import main
+from veloc.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""Rank files behind the ``veloc show``/``extract`` commands (see ``veloc.cli.main``).
+"""Rank files behind the ``veloc show``/``extract`` commands (see ``veloc.cli.commands``).
 
 Run by a user on any node, outside the application and its engine. It reads rank files
 (``.vck``) and compressed rank files (``.vcz``, decoded on the fly; ``show`` adds each

@@ -1,4 +1,4 @@
-"""Every level of a configuration as the ``veloc ls``/``verify`` tool sees it (see ``veloc.cli.main``).
+"""Every level of a configuration as the ``veloc ls``/``verify`` tool sees it (see ``veloc.cli.commands``).
 
 Run by a user on any node, outside the application and its engine; it only reads.
 Levels, fastest first:
@@ -20,6 +20,7 @@ import re
 import string
 from dataclasses import dataclass, field
 
+from veloc.storage.formats import version_complete
 from veloc.storage.levels import LevelStore
 from veloc.engine.modules.scratch import verify_copy
 from veloc.redundancy.striping import DIGEST, GroupStore, ranks_of
@@ -193,6 +194,9 @@ class Level:
                 continue
             short, bad = _sizes_problems(store.version_dir(name, version), entries)
             truncated, problems = truncated or short, problems + bad
+            if not version_complete(store.version_dir(name, version), rank):
+                problems.append(f"{store.version_dir(name, version)}: HDF5 copy of rank {rank} but no global.h5: "
+                                "the version is not complete at this level")
             present.add(rank)
             if manifest.file("compressed") is not None:
                 compressed.append(rank)
@@ -209,6 +213,10 @@ class Level:
             return
         for rank, store in copies:
             reason = verify_copy(store, name, version, rank)
+            if reason is None and not version_complete(store.version_dir(name, version), rank):
+                yield "MISSING", self.name, f"rank {rank}", (f"{store.version_dir(name, version)}: HDF5 copy intact, "
+                                                             "but no global.h5: the version is incomplete here")
+                continue
             if reason is not None:
                 yield "FAIL", self.name, f"rank {rank}", reason
                 continue

@@ -15,6 +15,7 @@ import sys
 from collections import Counter, namedtuple
 from dataclasses import asdict
 
+from veloc.cli.export import export_args, run_export
 from veloc.cli.inspect import describe_rankfile, extract_region, parse_region_id
 from veloc.cli.levels import (UsageError, checkpoint_states, fields_of, levels_reached, nodes_on_disk, open_levels,
                          verify_version)
@@ -284,6 +285,8 @@ COMMANDS = [
     Command("verify", "verify the checksums of every rank's copy at every level", _verify_args, _verify),
     Command("show", "print the header of a rank file: name, version, rank, regions", _show_args, _show),
     Command("extract", "write one array region of a rank file to a .npy file", _extract_args, _extract),
+    Command("export", "write one version, from any level, to one HDF5 file with global datasets", export_args,
+            run_export),
     Command("drain", "wait until this node's backend (async mode) has nothing pending", _drain_args, _drain),
     Command("status", "show each backend of the job on this machine: queue, failures, log", _cfg_arg, _status),
     Command("plan", "measure each configured level's checkpoint cost and model the intervals", plan_args, run_plan),
@@ -293,7 +296,8 @@ COMMANDS = [
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="veloc", description="Inspect veloc checkpoints: list versions per level, verify checksums, "
-        "show a rank file's regions, extract a region to .npy; drain and show async backends.",
+        "show a rank file's regions, extract a region to .npy, export a version to HDF5; drain and show "
+        "async backends.",
         epilog="exit status: 0 success, 1 a copy failed verification, 2 usage/configuration/file error. "
         "Scratch is node-local: ls/verify read the scratch, partner and erasure trees of this node "
         "(or --node N, or --all-nodes for every virtual node on this machine).")
