@@ -99,7 +99,34 @@ class RankFileReader:
             self._mapping = None
 
 
-READERS: Dict[str, Callable[..., RankReader]] = {"regions": RankFileReader}
+class CompressedCopyReader:
+    """A compressed copy (``r<rank>.vcz``, the ``[compress]`` module's persistent form):
+    each array is decoded into a new array when read (block checksums checked first)."""
+
+    def __init__(self, path):
+        from veloc.storage.compressed_file import CompressedReader
+        self.path = path
+        self._file = CompressedReader(path)
+        self.regions = self._file.regions
+        for info in self.regions:
+            if info.kind == "array" and info.numpy_dtype().hasobject:
+                self.close()
+                raise CorruptCheckpointError(f"{path}: region {info.id!r} declares a Python-object dtype "
+                                             f"{info.dtype!r}; refused (arrays are never unpickled)")
+
+    def array(self, info):
+        out = self._file.as_array(info)
+        out.flags.writeable = False
+        return out
+
+    def raw(self, info):
+        return self._file.load_bytes(info)
+
+    def close(self):
+        self._file.close()
+
+
+READERS: Dict[str, Callable[..., RankReader]] = {"regions": RankFileReader, "compressed": CompressedCopyReader}
 COMPRESSED_SUFFIXES = (".vcz",)
 
 

@@ -319,24 +319,45 @@ def test_hdf5_persistent_copies(dirs, cfg):
         veloc.open(cfg, "h", level="persistent", verify=False)
 
 
+def test_compressed_persistent_copies_are_decoded(dirs, cfg):
+    pytest.importorskip("zstandard")
+    ccfg = dict(cfg, compress={"enabled": "true", "codec": "zstd"})
+    grid = np.zeros((64, 256))
+    grid[0] = 100.0
+    with veloc.init_single(0, ccfg) as client:
+        client.protect("grid", grid, global_shape=grid.shape, offset=(0, 0))
+        client.protect("meta", {"lr": 0.5}, pickle=True)
+        client.checkpoint("z", 1)
+    vdir = dirs["persistent"] / "z" / "v1"
+    assert (vdir / "r0.vcz").exists() and not (vdir / "r0.vck").exists()
+    with veloc.open(cfg, "z", level="persistent") as view:
+        assert view.files[0] == vdir / "r0.vcz"
+        got = view.read_global("grid")
+        assert np.array_equal(got, grid) and not view.read("grid", 0).flags.writeable
+        assert view.read("meta", 0, allow_pickle=True) == {"lr": 0.5}
+    flip_bytes(vdir / "r0.vcz")
+    with pytest.raises(CorruptCheckpointError, match="r0.vcz: xxh3_128 checksum mismatch"):
+        veloc.open(cfg, "z", level="persistent")
+
+
 def test_a_registered_reader_decodes_its_kind(dirs, cfg, monkeypatch):
     """The seam: a reader registered for a manifest file kind is used for it (here a
-    kind 'compressed' entry whose file happens to be a plain .vck, read by the native reader)."""
+    kind 'mystery' entry whose file happens to be a plain .vck, read by the native reader)."""
     from veloc import reader_formats
     write_heat(dirs, version=1, nranks=2)
     for rank in (0, 1):
         store = LevelStore("scratch", node_root(dirs))
         manifest = store.read_manifest("heat", 1, rank)
-        manifest.files[0].kind = "compressed"
+        manifest.files[0].kind = "mystery"
         store.commit_manifest(manifest)
-    with pytest.raises(RestartError, match="compressed copy: r0.vck .*no decoder"):
+    with pytest.raises(RestartError, match="r0.vck .*stored as 'mystery', a format veloc.open cannot read"):
         veloc.open(cfg, "heat")
     opened = []
 
     def factory(path):
         opened.append(path.name)
         return reader_formats.RankFileReader(path)
-    monkeypatch.setitem(reader_formats.READERS, "compressed", factory)
+    monkeypatch.setitem(reader_formats.READERS, "mystery", factory)
     with veloc.open(cfg, "heat", verify=False) as view:
         assert np.array_equal(view.read("grid", 1), GRID[:2, 3:] + 1)
     assert sorted(opened) == ["r0.vck", "r1.vck"]

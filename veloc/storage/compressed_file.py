@@ -36,7 +36,7 @@ from veloc.storage.codecs import get_codec
 from veloc.errors import ConfigError, CorruptCheckpointError
 from veloc.storage.fileio import atomic_file, pwrite_all
 from veloc.storage.hashing import digest_buffer, hasher, map_readonly
-from veloc.storage.rankfile import RegionInfo
+from veloc.storage.rankfile import region_info
 
 MAGIC = b"VELOCCZ1"
 END_MAGIC = b"VELOCCZE"
@@ -226,8 +226,11 @@ class CompressedReader:
         self._entries = {}
         self.regions = []
         for r in self.meta["regions"]:
-            info = RegionInfo(r["id"], r["kind"], r["dtype"], tuple(r["shape"]), r["order"],
-                              int(r["offset"]), int(r["nbytes"]), str(r.get("dtype_name", "")))
+            try:
+                info = region_info(r, r["offset"])      # the raw file's region, layout included
+            except (ValueError, KeyError, TypeError) as exc:
+                self.close()
+                raise CorruptCheckpointError(f"{self.path}: malformed region {r.get('id')!r} ({exc})") from None
             self.regions.append(info)
             self._entries[info.id] = r
 
