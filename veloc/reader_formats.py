@@ -59,6 +59,15 @@ def _lazy_mapping(path):
         os.close(fd)
 
 
+def _refuse_object_dtypes(reader, path):
+    """Close ``reader`` and raise if a header declares a Python-object dtype."""
+    for info in reader.regions:
+        if info.kind == "array" and info.numpy_dtype().hasobject:
+            reader.close()
+            raise CorruptCheckpointError(f"{path}: region {info.id!r} declares a Python-object dtype "
+                                         f"{info.dtype!r}; refused (arrays are never unpickled)")
+
+
 class RankFileReader:
     """A rank file of the engine's formats (``veloc.storage.formats.open_rank_file``: a
     ``.vck`` file, or an ``r<rank>.h5`` of the HDF5 persistent format): arrays are
@@ -74,11 +83,7 @@ class RankFileReader:
             self._close_mapping()
             raise
         self.regions = self._file.regions
-        for info in self.regions:
-            if info.kind == "array" and info.numpy_dtype().hasobject:
-                self.close()
-                raise CorruptCheckpointError(f"{path}: region {info.id!r} declares a Python-object dtype "
-                                             f"{info.dtype!r}; refused (arrays are never unpickled)")
+        _refuse_object_dtypes(self, path)
 
     def array(self, info):
         return self._file.as_array(info)
@@ -108,11 +113,7 @@ class CompressedCopyReader:
         self.path = path
         self._file = CompressedReader(path)
         self.regions = self._file.regions
-        for info in self.regions:
-            if info.kind == "array" and info.numpy_dtype().hasobject:
-                self.close()
-                raise CorruptCheckpointError(f"{path}: region {info.id!r} declares a Python-object dtype "
-                                             f"{info.dtype!r}; refused (arrays are never unpickled)")
+        _refuse_object_dtypes(self, path)
 
     def array(self, info):
         out = self._file.as_array(info)

@@ -17,8 +17,8 @@ import numpy as np
 from veloc.errors import CorruptCheckpointError, RestartError
 
 
-def rank_ranges(ranks) -> str:
-    """[0, 1, 2, 5] -> '0-2,5'."""
+def rank_ranges(ranks, empty="none") -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (``empty`` for no rank)."""
     out, ranks = [], sorted(ranks)
     i = 0
     while i < len(ranks):
@@ -27,7 +27,7 @@ def rank_ranges(ranks) -> str:
             j += 1
         out.append(str(ranks[i]) if i == j else f"{ranks[i]}-{ranks[j]}")
         i = j + 1
-    return ",".join(out) or "none"
+    return ",".join(out) or empty
 
 
 @dataclass(frozen=True)

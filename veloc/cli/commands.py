@@ -16,6 +16,8 @@ from collections import Counter, namedtuple
 from dataclasses import asdict
 
 from veloc.cli.export import export_args, run_export
+from veloc.cli.export import seconds_arg as _seconds
+from veloc.reader_view import rank_ranges
 from veloc.cli.inspect import describe_rankfile, extract_region, parse_region_id
 from veloc.cli.levels import (UsageError, checkpoint_states, fields_of, levels_reached, nodes_on_disk, open_levels,
                          verify_version)
@@ -125,19 +127,6 @@ def _where(levels, nodes):
                      for lvl in levels)
 
 
-def _ranges(ranks):
-    """[0, 1, 2, 5] -> '0-2,5'."""
-    out, ranks = [], sorted(ranks)
-    i = 0
-    while i < len(ranks):
-        j = i
-        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
-            j += 1
-        out.append(str(ranks[i]) if i == j else f"{ranks[i]}-{ranks[j]}")
-        i = j + 1
-    return ",".join(out) or "-"
-
-
 def _size(n):
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -170,16 +159,16 @@ def _ls(args):
         print("no checkpoints")
         return 0
     rows = [("NAME", "LEVEL", "VERSION", "RANKS", "NRANKS", "SIZE", "STATE")]
-    rows += [(s.name, s.level, str(s.version), _ranges(s.ranks), str(s.nranks), _size(s.size), s.state)
+    rows += [(s.name, s.level, str(s.version), rank_ranges(s.ranks, empty="-"), str(s.nranks), _size(s.size), s.state)
              for s in states]
     _table(rows)
     for s in states:
         if s.missing:
-            print(f"{s.name} v{s.version} {s.level}: ranks {_ranges(s.missing)} of {s.nranks} have no copy")
+            print(f"{s.name} v{s.version} {s.level}: ranks {rank_ranges(s.missing)} of {s.nranks} have no copy")
         for problem in s.problems:
             print(f"{s.name} v{s.version} {s.level}: {problem}")
         if s.compressed:
-            print(f"{s.name} v{s.version} {s.level}: ranks {_ranges(s.compressed)} stored compressed (.vcz)")
+            print(f"{s.name} v{s.version} {s.level}: ranks {rank_ranges(s.compressed)} stored compressed (.vcz)")
     print("versions and the levels holding a complete copy:")
     for (name, version), held in levels_reached(states).items():
         print(f"  {name} v{version}: {' '.join(held) if held else 'no complete copy at any level'}")
@@ -244,16 +233,6 @@ def _extract(args):
         print(f"wrote region {done['id']!r} ({done['dtype']} {tuple(done['shape'])}, order {done['order']}) "
               f"to {args.out}")
     return 0
-
-
-def _seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
 
 
 def _drain_args(p):

@@ -21,7 +21,6 @@ one more dimension of the item size) and for pickle bytes. The file is committed
 """
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from veloc.cli.levels import UsageError
-from veloc.storage.fileio import FILE_MODE, fsync_dir, remove_quietly, temp_name
+from veloc.storage.fileio import atomic_path
 from veloc.storage.levels import LEVEL_ORDER
 from veloc.names import check_name
 from veloc.progress import EVERY, human_bytes
@@ -53,7 +52,8 @@ def _version(text):
     return int(text)
 
 
-def _seconds(text):
+def seconds_arg(text):
+    """argparse type: a number of seconds > 0 (also used by ``veloc drain``)."""
     try:
         value = float(text)
     except ValueError:
@@ -80,7 +80,7 @@ def export_args(p):
     p.add_argument("--allow-pickle", action="store_true",
                    help="store pickled regions as their raw pickle bytes (uint8; never unpickled here)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--progress", type=_seconds, default=EVERY, metavar="S",
+    p.add_argument("--progress", type=seconds_arg, default=EVERY, metavar="S",
                    help=f"print bytes written and the rate every S seconds (default {EVERY:g})")
 
 
@@ -201,21 +201,9 @@ def export_version(view, out, allow_pickle=False, progress=None, force=False):
         raise UsageError(f"{out} exists: pass --force to replace it")
     if not out.parent.is_dir():
         raise UsageError(f"{out.parent}: no such directory")
-    tmp = temp_name(out)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
-    try:
+    with atomic_path(out) as tmp:
         with h5py.File(tmp, "w") as h5file:
             skipped = write_export(h5file, view, allow_pickle, progress)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, out)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
-    fsync_dir(out.parent)
     return skipped
 
 

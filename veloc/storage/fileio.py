@@ -173,6 +173,23 @@ def atomic_file(path, durable=True, reuse=None):
     commit_temp(fd, tmp, path, durable)
 
 
+@contextlib.contextmanager
+def atomic_path(path, durable=True):
+    """Yield the path of a private temporary file (created empty, mode 0600) next to
+    ``path``, for writers that open files by name (h5py); on success it replaces ``path``
+    (:func:`commit_temp`), on an exception it is removed."""
+    path = Path(path)
+    fd, tmp = open_temp(path)
+    os.close(fd)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    commit_temp(fd, tmp, path, durable)
+
+
 def atomic_write_bytes(path, data, durable=True, reuse=None):
     """Commit ``data`` at ``path`` atomically (see :func:`atomic_file`)."""
     with atomic_file(path, durable, reuse) as fd:

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from veloc.errors import ConfigError, CorruptCheckpointError
-from veloc.storage.fileio import FILE_MODE, O_DIRECT, fsync_dir, pwrite_all, temp_name
+from veloc.storage.fileio import O_DIRECT, atomic_path, pwrite_all
 from veloc.storage.hashing import digest_buffer, hasher, map_readonly
 from veloc.storage.hdf5_global import GlobalFile, write_global    # the version file, re-exported here
 from veloc.storage.rankfile import RegionInfo, dtype_descr
@@ -125,22 +125,10 @@ def write_rank_h5(rankfile, path, name, version, rank, nranks, checksum=None, di
     the flush module in the node's engine, one call per local rank.
     """
     h5py = require_h5py()
-    path = Path(path)
-    tmp = temp_name(path)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
-    try:
+    with atomic_path(path, durable) as tmp:
         placed, datasets = _write_metadata(h5py, rankfile, tmp, name, version, rank, nranks)
         size = os.stat(tmp).st_size
         digest = _write_data(tmp, placed, size, checksum, direct, durable)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if durable:
-        fsync_dir(path.parent)
     return size, digest, datasets
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from veloc.errors import CorruptCheckpointError
-from veloc.storage.fileio import FILE_MODE, fsync_dir, temp_name
+from veloc.storage.fileio import atomic_path
 from veloc.storage.rankfile import RegionInfo
 
 _SHARED_ATTRS = ("veloc_id", "veloc_kind", "veloc_dtype", "veloc_dtype_name", "veloc_order", "veloc_storage",
@@ -113,9 +113,7 @@ def write_global(rank_paths, path, name, version, nranks, durable=True, tables=N
     path = Path(path)
     tables = _rank_tables(h5py, rank_paths) if tables is None else _tables_from_manifests(tables)
     stitched, local = _classify(tables, nranks)
-    tmp = temp_name(path)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
-    try:
+    with atomic_path(path, durable) as tmp:
         with h5py.File(tmp, "w", track_times=False) as f:
             f.attrs.update({"veloc_format": FORMAT, "veloc_name": name, "veloc_version": int(version),
                             "veloc_nranks": int(nranks), "veloc_local_regions": json.dumps(local)})
@@ -142,21 +140,6 @@ def write_global(rank_paths, path, name, version, nranks, durable=True, tables=N
                 dset.attrs.update({k: attrs[k] for k in _SHARED_ATTRS if k in attrs})
                 if how != "replicated":
                     dset.attrs["veloc_order"] = how
-        if durable:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if durable:
-        fsync_dir(path.parent)
     return local
 
 
