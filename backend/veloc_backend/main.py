@@ -112,9 +112,10 @@ class Backend:
                     "world": self.world.describe() if self.world is not None else None,
                     **self.queue.status()}
         if op == "submit":
-            # WorkItemError names a bad field; who sent it: see _release_orphans
-            pid = msg.get("_peer_pid")      # 0 or None: a sender in another pid namespace
-            item = WorkItem.from_wire(msg.get("item")).replace(pid=pid if pid else None)
+            # from_wire refuses a bad item with a WorkItemError naming the field; pid: who
+            # sent it (see _release_orphans; 0 when the sender is in another pid namespace)
+            pid = msg.get("_peer_pid")
+            item = WorkItem.from_wire(msg.get("item")).replace(pid=pid or None)
             rid, group = self.queue.submit(item)
             return {"id": rid, "group": group, "duplicate": rid is None}
         if op == "wait":

@@ -1,11 +1,12 @@
 """The backend's journaled work queue and its worker pool (inside ``veloc-backend`` only).
 
-Clients (application ranks) submit *items* (:class:`veloc.work_item.WorkItem`, checked by
-the socket handler) through the socket handler; each is journaled before it is acknowledged. Items naming the same ``group`` (e.g. one
-checkpoint version) are held until ``group_size`` of them have arrived, so collective
-work runs once per node per version with every local rank's command at hand; they then
-form one :class:`Batch` for the executor. Batches with the same ``order`` key run one at
-a time in arrival order; different keys run in parallel on up to ``workers`` threads.
+Clients (application ranks) submit *items* (:class:`veloc.work_item.WorkItem`, checked
+by the socket handler); each is journaled before it is acknowledged. Items naming the
+same ``group`` (e.g. one checkpoint version) are held until ``group_size`` of them have
+arrived, so collective work runs once per node per version with every local rank's
+command at hand; they then form one :class:`Batch` for the executor. Batches with the
+same ``order`` key run one at a time in arrival order; different keys run in parallel on
+up to ``workers`` threads.
 
 The executor is anything with ``run(batch) -> dict | None`` (a dict may carry
 ``"timings": {module: seconds}``; raising marks the batch failed) and optionally

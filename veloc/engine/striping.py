@@ -95,6 +95,7 @@ class GroupStore:
         ``reuse``: uncommitted old parity files whose allocated space the new ones take over.
         """
         name, version = record.name, record.version
+        data = json.dumps(record.to_json(), sort_keys=True).encode()     # raises if not stamped
         vdir = self.version_dir(name, version)
         make_dirs(vdir)
         reuse = list(reuse)
@@ -102,7 +103,7 @@ class GroupStore:
             path = self.parity_path(name, version, s, j)
             # over an allocated file of a collected version: ~3x faster than fresh tmpfs pages
             atomic_write_bytes(path, block, durable=self.durable, reuse=reuse.pop() if reuse else None)
-        atomic_write_bytes(vdir / RECORD, json.dumps(record.to_json(), sort_keys=True).encode(), durable=self.durable)
+        atomic_write_bytes(vdir / RECORD, data, durable=self.durable)
 
     def take_victim(self, name, version, keep, complete=()):
         """The version garbage collection drops once ``version`` is in (``keep`` newest kept),
