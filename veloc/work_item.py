@@ -109,10 +109,11 @@ class WorkItem:
             extra["max_version"] = _index("max_version", extra["max_version"])
         if "threshold" in extra:
             extra["threshold"] = _index("threshold", extra["threshold"])
-        return cls(kind=kind, name=name, version=version, rank=_index("rank", rank),
-                   nranks=_index("nranks", nranks), local_ranks=tuple(_index("local_ranks", r) for r in local_ranks),
-                   session=session, group=group, group_size=len(tuple(local_ranks)),
-                   key=f"{group}/r{rank}", job_nodes=None if job_nodes is None else tuple(job_nodes), **extra)
+        local_ranks, rank = tuple(_index("local_ranks", r) for r in local_ranks), _index("rank", rank)
+        return cls(kind=kind, name=name, version=version, rank=rank,
+                   nranks=_index("nranks", nranks), local_ranks=local_ranks, session=session, group=group,
+                   group_size=len(local_ranks), key=f"{group}/r{rank}",
+                   job_nodes=None if job_nodes is None else tuple(job_nodes), **extra)
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -39,8 +39,9 @@ def test_every_kind_round_trips_over_the_wire_and_pickle(kind):
 
 def test_command_takes_numpy_ints_and_keeps_the_wire_format():
     item = WorkItem.command("CHECKPOINT", "heat", np.int64(3), rank=np.int32(1), nranks=4,
-                            local_ranks=[np.int64(0), 1], session="s1", seq=1)
+                            local_ranks=(r for r in [np.int64(0), 1]), session="s1", seq=1)
     assert item.version == 3 and type(item.version) is int and item.local_ranks == (0, 1)
+    assert item.group_size == 2 and item.key == "heat/v3/CHECKPOINT/s1-1/r1"
     assert item.to_wire()["job_nodes"] is None and item.order == "engine"
     with pytest.raises(WorkItemError, match="item field 'version' must be an int"):
         command(version=1.5)
