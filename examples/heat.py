@@ -64,6 +64,9 @@ LEVELS = ("scratch", "partner", "erasure", "persistent")
 
 CKPT_NAME = "heat"
 
+TEARDOWN_S = 30.0
+"""How long the surviving ranks of a simulated failure wait for mpiexec to end them."""
+
 
 def parse_args(argv=None):
     """Command-line options; every rank parses the same ones."""
@@ -197,7 +200,17 @@ def die(comm, it, fail_rank):
         _unlink_mpi_shm()
         os.kill(os.getpid(), signal.SIGKILL)
         os._exit(1)  # not reached
-    comm.Barrier()   # never completes: the job is torn down around us
+    # never completes: the job is torn down around us. Should the launcher be slow to
+    # notice (a heavily loaded machine), leave on our own after TEARDOWN_S, like a
+    # rank killed by it, so the run still ends with a failure.
+    request = comm.Ibarrier()
+    deadline = time.monotonic() + TEARDOWN_S
+    while not request.Test():
+        if time.monotonic() > deadline:
+            sys.stdout.flush()
+            _unlink_mpi_shm()
+            os._exit(137)
+        time.sleep(0.05)
 
 
 def gather_grid(comm, u, rows, cols, lo, hi):

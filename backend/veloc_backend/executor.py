@@ -11,8 +11,8 @@ runs it without them (the version was not submitted on every node in time, its j
 does not span the world, or the world is broken), which is logged. A backend outside
 any world (started by a rank, or ``veloc drain``) serves its node alone.
 
-Item kinds (sent by ``veloc.hosts.async_host`` on each application rank; one batch holds the
-items of every local rank for the same call):
+Item kinds (:class:`veloc.work_item.WorkItem`, sent by ``veloc.hosts.async_host`` on each
+application rank; one batch holds the items of every local rank for the same call):
 
 - ``CHECKPOINT`` — run the pipeline for version ``version`` of ``name``.
 - ``AVAILABLE`` — ``{rank: {version: [levels]}}`` (restart_test).
@@ -28,10 +28,9 @@ from veloc.storage.debris import collect_temps
 from veloc.engine.module import CHECKPOINT, Command, Peers
 from veloc.engine.pipeline import Engine
 from veloc.errors import CheckpointError, CorruptCheckpointError
+from veloc.work_item import AVAILABLE, SUPERSEDE, VERIFY
 
 from . import world as world_mod
-
-KINDS = (CHECKPOINT, "AVAILABLE", "VERIFY", "RESTORE", "SUPERSEDE")
 
 
 def backend_peers():
@@ -55,11 +54,8 @@ class EngineExecutor:
 
     def run(self, batch):
         first = batch.items[0]
-        kind, name = first.get("kind"), first.get("name")
-        if kind not in KINDS or not isinstance(name, str):
-            raise ValueError(f"work item of unknown kind {kind!r} (name {name!r}); "
-                             f"known: {', '.join(KINDS)}")
-        if any(it.get("kind") != kind or it.get("name") != name for it in batch.items):
+        kind, name = first.kind, first.name
+        if any(it.kind != kind or it.name != name for it in batch.items):
             raise ValueError(f"batch {batch.group} mixes kinds or names")
         if self.world is None:
             return self._execute(batch, kind, name)
@@ -82,20 +78,19 @@ class EngineExecutor:
     def item_bytes(self, item):
         """Bytes of the committed scratch copy a CHECKPOINT item hands over (drain
         progress, ``veloc_backend.workqueue``); 0 for other kinds."""
-        if item.get("kind") != CHECKPOINT:
+        if item.kind != CHECKPOINT:
             return 0
-        rank = int(item["rank"])
-        manifest = self.engine.ctx.scratch(rank).read_manifest(item["name"], int(item["version"]), rank)
+        manifest = self.engine.ctx.scratch(item.rank).read_manifest(item.name, item.version, item.rank)
         return sum(int(f.size) for f in manifest.files) if manifest is not None else 0
 
     # ------------------------------------------------------------ world
     def _turn(self, batch, first):
         """``(mode, reason)`` for this batch; waits for the coordinator when needed."""
-        job_nodes = first.get("job_nodes")
-        if isinstance(job_nodes, list) and sorted(job_nodes) != sorted(self.world.nodes):
+        job_nodes = first.job_nodes
+        if job_nodes is not None and sorted(job_nodes) != sorted(self.world.nodes):
             return "local", (f"its job runs on node(s) {', '.join(sorted(job_nodes))}, not on the "
                              f"backend world's nodes ({', '.join(self.world.nodes)})")
-        if job_nodes is None and len(first.get("local_ranks") or ()) == first.get("nranks"):
+        if job_nodes is None and len(first.local_ranks) == first.nranks:
             return "local", "its job runs on this node only"
         return self.world.turn(batch.group, batch.complete)
 
@@ -107,9 +102,9 @@ class EngineExecutor:
         first = batch.items[0]
         if kind == CHECKPOINT and self.collective:
             self.log.warning("%s v%s: collective levels (%s) skipped on node %s: %s", name,
-                             first.get("version"), ", ".join(self.collective), self.node, reason)
+                             first.version, ", ".join(self.collective), self.node, reason)
             return
-        key = (first.get("session"), reason)
+        key = (first.session, reason)
         if key not in self._told:
             self._told.add(key)
             self.log.info("%s: %s runs on node %s alone: %s", name, kind, self.node, reason)
@@ -135,14 +130,14 @@ class EngineExecutor:
         its local levels are done, and report the lost collective levels."""
         first = batch.items[0]
         self.log.error("%s %s v%s: interrupted when the backend world broke (%s); running it "
-                       "again on node %s alone", name, kind, first.get("version"), exc, self.node)
+                       "again on node %s alone", name, kind, first.version, exc, self.node)
         with self._alone():
             info = self._execute(batch, kind, name)
         if kind != CHECKPOINT:
             return info
         error = CheckpointError(
             f"node {self.node}: collective levels ({', '.join(self.collective) or 'none'}) of "
-            f"{name} v{first.get('version')} failed: the backend world broke ({self.world.broken}); "
+            f"{name} v{first.version} failed: the backend world broke ({self.world.broken}); "
             "its local levels are done")
         error.veloc_info = {"node": self.node, "module": ",".join(self.collective)}
         raise error
@@ -150,32 +145,31 @@ class EngineExecutor:
     # ------------------------------------------------------------ engine
     def _execute(self, batch, kind, name):
         first = batch.items[0]
-        ranks = sorted({int(it["rank"]) for it in batch.items})
-        version = first.get("version")
+        ranks = sorted({it.rank for it in batch.items})
+        version = first.version
         info = {"node": self.node, "name": name}
         if version is not None:
-            info["version"] = int(version)
+            info["version"] = version
         if kind == CHECKPOINT:
             if not batch.complete:
                 ranks = self._committed_ranks(first, ranks)
-            if any(it.get("replayed") for it in batch.items):
-                self._drop_stale_temps(name, int(version), ranks)
-            info["timings"] = self._checkpoint(Command(CHECKPOINT, name, int(version), ranks,
-                                                       int(first["nranks"])))
-        elif kind == "AVAILABLE":
-            info["value"] = self.engine.available(name, ranks, first.get("max_version"))
-        elif kind == "SUPERSEDE":
-            info["value"] = self.engine.supersede(name, int(first["threshold"]), ranks)
-        elif kind == "VERIFY":
+            if any(it.replayed for it in batch.items):
+                self._drop_stale_temps(name, version, ranks)
+            info["timings"] = self._checkpoint(Command(CHECKPOINT, name, version, ranks, first.nranks))
+        elif kind == AVAILABLE:
+            info["value"] = self.engine.available(name, ranks, first.max_version)
+        elif kind == SUPERSEDE:
+            info["value"] = self.engine.supersede(name, first.threshold, ranks)
+        elif kind == VERIFY:
             # ranks that checked their own copy just now (in parallel) are not checked again
-            known = {int(it["rank"]): it["verified"] for it in batch.items if it.get("verified")}
+            known = {it.rank: it.verified for it in batch.items if it.verified}
             pending = [r for r in ranks if r not in known]
-            table = self.engine.verify(name, int(version), pending, first.get("nranks"))   # always: may be collective
+            table = self.engine.verify(name, version, pending, first.nranks)   # always: may be collective
             table.update({r: (level, []) for r, level in known.items()})
             info["value"] = {r: list(v) for r, v in table.items()}
         else:
-            plan = {int(it["rank"]): it["level"] for it in batch.items}
-            self.engine.restore(name, int(version), plan)
+            plan = {it.rank: it.level for it in batch.items}
+            self.engine.restore(name, version, plan)
         return info
 
     def _checkpoint(self, cmd):
@@ -202,11 +196,10 @@ class EngineExecutor:
         """For a version whose commands did not all arrive (their ranks died after
         committing), every local rank of that job whose scratch copy is committed."""
         out = set(ranks)
-        for rank in item.get("local_ranks") or ():
+        for rank in item.local_ranks:
             try:
-                if self.engine.ctx.scratch(rank).read_manifest(item["name"], int(item["version"]),
-                                                               rank) is not None:
-                    out.add(int(rank))
+                if self.engine.ctx.scratch(rank).read_manifest(item.name, item.version, rank) is not None:
+                    out.add(rank)
             except (OSError, CorruptCheckpointError):
                 pass
         return sorted(out)

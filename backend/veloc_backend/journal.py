@@ -1,12 +1,14 @@
 """Crash-safe journal of the backend's queue (used only inside the ``veloc-backend``).
 
 An append-only JSON-lines file on the node's scratch. Every accepted work item is
-written (and fsynced) as ``{"op": "add", "id": N, "item": {...}}`` before the client is
-told it was accepted; when the item's work has finished, ``{"op": "done", "id": N, ...}``
-follows. A backend started later on the same scratch replays the file and gets back
-every item without a ``done`` record, in acceptance order. A torn last line (crash in
-the middle of a write) is cut off; compaction rewrites the file with only the pending
-items (temporary name, fsync, rename, fsync of the folder).
+written (and fsynced) as ``{"op": "add", "id": N, "item": {...}}`` (the item's
+:meth:`~veloc.work_item.WorkItem.to_wire`) before the client is told it was accepted;
+when the item's work has finished, ``{"op": "done", "id": N, ...}`` follows. A backend
+started later on the same scratch replays the file and gets back every item without a
+``done`` record, in acceptance order, rebuilt with ``WorkItem.from_wire``. A line that
+does not parse, or whose item fails that check, is logged and skipped. A torn last line
+(crash in the middle of a write) is cut off; compaction rewrites the file with only the
+pending items (temporary name, fsync, rename, fsync of the folder).
 """
 import json
 import logging
@@ -15,12 +17,13 @@ import threading
 from pathlib import Path
 
 from veloc.storage.fileio import atomic_write_bytes
+from veloc.work_item import WorkItem, WorkItemError
 
 log = logging.getLogger("veloc.backend.journal")
 
 
 def _scan(data, path):
-    """Parse journal bytes: ``(pending {id: item}, next id, number of done records)``."""
+    """Parse journal bytes: ``(pending {id: WorkItem}, next id, number of done records)``."""
     pending, next_id, dones = {}, 1, 0
     for lineno, line in enumerate(data.splitlines(), 1):
         if not line.strip():
@@ -32,8 +35,11 @@ def _scan(data, path):
             log.warning("journal %s line %d unreadable, skipped: %s", path, lineno, exc)
             continue
         next_id = max(next_id, rid + 1)
-        if op == "add" and isinstance(rec.get("item"), dict):
-            pending[rid] = rec["item"]
+        if op == "add":
+            try:
+                pending[rid] = WorkItem.from_wire(rec.get("item"))
+            except WorkItemError as exc:
+                log.warning("journal %s line %d: unusable work item, skipped: %s", path, lineno, exc)
         elif op == "done":
             pending.pop(rid, None)
             dones += 1
@@ -43,7 +49,7 @@ def _scan(data, path):
 
 
 def read_pending(path):
-    """Read-only: ``[(id, item)]`` unfinished in the journal at ``path`` (for status tools;
+    """Read-only: ``[(id, WorkItem)]`` unfinished in the journal at ``path`` (for status tools;
     never use it while deciding to start a backend, which owns the file)."""
     try:
         data = Path(path).read_bytes()
@@ -87,7 +93,7 @@ class Journal:
         self._pending, self._next_id, self._dones_since_compact = _scan(data[:end], self.path)
 
     def pending(self):
-        """``[(id, item), ...]`` of every item without a ``done`` record, oldest first."""
+        """``[(id, WorkItem), ...]`` of every item without a ``done`` record, oldest first."""
         with self._lock:
             return list(self._pending.items())
 
@@ -104,13 +110,13 @@ class Journal:
             view = view[n:]
         os.fdatasync(self._fd)
 
-    def add(self, item):
+    def add(self, item: WorkItem) -> int:
         """Durably record a new work item; returns its id."""
-        if not isinstance(item, dict):
-            raise TypeError(f"journal items are dicts, got {type(item).__name__}")
+        if not isinstance(item, WorkItem):
+            raise TypeError(f"journal items are WorkItems, got {type(item).__name__}")
         with self._lock:
             rid = self._next_id
-            self._write([{"op": "add", "id": rid, "item": item}])
+            self._write([{"op": "add", "id": rid, "item": item.to_wire()}])
             self._next_id += 1
             self._pending[rid] = item
             return rid
@@ -136,7 +142,7 @@ class Journal:
             self._compact_locked()
 
     def _compact_locked(self):
-        lines = [json.dumps({"op": "add", "id": i, "item": it}, separators=(",", ":")) + "\n"
+        lines = [json.dumps({"op": "add", "id": i, "item": it.to_wire()}, separators=(",", ":")) + "\n"
                  for i, it in self._pending.items()]
         atomic_write_bytes(self.path, "".join(lines).encode())
         old = getattr(self, "_fd", None)

@@ -32,6 +32,7 @@ import time
 
 from veloc.errors import BackendError, VelocError
 from veloc.logfile import file_handler
+from veloc.work_item import WorkItem
 
 from . import lifecycle
 from . import world as world_mod
@@ -42,7 +43,6 @@ from .workqueue import WorkQueue
 log = logging.getLogger("veloc.backend")
 DEFAULT_EXECUTOR = f"{__package__}.executor:EngineExecutor"
 EXIT_ALREADY_RUNNING = lifecycle.EXIT_ALREADY_RUNNING
-_ITEM_TYPES = {"group": str, "group_size": int, "order": str, "key": str}
 
 
 def parse_args(argv):
@@ -112,8 +112,10 @@ class Backend:
                     "world": self.world.describe() if self.world is not None else None,
                     **self.queue.status()}
         if op == "submit":
-            item = _checked_item(msg.get("item"))
-            item["pid"] = msg.get("_peer_pid")      # who sent it: see _release_orphans
+            # from_wire refuses a bad item with a WorkItemError naming the field; pid: who
+            # sent it (see _release_orphans; 0 when the sender is in another pid namespace)
+            pid = msg.get("_peer_pid")
+            item = WorkItem.from_wire(msg.get("item")).replace(pid=pid or None)
             rid, group = self.queue.submit(item)
             return {"id": rid, "group": group, "duplicate": rid is None}
         if op == "wait":
@@ -223,17 +225,6 @@ def _timeout(msg):
     if isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0:
         raise ValueError(f"'timeout' must be a non-negative number of seconds, got {t!r}")
     return float(t)
-
-
-def _checked_item(item):
-    if not isinstance(item, dict):
-        raise ValueError(f"'submit' needs 'item': an object, got {type(item).__name__}")
-    for key, typ in _ITEM_TYPES.items():
-        if key in item and (not isinstance(item[key], typ) or isinstance(item[key], bool)):
-            raise ValueError(f"item field {key!r} must be {typ.__name__}, got {item[key]!r}")
-    if not 1 <= item.get("group_size", 1) <= 1 << 20:
-        raise ValueError(f"item field 'group_size' out of range: {item['group_size']}")
-    return item
 
 
 def _refuse_world(node, reason):

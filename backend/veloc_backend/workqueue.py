@@ -1,11 +1,12 @@
 """The backend's journaled work queue and its worker pool (inside ``veloc-backend`` only).
 
-Clients (application ranks) submit *items* through the socket handler; each is
-journaled before it is acknowledged. Items naming the same ``group`` (e.g. one
-checkpoint version) are held until ``group_size`` of them have arrived, so collective
-work runs once per node per version with every local rank's command at hand; they then
-form one :class:`Batch` for the executor. Batches with the same ``order`` key run one at
-a time in arrival order; different keys run in parallel on up to ``workers`` threads.
+Clients (application ranks) submit *items* (:class:`veloc.work_item.WorkItem`, checked
+by the socket handler); each is journaled before it is acknowledged. Items naming the
+same ``group`` (e.g. one checkpoint version) are held until ``group_size`` of them have
+arrived, so collective work runs once per node per version with every local rank's
+command at hand; they then form one :class:`Batch` for the executor. Batches with the
+same ``order`` key run one at a time in arrival order; different keys run in parallel on
+up to ``workers`` threads.
 
 The executor is anything with ``run(batch) -> dict | None`` (a dict may carry
 ``"timings": {module: seconds}``; raising marks the batch failed) and optionally
@@ -25,6 +26,8 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+from veloc.work_item import WorkItem
+
 log = logging.getLogger("veloc.backend.queue")
 RATE_WINDOW = 30.0     # s: the progress rate counts bytes finished this recently
 
@@ -35,7 +38,7 @@ class Deferred(Exception):
 
 @dataclass
 class Batch:
-    """Items of one group, handed to the executor together."""
+    """Items (:class:`WorkItem`) of one group, handed to the executor together."""
     group: str
     ids: list
     items: list
@@ -67,14 +70,14 @@ class WorkQueue:
         self._sizer = getattr(executor, "item_bytes", None)
         with self._cond:
             for rid, item in journal.pending():
-                self._enqueue(rid, dict(item, replayed=True))   # an earlier backend took it
+                self._enqueue(rid, item.replace(replayed=True))   # an earlier backend took it
                 self.counts["replayed"] += 1
         if self.counts["replayed"]:
             log.info("resuming %d unfinished item(s) from journal %s",
                      self.counts["replayed"], journal.path)
 
     # ------------------------------------------------------------ submission
-    def submit(self, item):
+    def submit(self, item: WorkItem):
         """Journal ``item`` and queue it; returns ``(id or None, group)``.
 
         A repeated ``key`` (a client retrying after a broken connection) is accepted
@@ -83,34 +86,31 @@ class WorkQueue:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("backend is stopping; submit refused")
-            key = item.get("key")
-            if key is not None and key in self._keys:
+            key = item.key
+            if key in self._keys:
                 return None, self._keys[key]
             rid = self.journal.add(item)
             group = self._enqueue(rid, item)
             self.counts["submitted"] += 1
-            if key is not None:
-                self._keys[key] = group
-                while len(self._keys) > self.keep_results:
-                    self._keys.popitem(last=False)
+            self._keys[key] = group
+            while len(self._keys) > self.keep_results:
+                self._keys.popitem(last=False)
             return rid, group
 
     def _item_bytes(self, item):
-        nbytes = item.get("nbytes")
-        if isinstance(nbytes, int) and not isinstance(nbytes, bool) and nbytes >= 0:
-            return nbytes
+        if item.nbytes is not None:
+            return item.nbytes
         if self._sizer is None:
             return 0
         try:
             return max(0, int(self._sizer(item)))
         except Exception as exc:       # progress only: never fail a submission for it
-            log.debug("cannot size item %r: %s", item.get("group"), exc)
+            log.debug("cannot size item %r: %s", item.group, exc)
             return 0
 
     def _enqueue(self, rid, item):
         self._bytes[rid] = self._item_bytes(item)
-        group = _group_of(item, rid)
-        size = int(item.get("group_size", 1))
+        group, size = item.group, item.group_size
         self.results.pop(group, None)      # a resubmitted group starts over
         g = self._groups.setdefault(group, {"ids": [], "items": [], "size": size,
                                             "since": time.monotonic()})
@@ -141,7 +141,7 @@ class WorkQueue:
     def waiting_pids(self):
         """``{group: {submitter pids}}`` of groups still missing members."""
         with self._cond:
-            return {g: {it.get("pid") for it in v["items"] if isinstance(it.get("pid"), int)}
+            return {g: {it.pid for it in v["items"] if it.pid is not None}
                     for g, v in self._groups.items()}
 
     def release_groups(self, groups, reason):
@@ -165,8 +165,8 @@ class WorkQueue:
 
     def _next_batch(self):
         for i, batch in enumerate(self._ready):
-            order = _order_of(batch)
-            if order is None or order not in self._busy_orders:
+            order = batch.items[0].order
+            if order not in self._busy_orders:
                 del self._ready[i]
                 return batch, order
         return None, None
@@ -182,8 +182,7 @@ class WorkQueue:
                         break
                     self._cond.wait()
                 self._running[batch.group] = (order, time.monotonic(), batch)
-                if order is not None:
-                    self._busy_orders.add(order)
+                self._busy_orders.add(order)
             self._run(batch, order)
 
     def _run(self, batch, order):
@@ -217,8 +216,8 @@ class WorkQueue:
         for k in ("node", "module", "name", "version", "value"):
             if k in info:
                 result[k] = info[k]
-            elif k in ("name", "version") and k in first:
-                result[k] = first[k]
+            elif k in ("name", "version"):
+                result[k] = getattr(first, k)
         try:
             self.journal.done(batch.ids, ok=ok, error=error)
         except OSError as exc:         # scratch gone: the work is done, only the record is lost
@@ -308,8 +307,7 @@ class WorkQueue:
             self._finished.popleft()
         window = max(1e-3, min(RATE_WINDOW, now - self._since))
         return {"groups": self._busy_locked(),
-                "versions": len({(it.get("name"), it.get("version")) for _, it in pending
-                                 if it.get("version") is not None}),
+                "versions": len({(it.name, it.version) for _, it in pending if it.version is not None}),
                 "bytes": sum(self._bytes.get(rid, 0) for rid, _ in pending),
                 "rate": round(sum(n for _, n in self._finished) / window, 1)}
 
@@ -323,14 +321,3 @@ class WorkQueue:
             t.join(timeout)
         return not any(t.is_alive() for t in self._threads)
 
-
-def _group_of(item, rid=None):
-    group = item.get("group")
-    if group is None:
-        return f"item-{rid}" if rid is not None else None
-    return str(group)
-
-
-def _order_of(batch):
-    order = batch.items[0].get("order")
-    return None if order is None else str(order)

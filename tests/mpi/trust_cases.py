@@ -202,7 +202,7 @@ def test_xor_keeps_the_last_version_when_the_next_encode_dies(cfg, monkeypatch):
     real = GroupStore.commit
 
     def dies(self, record, *args, **kwargs):
-        if record["version"] == 2:
+        if record.version == 2:
             raise OSError(errno.EIO, "Input/output error (injected before the parity commit)")
         return real(self, record, *args, **kwargs)
 

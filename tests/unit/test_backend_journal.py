@@ -4,53 +4,90 @@ import threading
 import time
 
 import pytest
+from veloc.work_item import WorkItem
 from veloc_backend.journal import Journal
 from veloc_backend import workqueue as wq
 pytestmark = pytest.mark.timeout(60)
 
 
+def item(label, rank=0, size=1, order="engine"):
+    """Rank ``rank``'s item (of ``size`` local ranks) for ``label`` = "name/version"."""
+    name, version = label.split("/")
+    out = WorkItem.command("CHECKPOINT", name, int(version), rank=rank, nranks=size,
+                           local_ranks=range(size), session="t", seq=1)
+    return out if order == "engine" else out.replace(order=order)
+
+
+def G(label):
+    """The group of ``label``'s items."""
+    return item(label).group
+
+
 def test_add_done_replay(tmp_path):
     path = tmp_path / "j" / "n0.journal"
     j = Journal(path)
-    a = j.add({"x": 1})
-    b = j.add({"x": 2})
-    c = j.add({"x": 3})
+    x1, x2, x3, x4 = (item(f"x/{n}") for n in (1, 2, 3, 4))
+    a = j.add(x1)
+    b = j.add(x2)
+    c = j.add(x3)
     j.done(b)
     assert [i for i, _ in j.pending()] == [a, c]
     # no close(): as if the backend was killed
     j2 = Journal(path)
-    assert j2.pending() == [(a, {"x": 1}), (c, {"x": 3})]
-    d = j2.add({"x": 4})
+    assert j2.pending() == [(a, x1), (c, x3)]
+    d = j2.add(x4)
     assert d > c                           # ids never collide with replayed ones
     j2.done([a, c, d])
     j2.close()
     assert Journal(path).pending() == []
+    with pytest.raises(TypeError, match="WorkItem"):
+        j2.add({"x": 1})
 
 
-def test_torn_last_line_and_garbage_are_skipped(tmp_path):
+def test_torn_last_line_and_garbage_are_skipped(tmp_path, caplog):
     path = tmp_path / "n0.journal"
     j = Journal(path)
-    j.add({"x": 1})
+    j.add(item("x/1"))
     with open(path, "ab") as f:
         f.write(b'{"op":"add","id":7,"it')          # crash during a write
     j2 = Journal(path)
-    assert [it for _, it in j2.pending()] == [{"x": 1}]
-    j2.add({"x": 2})
-    assert [it for _, it in Journal(path).pending()] == [{"x": 1}, {"x": 2}]
+    assert j2.pending() == [(1, item("x/1"))]
+    j2.add(item("x/2"))
+    assert [it for _, it in Journal(path).pending()] == [item("x/1"), item("x/2")]
+    bad_item = dict(item("x/3").to_wire(), rank=-5)
     with open(path, "ab") as f:
-        f.write(b"not json\n" + json.dumps({"op": "weird", "id": 99}).encode() + b"\n")
-    assert [it for _, it in Journal(path).pending()] == [{"x": 1}, {"x": 2}]
+        f.write(b"not json\n" + json.dumps({"op": "weird", "id": 99}).encode() + b"\n"
+                + json.dumps({"op": "add", "id": 100, "item": bad_item}).encode() + b"\n"
+                + json.dumps({"op": "add", "id": 101, "item": [1]}).encode() + b"\n")
+    caplog.clear()
+    j3 = Journal(path)
+    assert [it for _, it in j3.pending()] == [item("x/1"), item("x/2")]
+    assert "item field 'rank'" in caplog.text and "line 5" in caplog.text
+    assert j3.add(item("x/4")) == 102                       # ids stay past every line seen
+
+
+def test_journal_of_the_previous_version_still_replays(tmp_path):
+    """A journal line as the backend wrote it before items were typed (pid, verified: null)."""
+    path = tmp_path / "old.journal"
+    old = {"kind": "VERIFY", "name": "heat", "version": 4, "rank": 1, "nranks": 2, "local_ranks": [0, 1],
+           "session": "0f3a9c12be77", "group": "heat/v4/VERIFY/0f3a9c12be77-9", "group_size": 2,
+           "order": "engine", "key": "heat/v4/VERIFY/0f3a9c12be77-9/r1", "job_nodes": ["n0"],
+           "verified": None, "pid": 4242}
+    path.write_text(json.dumps({"op": "add", "id": 3, "item": old}) + "\n")
+    ((rid, got),) = Journal(path).pending()
+    assert rid == 3 and got.kind == "VERIFY" and got.pid == 4242 and got.local_ranks == (0, 1)
+    assert got.to_wire() == {k: v for k, v in old.items() if v is not None}
 
 
 def test_compaction_keeps_only_pending(tmp_path):
     path = tmp_path / "n0.journal"
     j = Journal(path, compact_every=10)
-    ids = [j.add({"n": n}) for n in range(50)]
+    ids = [j.add(item(f"n/{n}")) for n in range(50)]
     for i in ids[:45]:
         j.done(i)
     lines = path.read_text().splitlines()
     assert len(lines) < 20                            # compacted on the way
-    assert [it["n"] for _, it in Journal(path).pending()] == [45, 46, 47, 48, 49]
+    assert [it.version for _, it in Journal(path).pending()] == [45, 46, 47, 48, 49]
     assert (path.stat().st_mode & 0o777) == 0o600
 
 
@@ -59,7 +96,7 @@ def test_concurrent_appends(tmp_path):
 
     def work(k):
         for n in range(50):
-            i = j.add({"k": k, "n": n})
+            i = j.add(item(f"k{k}/{n}"))
             if n % 2:
                 j.done(i)
     ts = [threading.Thread(target=work, args=(k,)) for k in range(4)]
@@ -94,13 +131,6 @@ class Recorder:
                 self.active -= 1
 
 
-def item(group, rank, size, order=None):
-    out = {"group": group, "group_size": size, "rank": rank}
-    if order:
-        out["order"] = order
-    return out
-
-
 def test_aggregation_per_group(tmp_path):
     ex = Recorder()
     q = wq.WorkQueue(Journal(tmp_path / "q.journal"), ex, workers=2).start()
@@ -108,11 +138,11 @@ def test_aggregation_per_group(tmp_path):
         q.submit(item("heat/1", 0, 3))
         q.submit(item("heat/1", 1, 3))
         time.sleep(0.2)
-        assert ex.batches == [] and q.status()["waiting"]["heat/1"]["have"] == 2
+        assert ex.batches == [] and q.status()["waiting"][G("heat/1")]["have"] == 2
         q.submit(item("heat/1", 2, 3))
-        assert q.wait_groups(["heat/1"], timeout=5)[0]["heat/1"]["ok"]
+        assert q.wait_groups([G("heat/1")], timeout=5)[0][G("heat/1")]["ok"]
         (batch,) = ex.batches
-        assert sorted(it["rank"] for it in batch.items) == [0, 1, 2] and batch.complete
+        assert sorted(it.rank for it in batch.items) == [0, 1, 2] and batch.complete
         assert q.drain(timeout=5) and len(q.journal) == 0
     finally:
         q.stop(5)
@@ -124,24 +154,24 @@ def test_bounded_parallelism_and_ordering(tmp_path):
     try:
         for v in range(6):
             q.submit(item(f"a/{v}", 0, 1, order="a"))
-            q.submit(item(f"b/{v}", 0, 1))
+            q.submit(item(f"b/{v}", 0, 1, order=f"b{v}"))
         assert q.drain(timeout=10)
         assert ex.max_active <= 2
-        assert [b.group for b in ex.batches if b.group.startswith("a/")] == [f"a/{v}" for v in range(6)]
+        assert [b.group for b in ex.batches if b.group.startswith("a/")] == [G(f"a/{v}") for v in range(6)]
     finally:
         q.stop(5)
 
 
 def test_failure_recorded_and_first_failure_kept(tmp_path):
-    ex = Recorder(fail_groups={"h/2"})
+    ex = Recorder(fail_groups={G("h/2")})
     q = wq.WorkQueue(Journal(tmp_path / "q.journal"), ex, workers=1).start()
     try:
         for v in (1, 2, 3):
             q.submit(item(f"h/{v}", 0, 1, order="h"))
-        res, _ = q.wait_groups(["h/1", "h/2", "h/3"], timeout=5)
-        assert res["h/1"]["ok"] and res["h/3"]["ok"]
-        assert not res["h/2"]["ok"] and "flush failed" in res["h/2"]["error"]
-        assert [f["group"] for f in q.failures] == ["h/2"]
+        res, _ = q.wait_groups([G("h/1"), G("h/2"), G("h/3")], timeout=5)
+        assert res[G("h/1")]["ok"] and res[G("h/3")]["ok"]
+        assert not res[G("h/2")]["ok"] and "flush failed" in res[G("h/2")]["error"]
+        assert [f["group"] for f in q.failures] == [G("h/2")]
         assert q.status()["counts"]["failed"] == 1
         assert len(q.journal) == 0           # a failed item is finished, not retried forever
     finally:
@@ -152,11 +182,11 @@ def test_duplicate_key_queued_once(tmp_path):
     ex = Recorder()
     q = wq.WorkQueue(Journal(tmp_path / "q.journal"), ex).start()
     try:
-        it = dict(item("g/1", 0, 2), key="rank0-g/1")
+        it = item("g/1", 0, 2)
         assert q.submit(it)[0] is not None
-        assert q.submit(dict(it))[0] is None
-        q.submit(dict(item("g/1", 1, 2), key="rank1-g/1"))
-        assert q.wait_groups(["g/1"], timeout=5)[0]["g/1"]["items"] == 2
+        assert q.submit(it.replace(pid=99))[0] is None      # a retry: same key
+        q.submit(item("g/1", 1, 2))
+        assert q.wait_groups([G("g/1")], timeout=5)[0][G("g/1")]["items"] == 2
     finally:
         q.stop(5)
 
@@ -172,10 +202,10 @@ def test_replay_after_kill_resumes_unfinished(tmp_path):
     q2 = wq.WorkQueue(Journal(path), ex).start()
     try:
         assert q2.counts["replayed"] == 3
-        assert q2.wait_groups(["v/1"], timeout=5)[0]["v/1"]["ok"]
+        assert q2.wait_groups([G("v/1")], timeout=5)[0][G("v/1")]["ok"]
         assert q2.busy() == 1                 # v/2 still waits for its second rank
         assert q2.release_incomplete(reason="test") == 1
-        res = q2.wait_groups(["v/2"], timeout=5)[0]["v/2"]
+        res = q2.wait_groups([G("v/2")], timeout=5)[0][G("v/2")]
         assert res["ok"] and not res["complete"]
         assert q2.drain(timeout=5) and len(q2.journal) == 0
     finally:
@@ -193,8 +223,8 @@ def test_stop_leaves_queued_items_journaled(tmp_path):
     with pytest.raises(RuntimeError, match="stopping"):
         q.submit(item("s/9", 0, 1))
     q.journal.close()
-    left = [it["group"] for _, it in Journal(path).pending()]
-    assert left == ["s/1", "s/2", "s/3"]
+    left = [it.group for _, it in Journal(path).pending()]
+    assert left == [G("s/1"), G("s/2"), G("s/3")]
 
 
 def test_wait_unknown_group_returns_at_once(tmp_path):

@@ -20,6 +20,7 @@ import pytest
 
 from veloc import ipc
 from veloc.errors import BackendError
+from veloc.work_item import WorkItem
 
 PKG = "veloc_backend"
 from veloc_backend import lifecycle
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.timeout(120)
 
 class MarkerExecutor:
     """Test executor run inside the backend: sleeps ``$VELOC_TEST_DELAY`` seconds, then
-    writes ``<group>.json`` (the batch's items) into ``$VELOC_TEST_MARKERS``."""
+    writes ``<name>_<version>.json`` (the batch's items) into ``$VELOC_TEST_MARKERS``."""
 
     def __init__(self, config, node, logger):
         self.dir = Path(os.environ["VELOC_TEST_MARKERS"])
@@ -41,9 +42,11 @@ class MarkerExecutor:
 
     def run(self, batch):
         time.sleep(self.delay)
-        if batch.group.startswith("fail"):
+        first = batch.items[0]
+        if first.name == "fail":
             raise RuntimeError(f"module flush failed on {batch.group}")
-        (self.dir / f"{batch.group.replace('/', '_')}.json").write_text(json.dumps(batch.items))
+        (self.dir / f"{first.name}_{first.version}.json").write_text(
+            json.dumps([it.to_wire() for it in batch.items]))
         return {"timings": {"marker": self.delay}}
 
 
@@ -120,9 +123,20 @@ def job(dirs):
     shutil.rmtree(runtime, ignore_errors=True)
 
 
-def submit(conn, group, rank=0, size=1):
-    return conn.request({"op": "submit", "item": {"group": group, "group_size": size,
-                                                   "rank": rank, "order": "x"}})
+def work(label, rank=0, size=1):
+    """The work item of rank ``rank`` (of ``size`` on the node) for ``label`` = "name/version"."""
+    name, version = label.split("/")
+    return WorkItem.command("CHECKPOINT", name, int(version), rank=rank, nranks=size,
+                            local_ranks=range(size), session="t", seq=1, job_nodes=["n0"])
+
+
+def G(label):
+    """The group of ``label``'s items."""
+    return work(label).group
+
+
+def submit(conn, label, rank=0, size=1):
+    return conn.request({"op": "submit", "item": work(label, rank, size).to_wire()})
 
 
 def test_start_ping_status_and_work(job):
@@ -134,18 +148,18 @@ def test_start_ping_status_and_work(job):
     with job.conn() as c:
         assert c.request({"op": "ping"})["pid"] == pid
         submit(c, "v/1", 0, 2)
-        assert c.request({"op": "status"})["waiting"]["v/1"]["have"] == 1
+        assert c.request({"op": "status"})["waiting"][G("v/1")]["have"] == 1
         submit(c, "v/1", 1, 2)
-        res = c.request({"op": "wait", "groups": ["v/1"], "timeout": 10})["results"]["v/1"]
+        res = c.request({"op": "wait", "groups": [G("v/1")], "timeout": 10})["results"][G("v/1")]
         assert res["ok"] and res["items"] == 2
         submit(c, "fail/2")
-        res = c.request({"op": "wait", "groups": ["fail/2"], "timeout": 10})["results"]["fail/2"]
+        res = c.request({"op": "wait", "groups": [G("fail/2")], "timeout": 10})["results"][G("fail/2")]
         assert not res["ok"] and "flush failed" in res["error"]
         assert c.request({"op": "drain", "timeout": 10})["drained"]
     assert {json.loads(p.read_text())[0]["rank"] for p in job.markers.glob("v_1.json")} == {0}
     log = lifecycle.log_path(*lifecycle.resolve(job.cfg, job.env))
     text = log.read_text()
-    assert "backend ready" in text and "group v/1 done" in text and "marker=" in text
+    assert "backend ready" in text and f"group {G('v/1')} done" in text and "marker=" in text
     assert job.ensure()[1] == pid                      # an answering backend is reused
     print(f"backend start-up: {started:.3f} s")
 
@@ -236,8 +250,8 @@ def test_incomplete_group_released_when_clients_gone(job):
         submit(c, "o/1", 0, 2)                          # rank 1 "crashed" before sending
     with job.conn() as c:
         time.sleep(1.5)                                  # orphan grace is 1 s in these tests
-        res = c.request({"op": "wait", "groups": ["o/1"], "timeout": 10})["results"]
-        assert "o/1" in res or (job.markers / "o_1.json").exists()
+        res = c.request({"op": "wait", "groups": [G("o/1")], "timeout": 10})["results"]
+        assert G("o/1") in res or (job.markers / "o_1.json").exists()
     wait_for(lambda: (job.markers / "o_1.json").exists(), what="orphan group run")
 
 
@@ -255,7 +269,9 @@ def test_malformed_message_refused_logged_and_backend_keeps_serving(job):
         with pytest.raises(BackendError, match="item"):
             c.request({"op": "submit", "item": [1, 2]})
         with pytest.raises(BackendError, match="group_size"):
-            c.request({"op": "submit", "item": {"group": "g", "group_size": "2"}})
+            c.request({"op": "submit", "item": dict(work("g/1").to_wire(), group_size="2")})
+        with pytest.raises(BackendError, match="item field 'name'"):
+            c.request({"op": "submit", "item": dict(work("g/1").to_wire(), name="../etc")})
         assert c.request({"op": "ping"})["pid"] == pid
     log = lifecycle.log_path(*lifecycle.resolve(job.cfg, job.env)).read_text()
     assert "refused" in log

@@ -9,6 +9,7 @@ import pytest
 
 from veloc.cli import main
 from veloc.progress import ProgressReporter, format_progress, human_bytes
+from veloc.work_item import WorkItem
 
 from veloc_backend import executor as executor_mod
 from veloc_backend.journal import Journal
@@ -23,7 +24,7 @@ class SlowExecutor:
         self.delay, self.gate = delay, gate
 
     def item_bytes(self, item):
-        return 3 * MiB if item.get("kind") == "CHECKPOINT" else 0
+        return 3 * MiB if item.kind == "CHECKPOINT" else 0
 
     def run(self, batch):
         if self.gate is not None:
@@ -45,9 +46,9 @@ class SlowEngineExecutor:
         return self.inner.run(batch)
 
 
-def item(version, **extra):
-    return {"kind": "CHECKPOINT", "name": "p", "version": version, "rank": 0,
-            "group": f"p/v{version}", "group_size": 1, "order": "engine", **extra}
+def item(version, kind="CHECKPOINT", **extra):
+    return WorkItem.command(kind, "p", version, rank=0, nranks=1, local_ranks=[0], session="t",
+                            seq=1, **extra)
 
 
 @pytest.mark.timeout(30)
@@ -58,7 +59,7 @@ def test_queue_progress_counts_versions_bytes_and_rate(tmp_path):
         queue.submit(item(1, nbytes=MiB))
         queue.submit(item(2))                       # sized by the executor: 3 MiB
         queue.submit(item(3, nbytes=2 * MiB))
-        queue.submit({"kind": "AVAILABLE", "name": "p", "rank": 0, "group": "q", "order": "engine"})
+        queue.submit(item(None, "AVAILABLE"))
         first = queue.progress()
         assert first == {"groups": 4, "versions": 3, "bytes": 6 * MiB, "rate": 0.0}
         gate.set()
@@ -111,7 +112,7 @@ def test_veloc_drain_prints_progress_on_a_slow_drain(dirs, capsys, monkeypatch):
         job.ensure()
         with job.conn() as c:
             for version in (1, 2, 3):
-                c.request({"op": "submit", "item": item(version, nbytes=4 * MiB)})
+                c.request({"op": "submit", "item": item(version, nbytes=4 * MiB).to_wire()})
         for key in ("VELOC_NODE_ID", "VELOC_RUNTIME_DIR"):
             monkeypatch.setenv(key, job.env[key])
         code = main(["drain", str(job.cfg), "--progress", "0.4"])

@@ -183,9 +183,12 @@ def test_mixed_levels_when_no_single_level_holds_every_rank(dirs, cfg):
 
 def test_erasure_only_copies_need_a_rebuild(dirs, cfg):
     write_heat(dirs, version=2, skip={3})
-    from veloc.redundancy.striping import FORMAT, GroupStore
-    record = {"format": FORMAT, "name": "heat", "version": 2, "scheme": "xor", "m": 1, "parity_len": 8,
-              "parity": [], "members": [{"node": "n0", "manifests": [{"rank": r, "nranks": 4} for r in range(4)]}]}
+    from veloc.group_record import GroupMember, GroupRecord
+    from veloc.redundancy.striping import GroupStore, stamped
+    members = (GroupMember("n0", "n0", 0, None, tuple({"rank": r, "nranks": 4, "files": []} for r in range(4))),
+               GroupMember("n1", "n1", 0, None, ()))
+    record = stamped(GroupRecord(name="heat", version=2, scheme="xor", m=1, k=1, backend="numpy-xor", code="xor",
+                                 chunk=1, parity_len=1, members=members, parity=(("d",),) * 2, stamp=""))
     GroupStore(node_root(dirs, "n0") / ".erasure").commit(record, {})
     with pytest.raises(RestartError, match="rank 3: .*erasure-coded parity.*restart the job"):
         veloc.open(cfg, "heat", version=2)

@@ -9,6 +9,7 @@ from veloc.config import load_config
 from veloc.redundancy import topology as topo
 from veloc.redundancy.erasure_codec import make_codec
 from veloc.redundancy.striping import canonical, losses, rebuild_plan
+from veloc.group_record import GroupMember, GroupRecord
 from veloc.errors import ConfigError
 
 
@@ -140,11 +141,14 @@ def test_layout_encodes_and_rebuilds_bit_exact(scheme, g, m):
 
 
 def _record(stamp, nodes, m=1):
-    return {"stamp": stamp, "m": m, "members": [{"node": n, "manifests": [{"rank": i}]} for i, n in enumerate(nodes)]}
+    members = tuple(GroupMember(n, n, 0, None, ({"rank": i, "nranks": len(nodes), "files": []},))
+                    for i, n in enumerate(nodes))
+    return GroupRecord(name="t", version=1, scheme="xor", m=m, k=len(nodes) - m, backend="numpy-xor", code="xor",
+                       chunk=1, parity_len=1, members=members, parity=(("d",) * m,) * len(nodes), stamp=stamp)
 
 
 def test_canonical_record_and_losses():
-    a, stale = _record("a", ["n0", "n1", "n2"]), _record("old", ["n0", "n1", "n2"])
+    a, stale = _record("a", ["n0", "n1", "n2"]), _record("0d", ["n0", "n1", "n2"])
     chosen = canonical([a, None, a, stale])
     assert all(chosen[n] is a for n in ("n0", "n1", "n2"))
     oks = [{(0, 0)}, set(), set(), {(2, 0)}]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from veloc.storage.formats import version_complete
 from veloc.storage.levels import LevelStore
 from veloc.engine.modules.scratch import verify_copy
-from veloc.redundancy.striping import DIGEST, GroupStore, ranks_of
+from veloc.redundancy.striping import DIGEST, GroupStore
 from veloc.redundancy.topology import held_parity
 from veloc.storage.hashing import digest_file
 from veloc.errors import ConfigError, CorruptCheckpointError
@@ -270,11 +270,11 @@ class ErasureLevel:
 
     def _blocks(self, store, record, node):
         """``[((stripe, j), path)]`` of the parity blocks ``node`` holds for ``record``."""
-        members = [e["node"] for e in record["members"]]
+        members = record.nodes
         if node not in members:
             return []
-        return [((s, j), store.parity_path(record["name"], record["version"], s, j))
-                for s, j in held_parity(members.index(node), len(members), record["m"])]
+        return [((s, j), store.parity_path(record.name, record.version, s, j))
+                for s, j in held_parity(members.index(node), len(members), record.m)]
 
     def states(self, name):
         return [self.state(name, version) for version in sorted(self.versions(name))]
@@ -285,15 +285,10 @@ class ErasureLevel:
             if record is None:
                 problems.append(problem)
                 continue
-            try:
-                for member in record["members"]:
-                    present.update(ranks_of(record, member["node"]))
-                    nranks = max([nranks] + [int(m["nranks"]) for m in member["manifests"]])
-                blocks = self._blocks(store, record, node)
-                entries = [(path.name, int(record["parity_len"])) for _, path in blocks]
-            except (KeyError, TypeError, ValueError) as exc:
-                problems.append(f"{store.version_dir(name, version)}: malformed group record ({exc!r})")
-                continue
+            for member in record.members:       # read_record checked every field
+                present.update(member.ranks)
+                nranks = max([nranks] + [m["nranks"] for m in member.manifests])
+            entries = [(path.name, record.parity_len) for _, path in self._blocks(store, record, node)]
             short, bad = _sizes_problems(store.version_dir(name, version), entries)
             truncated, problems = truncated or short, problems + bad
             size += sum(s for _, s in entries)
@@ -308,7 +303,7 @@ class ErasureLevel:
             if record is None:
                 yield "FAIL", self.name, who, problem
                 continue
-            group = [e["node"] for e in record["members"]]
+            group = record.nodes
             blocks = self._blocks(store, record, node)
             if not blocks:
                 yield "FAIL", self.name, who, f"{store.version_dir(name, version)}: its group record {group} " \
@@ -319,13 +314,13 @@ class ErasureLevel:
                 except OSError:
                     yield "MISSING", self.name, who, f"{path}: parity block {s}.{j} of group {group} missing"
                     continue
-                if size != record["parity_len"]:
-                    yield "FAIL", self.name, who, (f"{path}: size {size} != {record['parity_len']} recorded "
+                if size != record.parity_len:
+                    yield "FAIL", self.name, who, (f"{path}: size {size} != {record.parity_len} recorded "
                                                    "(truncated or overwritten)")
-                elif digest_file(path, DIGEST) != record["parity"][s][j]:
+                elif digest_file(path, DIGEST) != record.parity[s][j]:
                     yield "FAIL", self.name, who, f"{path}: {DIGEST} checksum mismatch (parity block {s}.{j})"
                 else:
-                    yield "OK", self.name, who, (f"{path} (parity block {s}.{j} of {record['scheme']} group "
+                    yield "OK", self.name, who, (f"{path} (parity block {s}.{j} of {record.scheme} group "
                                                  f"{group}, {DIGEST} digest matches)")
 
 

@@ -30,6 +30,7 @@ from veloc.hosts.base import Host
 from veloc.errors import BackendError, CheckpointError, RestartError, VelocError
 from veloc.ipc import BackendConnection
 from veloc.progress import ProgressReporter
+from veloc.work_item import WorkItem
 
 START_TIMEOUT = 60.0      # s: find or start the node's backend
 # Liveness: the backend answers every request on a connection thread of its own, also
@@ -99,14 +100,13 @@ class AsyncHost(Host):
 
     # ------------------------------------------------------------ backend calls
     def _submit(self, kind, name, version=None, **extra):
+        """Send this rank's next command (a :class:`~veloc.work_item.WorkItem`); returns its group."""
         self._seq += 1
-        group = f"{name}/v{version}/{kind}/{self.session}-{self._seq}"
-        item = {"kind": kind, "name": name, "version": version, "rank": self.rank,
-                "nranks": self.nranks, "local_ranks": self.local_ranks, "session": self.session,
-                "group": group, "group_size": len(self.local_ranks), "order": "engine",
-                "key": f"{group}/r{self.rank}", "job_nodes": self.job_nodes, **extra}
-        self.conn.request({"op": "submit", "item": item})
-        return group
+        item = WorkItem.command(kind, name, version, rank=self.rank, nranks=self.nranks,
+                                local_ranks=self.local_ranks, session=self.session, seq=self._seq,
+                                job_nodes=self.job_nodes, **extra)
+        self.conn.request({"op": "submit", "item": item.to_wire()})
+        return item.group
 
     def _wait(self, groups, block=True):
         """``{group: result}``; with ``block`` every group is present on return."""

@@ -14,12 +14,13 @@ member sits at data position ``t`` (``veloc.redundancy.topology``). Encoding sen
 chunks straight from the files' mappings; a rebuild reads survivors' blocks into memory.
 
 The *group record* ``<scratch>/.erasure/<name>/v<version>/group.json`` (the same on
-every member; it is the commit record, written last, atomically) holds: scheme,
-backend and code of the codec, k, m, chunk, a ``stamp`` identifying the encoding, and
-per member its node, failure domain, block length, block digest and its ranks' scratch
-manifests (file names, sizes, digests) — enough for any surviving member to tell a
-fresh node what its files were. Parity ``j`` of stripe ``s`` is ``s<s>.p<j>.par``
-next to it; the record lists the digest of every parity block of the group.
+every member; it is the commit record, written last, atomically) is a
+:class:`veloc.group_record.GroupRecord`: scheme, backend and code of the codec, k, m,
+chunk, a ``stamp`` identifying the encoding (:func:`stamped`), and per member its node,
+failure domain, block length, block digest and its ranks' scratch manifests (file
+names, sizes, digests) — enough for any surviving member to tell a fresh node what its
+files were. Parity ``j`` of stripe ``s`` is ``s<s>.p<j>.par`` next to it; the record
+lists the digest of every parity block of the group.
 """
 import json
 import shutil
@@ -27,6 +28,7 @@ import shutil
 import numpy as np
 
 from veloc.errors import CorruptCheckpointError
+from veloc.group_record import GroupRecord
 from veloc.storage.fileio import atomic_write_bytes, make_dirs, remove_quietly
 from veloc.storage.hashing import digest_buffer, digest_file, hasher
 from veloc.storage.levels import _VDIR
@@ -36,7 +38,6 @@ from veloc.redundancy.transfer import TAG_ERASURE, Exchange, OutgoingFile, close
 
 RECORD = "group.json"
 DIGEST = "xxh3_128"
-FORMAT = 1
 
 
 class GroupStore:
@@ -71,7 +72,8 @@ class GroupStore:
         return sorted(out)
 
     def read_record(self, name, version):
-        """The committed record or ``None``; CorruptCheckpointError if unreadable."""
+        """The committed :class:`GroupRecord` or ``None``; CorruptCheckpointError naming the
+        file if it is unreadable, malformed or another version's."""
         path = self.version_dir(name, version) / RECORD
         try:
             raw = json.loads(path.read_bytes())
@@ -79,19 +81,21 @@ class GroupStore:
             return None
         except (OSError, ValueError) as exc:
             raise CorruptCheckpointError(f"{path}: unreadable erasure group record ({exc})") from None
-        if raw.get("format") != FORMAT or (raw.get("name"), raw.get("version")) != (name, version):
+        record = GroupRecord.from_json(raw, str(path))
+        if (record.name, record.version) != (name, version):
             raise CorruptCheckpointError(f"{path}: not the group record of {name} v{version}")
-        return raw
+        return record
 
     def uncommit(self, name, version):
         remove_quietly(self.version_dir(name, version) / RECORD)
 
     def commit(self, record, parity, reuse=()):
-        """Write ``parity`` ({(stripe, j): array}) then the record (the commit point).
+        """Write ``parity`` ({(stripe, j): array}) then the stamped ``record`` (the commit point).
 
         ``reuse``: uncommitted old parity files whose allocated space the new ones take over.
         """
-        name, version = record["name"], record["version"]
+        name, version = record.name, record.version
+        data = json.dumps(record.to_json(), sort_keys=True).encode()     # raises if not stamped
         vdir = self.version_dir(name, version)
         make_dirs(vdir)
         reuse = list(reuse)
@@ -99,7 +103,7 @@ class GroupStore:
             path = self.parity_path(name, version, s, j)
             # over an allocated file of a collected version: ~3x faster than fresh tmpfs pages
             atomic_write_bytes(path, block, durable=self.durable, reuse=reuse.pop() if reuse else None)
-        atomic_write_bytes(vdir / RECORD, json.dumps(record, sort_keys=True).encode(), durable=self.durable)
+        atomic_write_bytes(vdir / RECORD, data, durable=self.durable)
 
     def take_victim(self, name, version, keep, complete=()):
         """The version garbage collection drops once ``version`` is in (``keep`` newest kept),
@@ -115,29 +119,36 @@ class GroupStore:
 
     def parity_intact(self, record, member, deep=True):
         """``{(stripe, j)}`` of ``member``'s parity blocks that match ``record``."""
-        g, m = len(record["members"]), record["m"]
+        g, m = len(record.members), record.m
         ok = set()
         for s, j in held_parity(member, g, m):
-            path = self.parity_path(record["name"], record["version"], s, j)
+            path = self.parity_path(record.name, record.version, s, j)
             try:
-                if path.stat().st_size == record["parity_len"] and (
-                        not deep or digest_file(path, DIGEST) == record["parity"][s][j]):
+                if path.stat().st_size == record.parity_len and (
+                        not deep or digest_file(path, DIGEST) == record.parity[s][j]):
                     ok.add((s, j))
             except OSError:
                 continue
         return ok
 
     def read_parity(self, record, stripe, j):
-        return np.fromfile(self.parity_path(record["name"], record["version"], stripe, j), dtype=np.uint8)
+        return np.fromfile(self.parity_path(record.name, record.version, stripe, j), dtype=np.uint8)
 
     def remove_version(self, name, version):
         self.uncommit(name, version)
         shutil.rmtree(self.version_dir(name, version), ignore_errors=True)
 
 
-def manifests_of(entry):
-    """The scratch manifests recorded for one member, as :class:`Manifest` objects."""
-    return [Manifest.from_bytes(json.dumps(m).encode(), "erasure group record") for m in entry["manifests"]]
+def stamped(record):
+    """``record`` with its stamp: the first 16 hex digits of the digest of its JSON
+    without the stamp (keys sorted), which tells two encodings of a version apart."""
+    content = json.dumps(record.content_json(), sort_keys=True).encode()
+    return record.with_stamp(digest_buffer(content, DIGEST)[:16])
+
+
+def manifests_of(member):
+    """The scratch manifests recorded for one :class:`GroupMember`, as :class:`Manifest` objects."""
+    return [Manifest.from_bytes(json.dumps(m).encode(), "erasure group record") for m in member.manifests]
 
 
 def write_ranks(scratch, manifests, block, node, ranks):
@@ -283,7 +294,7 @@ def rebuild_exchange(comm, peer, me, plan, files, sizes, parity_of, chunk, k, co
 
 # -- shared decisions (pure) ---------------------------------------------------------
 def canonical(records):
-    """``{node: record}``: the record each node belongs to, the same on every engine.
+    """``{node: GroupRecord}``: the record each node belongs to, the same on every engine.
 
     Records with the most holders win (ties: lowest peer index); a node belongs to the
     first winning record that names it and no node of which is taken yet.
@@ -291,38 +302,27 @@ def canonical(records):
     stamps = {}
     for idx, rec in enumerate(records):
         if rec:
-            stamps.setdefault(rec["stamp"], [0, idx, rec])[0] += 1
+            stamps.setdefault(rec.stamp, [0, idx, rec])[0] += 1
     taken = {}
     for _, _, rec in sorted(stamps.values(), key=lambda c: (-c[0], c[1])):
-        names = [e["node"] for e in rec["members"]]
+        names = rec.nodes
         if not any(n in taken for n in names):
             taken.update((n, rec) for n in names)
     return taken
 
 
-def member_index(rec, node):
-    return [e["node"] for e in rec["members"]].index(node)
-
-
-def ranks_of(rec, node):
-    for e in rec["members"]:
-        if e["node"] == node:
-            return [m["rank"] for m in e["manifests"]]
-    return []
-
-
 def held_parity_all(rec):
-    g, m = len(rec["members"]), rec["m"]
+    g, m = len(rec.members), rec.m
     return {p for i in range(g) for p in held_parity(i, g, m)}
 
 
 def losses(rec, nodes, oks, lost_nodes):
     """``(lost member indices, lost parity (stripe, j) of surviving members)``."""
-    g, m = len(rec["members"]), rec["m"]
+    g, m = len(rec.members), rec.m
     lost, lost_parity = set(), set()
-    for i, e in enumerate(rec["members"]):
-        if e["node"] not in nodes or e["node"] in lost_nodes:
+    for i, e in enumerate(rec.members):
+        if e.node not in nodes or e.node in lost_nodes:
             lost.add(i)
             continue
-        lost_parity |= set(held_parity(i, g, m)) - set(oks[nodes.index(e["node"])])
+        lost_parity |= set(held_parity(i, g, m)) - set(oks[nodes.index(e.node)])
     return lost, lost_parity

@@ -23,18 +23,19 @@ members' blocks from the survivors' scratch data and parity, checks them, commit
 scratch manifests, then re-encodes the group so the version is protected again.
 """
 import json
+from dataclasses import replace
 
 import numpy as np
 
 from veloc.config_keys import Key, choice, integer, module_keys, text
 from veloc.errors import CheckpointError, ConfigError, CorruptCheckpointError, RestartError
 from veloc.faults import fault_point
+from veloc.group_record import GroupMember, GroupRecord
 from veloc.redundancy.erasure_codec import make_codec
 from veloc.storage.hashing import digest_buffer
 from veloc.engine.module import Module
-from veloc.redundancy.striping import (DIGEST, FORMAT, GroupStore, canonical, digest_files, encode_exchange, held_parity_all,
-                        losses, manifests_of, member_index, open_files, ranks_of, rebuild_exchange, rebuild_plan,
-                        write_ranks)
+from veloc.redundancy.striping import (DIGEST, GroupStore, canonical, digest_files, encode_exchange, held_parity_all, losses,
+                        manifests_of, open_files, rebuild_exchange, rebuild_plan, stamped, write_ranks)
 from veloc.redundancy.topology import TopologyError, domain_of, groups, held_parity, unrecoverable
 from veloc.redundancy.transfer import close_all, gather, local, node_scratch, settle
 
@@ -128,21 +129,22 @@ class ErasureModule(Module):
                 if manifest is None:
                     raise CheckpointError(f"rank {rank} has no committed scratch copy of {name} v{version}")
                 manifests.append(json.loads(manifest.to_bytes()))
-            return {"node": node, "domain": domain_of(self.ctx.config, node), "group": list(group),
-                    "manifests": manifests, "length": sum(f["size"] for x in manifests for f in x["files"])}
+            length = sum(f["size"] for x in manifests for f in x["files"])
+            return GroupMember(node, domain_of(self.ctx.config, node), length, None, tuple(manifests)), list(group)
 
         info = gather(peers, node, *local(describe), error_cls, what)
-        by_node = {i["node"]: (idx, i) for idx, i in enumerate(info) if i}
+        # node -> (peer index, its GroupMember without digest, the group it sees)
+        by_node = {i[0].node: (idx, i[0], i[1]) for idx, i in enumerate(info) if i}
 
         def setup():
             if group is None:
                 return None
             for n in group:
-                if n not in by_node or by_node[n][1]["group"] != list(group):
+                if n not in by_node or by_node[n][2] != list(group):
                     raise CheckpointError(f"group {list(group)}: node {n} is missing or sees another group")
             g = len(group)
             k = g - m
-            chunk = max(1, -(-max(by_node[n][1]["length"] for n in group) // k))
+            chunk = max(1, -(-max(by_node[n][1].length for n in group) // k))
             codec = self._codec(scheme, k, m, backend)
             store.uncommit(name, version)
             victim = (store.take_victim(name, version, self.ctx.config.scratch_versions,
@@ -157,10 +159,10 @@ class ErasureModule(Module):
             result = None
             if state is not None:
                 peer, me, k, chunk, codec, victim, files = state
-                sizes = [[f["size"] for x in by_node[n][1]["manifests"] for f in x["files"]] for n in group]
+                sizes = [by_node[n][1].file_sizes for n in group]
                 parity, digests = encode_exchange(peers.comm, peer, me, files, sizes, k, m, chunk, codec)
                 # per-file digests (checksum module) already pin the data; else digest the block
-                undigested = any(not f.get("digest") for x in by_node[node][1]["manifests"] for f in x["files"])
+                undigested = any(not f.get("digest") for x in by_node[node][1].manifests for f in x["files"])
                 result = {"digest": digest_files(files) if undigested else None, "parity": digests}
         finally:
             if state is not None:
@@ -170,15 +172,11 @@ class ErasureModule(Module):
         def commit():
             if state is None:
                 return
-            members = [{"node": n, "domain": by_node[n][1]["domain"], "length": by_node[n][1]["length"],
-                        "digest": final[by_node[n][0]]["digest"], "manifests": by_node[n][1]["manifests"]}
-                       for n in group]
-            table = [final[p]["parity"] for p in peer]
-            record = {"format": FORMAT, "name": name, "version": version, "scheme": scheme, "m": m, "k": k,
-                      "backend": codec.backend, "code": getattr(codec, "code", codec.backend),
-                      "chunk": chunk, "parity_len": int(parity[(me, 0)].size), "members": members,
-                      "parity": table}
-            record["stamp"] = digest_buffer(json.dumps(record, sort_keys=True).encode(), DIGEST)[:16]
+            members = tuple(replace(by_node[n][1], digest=final[by_node[n][0]]["digest"]) for n in group)
+            record = stamped(GroupRecord(
+                name=name, version=int(version), scheme=scheme, m=m, k=k, backend=codec.backend,
+                code=getattr(codec, "code", codec.backend), chunk=chunk, parity_len=int(parity[(me, 0)].size),
+                members=members, parity=tuple(tuple(final[p]["parity"]) for p in peer)))
             store.commit(record, parity, reuse=victim[1])
             if victim[0] is not None:
                 store.remove_version(name, victim[0])
@@ -217,10 +215,9 @@ class ErasureModule(Module):
                 rec = store.read_record(name, version)
             except CorruptCheckpointError:
                 continue
-            nodes = [e["node"] for e in rec["members"]]
-            ok = node in nodes and len(store.parity_intact(rec, nodes.index(node), deep=False)) == rec["m"]
-            mine[version] = (rec["stamp"], nodes, rec["m"], ok,
-                             {e["node"]: [x["rank"] for x in e["manifests"]] for e in rec["members"]})
+            nodes = rec.nodes
+            ok = node in nodes and len(store.parity_intact(rec, nodes.index(node), deep=False)) == rec.m
+            mine[version] = (rec.stamp, nodes, rec.m, ok, {e.node: e.ranks for e in rec.members})
         tables = self.ctx.peers.allgather((node, mine))
         out, hopeless = {r: set() for r in ranks}, {}
         for version in {v for _, t in tables for v in t}:
@@ -257,8 +254,8 @@ class ErasureModule(Module):
         wanting = {n for n, _, want in table if want}
         mine = chosen.get(self.ctx.node)
         ok = set()
-        if mine is not None and any(e["node"] in wanting for e in mine["members"]):
-            ok = self._store().parity_intact(mine, member_index(mine, self.ctx.node))
+        if mine is not None and any(n in wanting for n in mine.nodes):
+            ok = self._store().parity_intact(mine, mine.member_index(self.ctx.node))
         oks = self.ctx.peers.allgather(ok)
         out = {}
         for rank in ranks:
@@ -269,18 +266,18 @@ class ErasureModule(Module):
         node = self.ctx.node
         if rec is None:
             return f"no erasure group record of {name} v{version} covers node {node}"
-        if rank not in ranks_of(rec, node):
+        if rank not in rec.ranks_of(node):
             return f"erasure group of {name} v{version} does not hold rank {rank} for node {node}"
-        written = {m["rank"]: m["nranks"] for e in rec["members"] for m in e["manifests"]}
+        written = {m["rank"]: m["nranks"] for e in rec.members for m in e.manifests}
         if self.ctx.nranks is not None and written[rank] != self.ctx.nranks:
             return (f"{name} v{version} at erasure was written by a job of {written[rank]} ranks, "
                     f"this job has {self.ctx.nranks}")
         lost, lost_parity = losses(rec, [n for n, _, _ in table], oks, wanting)
-        if member_index(rec, node) not in unrecoverable(len(rec["members"]), rec["m"], lost, lost_parity):
+        if rec.member_index(node) not in unrecoverable(len(rec.members), rec.m, lost, lost_parity):
             return None
-        names = [rec["members"][i]["node"] for i in sorted(lost)]
-        return (f"erasure: group {[e['node'] for e in rec['members']]} of {name} v{version} lost member(s) "
-                f"{names} and {len(lost_parity)} more parity block(s); {rec['scheme']} with {rec['m']} "
+        names = [rec.nodes[i] for i in sorted(lost)]
+        return (f"erasure: group {rec.nodes} of {name} v{version} lost member(s) "
+                f"{names} and {len(lost_parity)} more parity block(s); {rec.scheme} with {rec.m} "
                 f"parity block(s) per stripe cannot rebuild node {node}")
 
     def restore(self, name, version, ranks):
@@ -296,45 +293,45 @@ class ErasureModule(Module):
         def status():
             if rec is None:
                 return set(), set()
-            have = {r for r in ranks_of(rec, node) if r not in ranks
+            have = {r for r in rec.ranks_of(node) if r not in ranks
                     and self.ctx.scratch(r).manifest_path(name, version, r).exists()}
-            return store.parity_intact(rec, member_index(rec, node)), have
+            return store.parity_intact(rec, rec.member_index(node)), have
 
         stats = gather(peers, node, *local(status), RestartError, what)
         oks = [s[0] for s in stats]
         wanting = {n for n, _, want in table if want}
         missing = {n for (n, _, _), (_, have) in zip(table, stats) if n in chosen
-                   and not set(ranks_of(chosen[n], n)) <= have and n not in wanting}
+                   and not set(chosen[n].ranks_of(n)) <= have and n not in wanting}
         for n in sorted(wanting):
             if n not in chosen:
                 raise RestartError(f"{what}: no group record covers node {n}")
             r = chosen[n]
             lost, lost_parity = losses(r, nodes, oks, wanting | missing)
-            bad = unrecoverable(len(r["members"]), r["m"], lost, lost_parity)
+            bad = unrecoverable(len(r.members), r.m, lost, lost_parity)
             if bad:
-                raise RestartError(f"{what}: group {[e['node'] for e in r['members']]} lost too many blocks "
+                raise RestartError(f"{what}: group {r.nodes} lost too many blocks "
                                    f"(members {sorted(bad)} cannot be rebuilt)")
         plan, lost, lost_parity = [], set(), set()
         if rec is not None:
-            names = [e["node"] for e in rec["members"]]
+            names = rec.nodes
             lost, lost_parity = losses(rec, nodes, oks, wanting | missing)
             if wanting & set(names):
-                plan = [p for p in rebuild_plan(len(names), rec["m"], lost, set(held_parity_all(rec) - lost_parity))
+                plan = [p for p in rebuild_plan(len(names), rec.m, lost, set(held_parity_all(rec) - lost_parity))
                         if names[p[0]] in nodes]
-        me = member_index(rec, node) if rec is not None else None
+        me = rec.member_index(node) if rec is not None else None
 
         def prepare():
             if not plan:
                 return None
-            k, chunk = rec["k"], rec["chunk"]
-            codec = self._codec(rec["scheme"], k, rec["m"], rec["backend"])
-            manifests = manifests_of(rec["members"][me])
+            k, chunk = rec.k, rec.chunk
+            codec = self._codec(rec.scheme, k, rec.m, rec.backend)
+            manifests = manifests_of(rec.members[me])
             if me in lost:
                 return codec, manifests, [], np.zeros(k * chunk, dtype=np.uint8)
             if not any(src == me and kind == "data" for _, _, b in plan for _, src, kind, _ in b):
                 return codec, manifests, [], None
             files = open_files(self.ctx.scratch, manifests)
-            expected = rec["members"][me]["digest"]
+            expected = rec.members[me].digest
             if expected and digest_files(files) != expected:
                 close_all(files)
                 raise CorruptCheckpointError(f"node {node}'s scratch data of {name} v{version} no longer "
@@ -346,10 +343,10 @@ class ErasureModule(Module):
             settle(peers, node, error, RestartError, what)
             if state is not None:
                 codec, manifests, files, block = state
-                peer = [nodes.index(e["node"]) if e["node"] in nodes else -1 for e in rec["members"]]
-                sizes = [[f.size for x in manifests_of(e) for f in x.files] for e in rec["members"]]
+                peer = [nodes.index(n) if n in nodes else -1 for n in rec.nodes]
+                sizes = [e.file_sizes for e in rec.members]
                 rebuild_exchange(peers.comm, peer, me, plan, files, sizes, lambda s, j: store.read_parity(rec, s, j),
-                                 rec["chunk"], rec["k"], codec, block)
+                                 rec.chunk, rec.k, codec, block)
         finally:
             if state is not None:
                 close_all(state[2])
@@ -357,21 +354,21 @@ class ErasureModule(Module):
         def finish():
             if state is None or me not in lost:
                 return
-            entry = rec["members"][me]
-            if entry["digest"] and digest_buffer(block[:entry["length"]], DIGEST) != entry["digest"]:
+            entry = rec.members[me]
+            if entry.digest and digest_buffer(block[:entry.length], DIGEST) != entry.digest:
                 raise CorruptCheckpointError(f"rebuilt block of node {node} does not match its recorded digest")
             have = stats[peers.index][1]
-            write_ranks(self.ctx.scratch, manifests, block, node, set(ranks_of(rec, node)) - have)
+            write_ranks(self.ctx.scratch, manifests, block, node, set(rec.ranks_of(node)) - have)
             self.ctx.log.info("erasure: rebuilt %s v%d of node %s from its group", name, version, node)
 
         settle(peers, node, local(finish)[1], RestartError, what)
         # Re-protect: re-encode a damaged group once every member has its data back.
-        members = {e["node"] for e in rec["members"]} if rec is not None else set()
+        members = set(rec.nodes) if rec is not None else set()
         again = bool(members and (lost or lost_parity) and members <= set(nodes)
                      and (wanting & members or not missing & members))
-        self._encode(name, version, ranks_of(rec, node) if again else [],
-                     [e["node"] for e in rec["members"]] if again else None, RestartError,
-                     code=(rec["scheme"], rec["m"], rec["backend"]) if again else None)
+        self._encode(name, version, rec.ranks_of(node) if again else [],
+                     rec.nodes if again else None, RestartError,
+                     code=(rec.scheme, rec.m, rec.backend) if again else None)
         if again and me == 0:
             self.ctx.log.info("erasure: re-encoded %s v%d for group %s", name, version, sorted(members))
         return True
