@@ -147,8 +147,9 @@ class Backend:
     # ------------------------------------------------------------ main loop
     def serve(self):
         """Serve until asked to stop; the caller cleans up."""
-        self.server = SocketServer(self.ep.socket, self.handle).start()
+        # the pid first: whoever gets an answer on the socket can then find who answered
         lifecycle.write_pid(self.ep)
+        self.server = SocketServer(self.ep.socket, self.handle).start()
         log.info("backend ready: node %s, socket %s, %d worker(s), executor %s",
                  self.node, self.ep.socket, self.queue.nworkers, self.opts.executor)
         if self.world is not None:
