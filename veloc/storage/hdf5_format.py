@@ -11,7 +11,7 @@ Files (below the persistent root, next to the usual ``r<rank>.manifest.json``)::
 
 * root attributes: ``veloc_format`` = 1, ``veloc_name``, ``veloc_version``,
   ``veloc_rank``, ``veloc_nranks``;
-* one **contiguous** dataset per region, in the root group, named by the region id
+* one dataset per region, in the root group, named by the region id
   (``str(id)``; a string id spelled like an int id of the same rank gets ``str:<id>``).
   An array region is a dataset of its own shape and dtype (an ``order = "F"`` array is
   stored as its transpose, shape reversed, so the bytes are the array's memory); a dtype
@@ -24,6 +24,10 @@ Files (below the persistent root, next to the usual ``r<rank>.manifest.json``)::
   ``veloc_storage`` (``typed``/``bytes``), ``veloc_version``, ``veloc_rank``, and for a
   slab of a global array ``veloc_global_shape`` and ``veloc_global_offset``, for a
   replicated region ``veloc_replicated`` = 1.
+* a dataset is **contiguous**, except with ``[compress]`` enabled: then each region the
+  probe finds compressible is a **chunked** dataset through HDF5's built-in deflate
+  filter (with shuffle), which every HDF5 tool reads without plugins
+  (``veloc/storage/hdf5_filters.py``); incompressible regions stay contiguous and raw.
 
 ``global.h5``: root attributes ``veloc_format``, ``veloc_name``, ``veloc_version``,
 ``veloc_nranks``, ``veloc_local_regions`` (JSON list of ``{"id", "reason"}``: regions
@@ -34,9 +38,10 @@ one virtual dataset per global region (named like the rank datasets, shape
 per replicated region mapping rank 0's copy. Its attributes are those of the rank
 datasets minus the rank-specific ones.
 
-The raw bytes of each rank dataset are written by veloc itself (``O_DIRECT`` where the
+The raw bytes of each contiguous dataset are written by veloc itself (``O_DIRECT`` where the
 file system takes it) at the offset HDF5 allocated for the dataset, after h5py has
-written the file's metadata; the file's digest (manifest) covers every byte. Readers:
+written the file's metadata (h5py writes the chunked ones); the file's digest (manifest) covers
+every byte, compressed chunks included. Readers:
 :class:`Hdf5RankFile` (one rank's file, the same calls as
 :class:`veloc.storage.rankfile.RankFile`) and :class:`GlobalFile` (hyperslab reads
 through the virtual datasets). Used by the flush module (engine), by restart (every
@@ -266,7 +271,9 @@ class Hdf5RankFile:
     :class:`~veloc.storage.rankfile.RankFile` (``regions``, ``region``, ``bytes_view``,
     ``as_array``, ``read_into``, ``digest``, ``close``). Region bytes are read from a
     read-only mapping of the file at each contiguous dataset's offset, so a restore is
-    one copy straight into the protected array. Any process may open one."""
+    one copy straight into the protected array; a chunked (deflated) dataset is decoded
+    by h5py straight into the caller's array (:meth:`_read_filtered`). Any process may
+    open one."""
 
     def __init__(self, path):
         h5py = require_h5py()
