@@ -3,6 +3,7 @@ filter, checked with plain h5py; incompressible regions stay contiguous; virtual
 over chunked sources; restart and ``veloc.open`` from compressed HDF5 copies."""
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ h5py = pytest.importorskip("h5py")
 
 import veloc  # noqa: E402
 from test_hdf5_format import rank_file  # noqa: E402
-from veloc.errors import CorruptCheckpointError  # noqa: E402
+from veloc.errors import ConfigError, CorruptCheckpointError  # noqa: E402
 from veloc.storage.hashing import digest_file  # noqa: E402
 from veloc.storage.hdf5_filters import chunk_shape, deflate_level, plan_filters  # noqa: E402
 from veloc.storage.hdf5_format import Hdf5RankFile, write_global, write_rank_h5  # noqa: E402
@@ -50,13 +51,22 @@ def test_compressible_regions_are_deflated_and_read_in_plain_h5py(tmp_path):
         assert f["scalar"].chunks is None and f["scalar"][()] == 2.5
 
 
-def test_veloc_reader_decodes_into_the_callers_array(tmp_path):
+def filter_ids(dset):
+    plist = dset.id.get_create_plist()
+    return [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+
+
+@pytest.mark.parametrize("codec,filter_id", [("auto", 1), ("zstd", 32015), ("blosc2", 32026), ("lz4", 32004)])
+def test_veloc_reader_decodes_into_the_callers_array(tmp_path, codec, filter_id):
     fortran = np.asfortranarray(np.tile(np.arange(50, dtype=np.float32), (40, 1)))
-    arrays = {"smooth": SMOOTH, "noise": NOISE, "fortran": fortran, "obj": b"pickled " * 200}
-    path, _, digest, _ = to_h5(tmp_path, arrays, codec="zstd", level=6)
+    arrays = {"smooth": SMOOTH, "noise": NOISE.reshape(400, 500).T, "fortran": fortran,
+              "obj": b"pickled " * 200}
+    if codec == "auto":
+        arrays["noise"] = np.asfortranarray(SMOOTH * 2)  # every region compressible
+    path, _, digest, _ = to_h5(tmp_path, arrays, codec=codec, level=6)
     with Hdf5RankFile(path) as h:
         assert h.digest("xxh3_128") == digest
-        for rid in ("smooth", "fortran", "noise"):
+        for rid in ("smooth", "fortran", "noise"):     # noise: an F-ordered view of bytes
             info = h.region(rid)
             assert h.is_filtered(info) and info.nbytes == arrays[rid].nbytes
             out = np.empty_like(arrays[rid], order="F" if info.order == "F" else "C")
@@ -68,8 +78,16 @@ def test_veloc_reader_decodes_into_the_callers_array(tmp_path):
         h.read_into(h.region("smooth"), strided)
         assert np.array_equal(strided, SMOOTH)
         assert h.load_bytes(h.region("obj")).tobytes() == arrays["obj"]
-    with h5py.File(path, "r") as f:
-        assert f["smooth"].compression_opts == 6 and f["noise"].compression == "gzip"   # a named codec: all
+    with h5py.File(path, "r") as f:             # a named codec: every region, even incompressible
+        for rid in ("smooth", "noise", "fortran", "obj"):
+            assert filter_id in filter_ids(f[rid]) and f[rid].chunks is not None, rid
+        assert np.array_equal(f["noise"][()], arrays["noise"].T)
+
+
+def test_named_codec_without_hdf5plugin_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "hdf5plugin", None)
+    with pytest.raises(ConfigError, match="compress.codec.*zstd.*hdf5plugin.*pip install"):
+        to_h5(tmp_path, {"smooth": SMOOTH}, codec="zstd")
 
 
 def test_codec_none_level_clamp_and_chunk_shape(tmp_path):
@@ -119,9 +137,11 @@ def cfg(dirs):
             "flush": {"format": "hdf5"}, "compress": {"enabled": True}}
 
 
-def test_restart_and_open_from_compressed_hdf5(dirs, cfg):
+@pytest.mark.parametrize("codec", ["auto", "blosc2"])
+def test_restart_and_open_from_compressed_hdf5(dirs, cfg, codec):
+    cfg["compress"]["codec"] = codec
     grid = np.outer(np.linspace(0, 1, 256), np.linspace(1, 2, 128))
-    noise = np.random.default_rng(5).random(20_000)
+    noise = np.random.default_rng(5).integers(0, 256, 160_000, dtype=np.uint8)   # incompressible
     it = np.array([5], np.int64)
     with veloc.init_single(0, cfg) as c:
         c.protect("grid", grid, global_shape=(256, 128), offset=(0, 0))
@@ -135,7 +155,10 @@ def test_restart_and_open_from_compressed_hdf5(dirs, cfg):
     manifest = json.loads((vdir / "r0.manifest.json").read_text())
     assert manifest["files"][0]["digest"] == digest_file(vdir / "r0.h5", manifest["checksum"])
     with h5py.File(vdir / "r0.h5", "r") as f:
-        assert f["grid"].compression == "gzip" and f["noise"].chunks is None
+        if codec == "auto":
+            assert f["grid"].compression == "gzip" and f["noise"].chunks is None
+        else:
+            assert 32026 in filter_ids(f["grid"]) and 32026 in filter_ids(f["noise"])
     with h5py.File(vdir / "global.h5", "r") as f:
         assert np.array_equal(f["grid"][()], grid)
     with veloc.open(cfg, "sim", level="persistent") as view:
@@ -164,3 +187,12 @@ def test_lossy_region_is_stored_exactly(dirs, cfg):
         c.checkpoint("z", 1)
     with h5py.File(dirs["persistent"] / "z" / "v1" / "r0.h5", "r") as f:
         assert f["f"].compression == "gzip" and np.array_equal(f["f"][()], field)
+
+
+def test_named_codec_without_hdf5plugin_fails_when_the_engine_is_built(dirs, cfg, monkeypatch):
+    monkeypatch.setitem(sys.modules, "hdf5plugin", None)
+    cfg["compress"]["codec"] = "zstd"
+    with pytest.raises(ConfigError, match="hdf5plugin"):
+        with veloc.init_single(0, cfg) as c:
+            c.protect("a", np.zeros(10))
+            c.checkpoint("a", 1)

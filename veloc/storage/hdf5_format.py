@@ -80,6 +80,10 @@ def require_h5py():
     except ImportError as exc:
         raise ConfigError("[flush] format = hdf5 needs h5py, which is not installed here "
                           f"({exc}): pip install 'veloc[hdf5]'") from None
+    try:
+        import hdf5plugin  # noqa: F401  (registers the Zstd/Blosc2/LZ4 filters of [compress] codecs)
+    except ImportError:
+        pass           # deflated and raw datasets need no plugin
     return h5py
 
 
@@ -125,9 +129,10 @@ def write_rank_h5(rankfile, path, name, version, rank, nranks, checksum=None, di
                   filters=None, level=None, block_size=None):
     """Write the regions of an open, verified :class:`RankFile` as ``path`` (an
     ``r<rank>.h5``), committed atomically (temp name, fsync, rename, directory fsync).
-    ``filters`` (``{region id: "gzip"}``, see :func:`veloc.storage.hdf5_filters.plan_filters`)
-    names the regions stored as chunked datasets through HDF5's deflate filter at
-    ``level``, chunks of about ``block_size`` bytes; the others stay contiguous.
+    ``filters`` (``{region id: "gzip"|"zstd"|...}``, see
+    :func:`veloc.storage.hdf5_filters.plan_filters`) names the regions stored as chunked
+    datasets through that HDF5 filter at ``level``, chunks of about ``block_size`` bytes;
+    the others stay contiguous.
 
     Returns ``(size, digest, datasets)``: the file's size, its ``checksum`` digest
     (``None`` without an algorithm), computed from the bytes as they are laid out in the
@@ -158,7 +163,8 @@ def _write_metadata(h5py, rankfile, tmp, name, version, rank, nranks, filters, l
             shape, dtype, storage = _storage(h5py, info)
             filtered = info.id in filters and bool(shape) and info.nbytes > 0
             if filtered:
-                kwargs = dataset_filter_kwargs(shape, dtype, storage, level, block_size or DEFAULT_CHUNK)
+                kwargs = dataset_filter_kwargs(shape, dtype, storage, filters[info.id], level,
+                                               block_size or DEFAULT_CHUNK)
                 dset = f.create_dataset(names[info.id], shape=shape, dtype=dtype, **kwargs)
             else:
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -355,8 +361,10 @@ class Hdf5RankFile:
                 dset.read_direct(tmp)
                 np.copyto(target, tmp.reshape(-1).view(target.dtype).reshape(target.shape), casting="no")
         except (OSError, KeyError, ValueError, TypeError) as exc:
+            hint = (" (its HDF5 filter is not available here: pip install 'veloc[hdf5]' for hdf5plugin)"
+                    if "filter" in str(exc) else "")
             raise CorruptCheckpointError(f"{self.path}: cannot decode dataset {self._filtered[info.id]} "
-                                         f"(region {info.id!r}): {exc}") from None
+                                         f"(region {info.id!r}): {exc}{hint}") from None
         return out
 
     def region(self, region_id):

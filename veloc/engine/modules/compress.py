@@ -25,8 +25,8 @@ compresses every ``every``-th version.
 
 With ``[flush] format = hdf5`` this module writes nothing: the flush's HDF5 writer reads
 ``[compress]`` and stores each compressible region as a chunked dataset through HDF5's
-deflate filter (``veloc/storage/hdf5_filters.py``), so the file stays readable by any
-HDF5 tool without veloc.
+deflate filter (``codec = auto``; a named codec selects hdf5plugin's filter, see
+``veloc/storage/hdf5_filters.py``), so the file stays readable by HDF5 tools without veloc.
 """
 from veloc.config_keys import Key, byte_size, choice, integer, module_keys
 from veloc.errors import CheckpointError, ConfigError, VelocError
@@ -34,6 +34,7 @@ from veloc.faults import fault_point
 from veloc.storage.compressed_copy import compressed_record, sidecar_name  # noqa: F401  (re-exported)
 from veloc.storage.compressed_file import plan_codecs, write_compressed
 from veloc.storage.hashing import DEFAULT_ALGORITHM
+from veloc.storage.hdf5_filters import PLUGIN_FILTERS, require_hdf5plugin
 from veloc.engine.module import Module
 from veloc.storage.rankfile import RankFile
 
@@ -94,6 +95,8 @@ class CompressModule(Module):
         if flush.get("format") == "hdf5":
             # the HDF5 writer compresses the datasets itself, through HDF5's deflate filter
             # (veloc/storage/hdf5_filters.py): no sidecar to make here
+            if self.enabled and self.codec in PLUGIN_FILTERS:
+                require_hdf5plugin(self.codec)       # a ConfigError now rather than at the first flush
             self.flushed = False
 
     def default_enabled(self):
