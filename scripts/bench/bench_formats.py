@@ -19,7 +19,11 @@ run, in alternation, against this machine's own limits:
   (each reader's rows as a hyperslab through ``global.h5``), against ``np.copyto`` of
   the same bytes; target >= 0.8x native.
 
-Usage: .venv/bin/python scripts/bench/bench_formats.py [--size 256M] [--reps 3]
+* [compress] on the heat state of examples/heat.py: bytes on disk, flush time and cold
+  read of HDF5 raw, HDF5 deflate+shuffle (codec = auto), HDF5 with hdf5plugin's Zstd
+  (codec = zstd) and the native compressed .vcz, against the raw write (``--only-compressed``).
+
+Usage: .venv/bin/python scripts/bench/bench_formats.py [--size 256M] [--reps 3] [--only-compressed]
 """
 import argparse
 import mmap
@@ -174,11 +178,16 @@ def read_rank_files(root, version, manifests, field):
 
 
 def compare_compressed(args, scratch, disk):
-    """Flush of the heat state: HDF5 deflated vs HDF5 raw vs native compressed (.vcz)."""
+    """Flush of the heat state: HDF5 deflated, HDF5 with hdf5plugin's Zstd, HDF5 raw and
+    native compressed (.vcz, the compress module's encode included)."""
     field = heat_state(args.compressed_size, args.heat_steps)
     rows, nbytes = field.shape[0], field.nbytes
     section = {"enabled": True, "codec": "auto", "level": None, "block_size": 4 << 20, "levels": ("persistent",)}
-    times = {k: [] for k in ("raw", "hdf5", "hdf5z", "vcz", "rhdf5", "rhdf5z", "rvcz")}
+    plugin = {**section, "codec": "zstd"}
+    runs = [("hdf5", Hdf5Writer(), None, "hdf5 uncompressed"), ("hdf5z", Hdf5Writer(), section, "hdf5 deflate+shuffle"),
+            ("hdf5zstd", Hdf5Writer(), plugin, "hdf5 zstd (hdf5plugin)"), ("vcz", NativeWriter(), None,
+                                                                           "native compressed .vcz")]
+    times = {k: [] for k in ["raw"] + [r[0] for r in runs] + ["r" + r[0] for r in runs]}
     sizes = {}
     aligned = mmap.mmap(-1, nbytes - nbytes % 4096)
     manifests = make_scratch(scratch / "heat", rows, args.writers, 3, field)
@@ -187,8 +196,7 @@ def compare_compressed(args, scratch, disk):
         write_file_direct(disk / f"raw{rep}", aligned)
         times["raw"].append(time.perf_counter() - start)
         os.unlink(disk / f"raw{rep}")
-        for key, writer, compress in (("hdf5", Hdf5Writer(), None), ("hdf5z", Hdf5Writer(), section),
-                                      ("vcz", NativeWriter(), None)):
+        for key, writer, compress, _ in runs:
             root = disk / key
             shutil.rmtree(root, ignore_errors=True)
             start = time.perf_counter()
@@ -204,13 +212,13 @@ def compare_compressed(args, scratch, disk):
     print(f"\nheat state ({args.heat_steps} Jacobi steps) of {human(nbytes)} on {args.writers} ranks, "
           f"[compress] codec = auto; median of {args.reps}")
     print(f"  raw O_DIRECT write+fsync   {gbs(med['raw']):6.2f} GB/s  (the disk's limit)")
-    for key, label in (("hdf5", "hdf5 uncompressed"), ("hdf5z", "hdf5 deflate+shuffle"),
-                       ("vcz", "native compressed .vcz")):
+    for key, _, _, label in runs:
         print(f"  flush {label:23} {gbs(med[key]):6.2f} GB/s  {med[key] / med['raw']:6.2f}x raw time  "
               f"{nbytes / sizes[key]:7.1f}x smaller  read (cold) {gbs(med['r' + key]):6.2f} GB/s")
     print(f"  hdf5 deflate vs uncompressed: {sizes['hdf5'] / sizes['hdf5z']:.1f}x fewer bytes, "
           f"{med['hdf5z'] / med['hdf5']:.2f}x the flush time; vs .vcz: {sizes['hdf5z'] / sizes['vcz']:.2f}x "
-          f"the bytes, {med['hdf5z'] / med['vcz']:.2f}x the flush time")
+          f"the bytes, {med['hdf5z'] / med['vcz']:.2f}x the flush time; zstd filter vs deflate: "
+          f"{med['hdf5zstd'] / med['hdf5z']:.2f}x the flush time, {sizes['hdf5zstd'] / sizes['hdf5z']:.2f}x the bytes")
 
 
 def main():
