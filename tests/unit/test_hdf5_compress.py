@@ -12,6 +12,7 @@ h5py = pytest.importorskip("h5py")
 
 import veloc  # noqa: E402
 from test_hdf5_format import rank_file  # noqa: E402
+from veloc.cli import main  # noqa: E402
 from veloc.errors import ConfigError, CorruptCheckpointError  # noqa: E402
 from veloc.storage.hashing import digest_file  # noqa: E402
 from veloc.storage.hdf5_filters import chunk_shape, deflate_level, plan_filters  # noqa: E402
@@ -164,6 +165,13 @@ def test_restart_and_open_from_compressed_hdf5(dirs, cfg, codec):
     with veloc.open(cfg, "sim", level="persistent") as view:
         assert np.array_equal(view.read("grid", 0), grid) and np.array_equal(view.read_global("grid"), grid)
         assert np.array_equal(view.read("noise", 0), noise)
+    ini = dirs["tmp"] / "h5z.ini"
+    ini.write_text(f"scratch = {cfg['scratch']}\npersistent = {cfg['persistent']}\n[flush]\nformat = hdf5\n"
+                   f"[compress]\nenabled = true\ncodec = {codec}\n")
+    out = dirs["tmp"] / "export.h5"
+    assert main(["export", str(ini), "sim", "5", str(out), "--level", "persistent"]) == 0
+    with h5py.File(out, "r") as f:
+        assert np.array_equal(f["grid"][()], grid) and np.array_equal(f["rank0/noise"][()], noise)
     shutil.rmtree(dirs["scratch"])
     saved, saved_noise = grid.copy(), noise.copy()
     grid[:] = 0
