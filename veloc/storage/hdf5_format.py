@@ -50,6 +50,7 @@ application rank) and by readers of checkpoints.
 import dataclasses
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -285,6 +286,7 @@ class Hdf5RankFile:
         h5py = require_h5py()
         self.path = Path(path)
         self._filtered, self._h5 = {}, None      # {region id: dataset name} of chunked datasets
+        self._h5_lock = threading.Lock()         # restores may run in threads: one h5py handle
         try:
             self._file = open(path, "rb")
         except OSError as exc:
@@ -349,8 +351,9 @@ class Hdf5RankFile:
         target = out.T if array and info.order == "F" else out       # the dataset's own layout
         h5py = require_h5py()
         try:
-            if self._h5 is None:
-                self._h5 = h5py.File(self.path, "r")
+            with self._h5_lock:
+                if self._h5 is None:
+                    self._h5 = h5py.File(self.path, "r")
             dset = self._h5[self._filtered[info.id]]
             if target.flags.c_contiguous and target.dtype == dset.dtype and target.shape == dset.shape:
                 dset.read_direct(target)
