@@ -19,7 +19,11 @@ run, in alternation, against this machine's own limits:
   (each reader's rows as a hyperslab through ``global.h5``), against ``np.copyto`` of
   the same bytes; target >= 0.8x native.
 
-Usage: .venv/bin/python scripts/bench/bench_formats.py [--size 256M] [--reps 3]
+* [compress] on the heat state of examples/heat.py: bytes on disk, flush time and cold
+  read of HDF5 raw, HDF5 deflate+shuffle (codec = auto), HDF5 with hdf5plugin's Zstd
+  (codec = zstd) and the native compressed .vcz, against the raw write (``--only-compressed``).
+
+Usage: .venv/bin/python scripts/bench/bench_formats.py [--size 256M] [--reps 3] [--only-compressed]
 """
 import argparse
 import mmap
@@ -38,6 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import evict_tree, human, parse_size, write_file_direct  # noqa: E402
 
+from bench_codecs import heat_state  # noqa: E402
+from veloc.storage.compressed_copy import sidecar_name  # noqa: E402
+from veloc.storage.compressed_file import plan_codecs, write_compressed  # noqa: E402
 from veloc.storage.formats import Hdf5Writer, NativeWriter  # noqa: E402
 from veloc.storage.hashing import digest_file  # noqa: E402
 from veloc.storage.hdf5_format import GlobalFile  # noqa: E402
@@ -62,14 +69,17 @@ def heat_rows(lo, hi):
     return 100.0 * np.exp(-y / 500.0) * np.sin(np.pi * x) + 1e-3 * y
 
 
-def make_scratch(scratch, rows, writers, version):
-    """Each writer rank's committed scratch copy; returns ``{rank: Manifest}``."""
+def make_scratch(scratch, rows, writers, version, field=None):
+    """Each writer rank's committed scratch copy (its rows of ``field``, default
+    :func:`heat_rows`); returns ``{rank: Manifest}``."""
     manifests = {}
+    cols = COLS if field is None else field.shape[1]
     for rank in range(writers):
         lo, hi = rows_of(rows, writers, rank)
-        grid, it = heat_rows(lo, hi), np.array([version], np.int64)
-        regions = [{"id": "grid", "kind": "array", "dtype": "<f8", "shape": [hi - lo, COLS], "order": "C",
-                    "nbytes": grid.nbytes, "global_shape": [rows, COLS], "global_offset": [lo, 0]},
+        grid = heat_rows(lo, hi) if field is None else np.ascontiguousarray(field[lo:hi])
+        it = np.array([version], np.int64)
+        regions = [{"id": "grid", "kind": "array", "dtype": "<f8", "shape": [hi - lo, cols], "order": "C",
+                    "nbytes": grid.nbytes, "global_shape": [rows, cols], "global_offset": [lo, 0]},
                    {"id": "it", "kind": "array", "dtype": "<i8", "shape": [1], "order": "C", "nbytes": 8,
                     "replicated": True}]
         header, infos, total = build_header(NAME, version, rank, regions)
@@ -87,11 +97,13 @@ def make_scratch(scratch, rows, writers, version):
     return manifests
 
 
-def flush(writer, scratch, persistent, manifests, version):
-    """Time one version's flush of every rank (the module's work on a node) in seconds."""
+def flush(writer, scratch, persistent, manifests, version, compress=None):
+    """Time one version's flush of every rank (the module's work on a node) in seconds;
+    ``compress``: the ``[compress]`` section the HDF5 writer sees."""
+    config = SimpleNamespace(section=lambda name: compress if compress is not None else {"enabled": False})
     ctx = SimpleNamespace(scratch=lambda r: LevelStore("scratch", scratch),
                           persistent=lambda r: LevelStore("persistent", persistent),
-                          log=SimpleNamespace(info=lambda *a: None))
+                          log=SimpleNamespace(info=lambda *a: None), config=config)
     cmd = SimpleNamespace(name=NAME, version=version, nranks=len(manifests), fresh_digests=set(manifests),
                           mapped=None)
     start = time.perf_counter()
@@ -123,6 +135,92 @@ def restart_hdf5(persistent, version, readers, rows):
     return time.perf_counter() - start, outs
 
 
+def compress_native(scratch, manifests, version, section):
+    """The compress module's work on every rank (``r<rank>.vcz`` sidecars, recorded in the
+    scratch manifests), as before a native flush; returns the manifests to flush."""
+    out = {}
+    store = LevelStore("scratch", scratch)
+    for rank in manifests:
+        m = store.read_manifest(NAME, version, rank)
+        vdir = store.version_dir(NAME, version)
+        with RankFile(vdir / m.file("regions").name) as rf:
+            plan = plan_codecs(rf, section["codec"], section["level"])
+            size, digest = write_compressed(rf, vdir / sidecar_name(rank), plan, section["level"],
+                                            section["block_size"], checksum=m.checksum,
+                                            source_digest=m.file("regions").digest)
+            m.record_module("compress", levels=["persistent"], file=sidecar_name(rank), size=size, digest=digest,
+                            checksum=m.checksum, raw_size=rf.size, codecs={str(k): v for k, v in plan.items()},
+                            lossy_error_bounds={})
+        store.commit_manifest(m)
+        out[rank] = m
+    return out
+
+
+def persistent_bytes(root):
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file() and not p.name.endswith(".json"))
+
+
+def read_rank_files(root, version, manifests, field):
+    """Restore every rank's grid from its persistent file (what a same-size restart reads)."""
+    from veloc.reader_formats import READERS
+    from veloc.storage.formats import open_rank_file
+    vdir = LevelStore("persistent", root).version_dir(NAME, version)
+    start = time.perf_counter()
+    for rank in manifests:
+        names = [p for p in vdir.glob(f"r{rank}.*") if not p.name.endswith(".json")]
+        kind = "compressed" if names[0].suffix == ".vcz" else "regions"
+        with open_rank_file(names[0], kind) as f:
+            info = f.region("grid")
+            out = np.empty(info.shape)
+            f.read_into(info, out)
+    assert READERS and np.array_equal(out, field[-len(out):]), "read back differs"
+    return time.perf_counter() - start
+
+
+def compare_compressed(args, scratch, disk):
+    """Flush of the heat state: HDF5 deflated, HDF5 with hdf5plugin's Zstd, HDF5 raw and
+    native compressed (.vcz, the compress module's encode included)."""
+    field = heat_state(args.compressed_size, args.heat_steps)
+    rows, nbytes = field.shape[0], field.nbytes
+    section = {"enabled": True, "codec": "auto", "level": None, "block_size": 4 << 20, "levels": ("persistent",)}
+    plugin = {**section, "codec": "zstd"}
+    runs = [("hdf5", Hdf5Writer(), None, "hdf5 uncompressed"), ("hdf5z", Hdf5Writer(), section, "hdf5 deflate+shuffle"),
+            ("hdf5zstd", Hdf5Writer(), plugin, "hdf5 zstd (hdf5plugin)"), ("vcz", NativeWriter(), None,
+                                                                           "native compressed .vcz")]
+    times = {k: [] for k in ["raw"] + [r[0] for r in runs] + ["r" + r[0] for r in runs]}
+    sizes = {}
+    aligned = mmap.mmap(-1, nbytes - nbytes % 4096)
+    manifests = make_scratch(scratch / "heat", rows, args.writers, 3, field)
+    for rep in range(args.reps):
+        start = time.perf_counter()
+        write_file_direct(disk / f"raw{rep}", aligned)
+        times["raw"].append(time.perf_counter() - start)
+        os.unlink(disk / f"raw{rep}")
+        for key, writer, compress, _ in runs:
+            root = disk / key
+            shutil.rmtree(root, ignore_errors=True)
+            start = time.perf_counter()
+            todo = compress_native(scratch / "heat", manifests, 3, section) if key == "vcz" else manifests
+            flushed, vds = flush(writer, scratch / "heat", root, todo, 3, compress)
+            times[key].append(time.perf_counter() - start)
+            sizes[key] = persistent_bytes(root)
+            evict_tree(disk)
+            times["r" + key].append(read_rank_files(root, 3, manifests, field))
+    aligned.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    gbs = lambda s: nbytes / s / 1e9  # noqa: E731
+    print(f"\nheat state ({args.heat_steps} Jacobi steps) of {human(nbytes)} on {args.writers} ranks, "
+          f"[compress] codec = auto; median of {args.reps}")
+    print(f"  raw O_DIRECT write+fsync   {gbs(med['raw']):6.2f} GB/s  (the disk's limit)")
+    for key, _, _, label in runs:
+        print(f"  flush {label:23} {gbs(med[key]):6.2f} GB/s  {med[key] / med['raw']:6.2f}x raw time  "
+              f"{nbytes / sizes[key]:7.1f}x smaller  read (cold) {gbs(med['r' + key]):6.2f} GB/s")
+    print(f"  hdf5 deflate vs uncompressed: {sizes['hdf5'] / sizes['hdf5z']:.1f}x fewer bytes, "
+          f"{med['hdf5z'] / med['hdf5']:.2f}x the flush time; vs .vcz: {sizes['hdf5z'] / sizes['vcz']:.2f}x "
+          f"the bytes, {med['hdf5z'] / med['vcz']:.2f}x the flush time; zstd filter vs deflate: "
+          f"{med['hdf5zstd'] / med['hdf5z']:.2f}x the flush time, {sizes['hdf5zstd'] / sizes['hdf5z']:.2f}x the bytes")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=parse_size, default=parse_size("256M"), help="bytes of one version (all ranks)")
@@ -132,7 +230,20 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--shm-dir", default="/dev/shm")
     p.add_argument("--disk-dir", default="/tmp")
+    p.add_argument("--compressed-size", type=parse_size, default=parse_size("64M"),
+                   help="bytes of the heat state of the [compress] comparison")
+    p.add_argument("--heat-steps", type=int, default=200)
+    p.add_argument("--only-compressed", action="store_true", help="run only the [compress] comparison")
     args = p.parse_args()
+    if args.only_compressed:
+        scratch = Path(tempfile.mkdtemp(prefix="bfmt-", dir=args.shm_dir))
+        disk = Path(tempfile.mkdtemp(prefix="bfmt-", dir=args.disk_dir))
+        try:
+            compare_compressed(args, scratch, disk)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(disk, ignore_errors=True)
+        return
     rows = args.size // (COLS * 8)
     nbytes = rows * COLS * 8
     scratch = Path(tempfile.mkdtemp(prefix="bfmt-", dir=args.shm_dir))
@@ -178,6 +289,7 @@ def main():
         for rep in range(args.reps):
             root = disk / f"many{rep}"
             many_vds.append(flush(hdf5, many_scratch, root, many, 2)[1])
+        compare_compressed(args, scratch, disk)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(disk, ignore_errors=True)

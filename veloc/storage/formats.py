@@ -131,6 +131,7 @@ class Hdf5Writer(NativeWriter):
         super().__init__(direct_io)
 
     def write_rank(self, ctx, cmd, rank, manifest):
+        from veloc.storage.hdf5_filters import plan_filters
         from veloc.storage.hdf5_format import rank_file_name, write_rank_h5
         src, dst = ctx.scratch(rank), ctx.persistent(rank)
         sdir = src.version_dir(cmd.name, cmd.version)
@@ -144,16 +145,21 @@ class Hdf5Writer(NativeWriter):
         if entry is None:
             return out
         path = sdir / entry.name
+        compress = _compress_section(ctx)
         try:
             with _source_map(path, cmd.mapped) as mapping, RankFile(path, mapping=mapping) as rankfile:
                 if (rank not in cmd.fresh_digests and manifest.checksum and entry.digest
                         and rankfile.digest(manifest.checksum) != entry.digest):
                     raise CorruptCheckpointError(f"flush: {rankfile.path} does not match its manifest "
                                                  f"({manifest.checksum} digest); not written to persistent")
+                filters = (plan_filters(rankfile, compress["codec"], compress["level"])
+                           if compress is not None else None)
                 size, digest, datasets = write_rank_h5(
                     rankfile, ddir / rank_file_name(rank), cmd.name, cmd.version, rank, cmd.nranks,
                     checksum=manifest.checksum if entry.digest else None, direct=self.direct_io,
-                    durable=dst.durable)
+                    durable=dst.durable, filters=filters,
+                    level=compress["level"] if compress is not None else None,
+                    block_size=compress["block_size"] if compress is not None else None)
         except FileNotFoundError:
             raise CorruptCheckpointError(f"flush: {path} is missing") from None
         except OSError as exc:
@@ -195,6 +201,18 @@ class Hdf5Writer(NativeWriter):
             ctx.log.info("%s v%d: region %r is not in %s (%s); a restart on another rank count cannot "
                          "restore it", cmd.name, cmd.version, item["id"], target, item["reason"])
         return target
+
+
+def _compress_section(ctx):
+    """``[compress]`` when it is enabled and stores compressed persistent copies (with
+    ``format = hdf5`` through HDF5's deflate filter), else ``None``."""
+    try:
+        section = ctx.config.section("compress")
+    except (AttributeError, KeyError):
+        return None
+    if not section.get("enabled") or "persistent" not in section.get("levels", ("persistent",)):
+        return None
+    return section
 
 
 @contextlib.contextmanager

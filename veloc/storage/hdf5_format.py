@@ -11,7 +11,7 @@ Files (below the persistent root, next to the usual ``r<rank>.manifest.json``)::
 
 * root attributes: ``veloc_format`` = 1, ``veloc_name``, ``veloc_version``,
   ``veloc_rank``, ``veloc_nranks``;
-* one **contiguous** dataset per region, in the root group, named by the region id
+* one dataset per region, in the root group, named by the region id
   (``str(id)``; a string id spelled like an int id of the same rank gets ``str:<id>``).
   An array region is a dataset of its own shape and dtype (an ``order = "F"`` array is
   stored as its transpose, shape reversed, so the bytes are the array's memory); a dtype
@@ -24,6 +24,10 @@ Files (below the persistent root, next to the usual ``r<rank>.manifest.json``)::
   ``veloc_storage`` (``typed``/``bytes``), ``veloc_version``, ``veloc_rank``, and for a
   slab of a global array ``veloc_global_shape`` and ``veloc_global_offset``, for a
   replicated region ``veloc_replicated`` = 1.
+* a dataset is **contiguous**, except with ``[compress]`` enabled: then each region the
+  probe finds compressible is a **chunked** dataset through HDF5's built-in deflate
+  filter (with shuffle), which every HDF5 tool reads without plugins
+  (``veloc/storage/hdf5_filters.py``); incompressible regions stay contiguous and raw.
 
 ``global.h5``: root attributes ``veloc_format``, ``veloc_name``, ``veloc_version``,
 ``veloc_nranks``, ``veloc_local_regions`` (JSON list of ``{"id", "reason"}``: regions
@@ -34,16 +38,19 @@ one virtual dataset per global region (named like the rank datasets, shape
 per replicated region mapping rank 0's copy. Its attributes are those of the rank
 datasets minus the rank-specific ones.
 
-The raw bytes of each rank dataset are written by veloc itself (``O_DIRECT`` where the
+The raw bytes of each contiguous dataset are written by veloc itself (``O_DIRECT`` where the
 file system takes it) at the offset HDF5 allocated for the dataset, after h5py has
-written the file's metadata; the file's digest (manifest) covers every byte. Readers:
+written the file's metadata (h5py writes the chunked ones); the file's digest (manifest) covers
+every byte, compressed chunks included. Readers:
 :class:`Hdf5RankFile` (one rank's file, the same calls as
 :class:`veloc.storage.rankfile.RankFile`) and :class:`GlobalFile` (hyperslab reads
 through the virtual datasets). Used by the flush module (engine), by restart (every
 application rank) and by readers of checkpoints.
 """
+import dataclasses
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,6 +59,7 @@ import numpy as np
 from veloc.errors import ConfigError, CorruptCheckpointError
 from veloc.storage.fileio import O_DIRECT, atomic_path, pwrite_all
 from veloc.storage.hashing import digest_buffer, hasher, map_readonly
+from veloc.storage.hdf5_filters import DEFAULT_CHUNK, dataset_filter_kwargs
 from veloc.storage.hdf5_global import GlobalFile, write_global    # the version file, re-exported here
 from veloc.storage.rankfile import RegionInfo, dtype_descr
 
@@ -73,6 +81,10 @@ def require_h5py():
     except ImportError as exc:
         raise ConfigError("[flush] format = hdf5 needs h5py, which is not installed here "
                           f"({exc}): pip install 'veloc[hdf5]'") from None
+    try:
+        import hdf5plugin  # noqa: F401  (registers the Zstd/Blosc2/LZ4 filters of [compress] codecs)
+    except ImportError:
+        pass           # deflated and raw datasets need no plugin
     return h5py
 
 
@@ -114,9 +126,14 @@ def _region_attrs(info, storage):
 
 # --------------------------------------------------------------------------- writing
 
-def write_rank_h5(rankfile, path, name, version, rank, nranks, checksum=None, direct=True, durable=True):
+def write_rank_h5(rankfile, path, name, version, rank, nranks, checksum=None, direct=True, durable=True,
+                  filters=None, level=None, block_size=None):
     """Write the regions of an open, verified :class:`RankFile` as ``path`` (an
     ``r<rank>.h5``), committed atomically (temp name, fsync, rename, directory fsync).
+    ``filters`` (``{region id: "gzip"|"zstd"|...}``, see
+    :func:`veloc.storage.hdf5_filters.plan_filters`) names the regions stored as chunked
+    datasets through that HDF5 filter at ``level``, chunks of about ``block_size`` bytes;
+    the others stay contiguous.
 
     Returns ``(size, digest, datasets)``: the file's size, its ``checksum`` digest
     (``None`` without an algorithm), computed from the bytes as they are laid out in the
@@ -126,15 +143,17 @@ def write_rank_h5(rankfile, path, name, version, rank, nranks, checksum=None, di
     """
     h5py = require_h5py()
     with atomic_path(path, durable) as tmp:
-        placed, datasets = _write_metadata(h5py, rankfile, tmp, name, version, rank, nranks)
+        placed, datasets = _write_metadata(h5py, rankfile, tmp, name, version, rank, nranks,
+                                           filters or {}, level, block_size)
         size = os.stat(tmp).st_size
         digest = _write_data(tmp, placed, size, checksum, direct, durable)
     return size, digest, datasets
 
 
-def _write_metadata(h5py, rankfile, tmp, name, version, rank, nranks):
-    """Create the HDF5 structure with every dataset allocated (never filled); return
-    ``[(file offset, source bytes)]`` of the data still to write, and the datasets."""
+def _write_metadata(h5py, rankfile, tmp, name, version, rank, nranks, filters, level, block_size):
+    """Create the HDF5 structure with every contiguous dataset allocated (never filled)
+    and every filtered one written through h5py; return ``[(file offset, source bytes)]``
+    of the data still to write, and the datasets."""
     placed, datasets = [], []
     names = dataset_names(rankfile.regions)
     with h5py.File(tmp, "w", alignment_threshold=ALIGN_THRESHOLD, alignment_interval=ALIGN,
@@ -143,17 +162,26 @@ def _write_metadata(h5py, rankfile, tmp, name, version, rank, nranks):
                         "veloc_rank": int(rank), "veloc_nranks": int(nranks)})
         for info in rankfile.regions:
             shape, dtype, storage = _storage(h5py, info)
-            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-            dcpl.set_layout(h5py.h5d.CONTIGUOUS)
-            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-            dset = f.create_dataset(names[info.id], shape=shape, dtype=dtype, dcpl=dcpl)
+            filtered = info.id in filters and bool(shape) and info.nbytes > 0
+            if filtered:
+                kwargs = dataset_filter_kwargs(shape, dtype, storage, filters[info.id], level,
+                                               block_size or DEFAULT_CHUNK)
+                dset = f.create_dataset(names[info.id], shape=shape, dtype=dtype, **kwargs)
+            else:
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+                dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                dset = f.create_dataset(names[info.id], shape=shape, dtype=dtype, dcpl=dcpl)
             attrs = _region_attrs(info, storage)
             dset.attrs.update(attrs)
             datasets.append((names[info.id], {k: v.tolist() if isinstance(v, np.ndarray) else v
                                               for k, v in attrs.items()}, list(shape), dtype_descr(dtype)))
             dset.attrs.update({"veloc_version": int(version), "veloc_rank": int(rank)})
             if not info.nbytes:
+                continue
+            if filtered:           # h5py runs the filter; the bytes land in the file's chunks
+                dset.write_direct(np.ascontiguousarray(rankfile.bytes_view(info).view(dtype).reshape(shape)))
                 continue
             offset = dset.id.get_offset()
             if offset is None:     # HDF5 allocates some (scalar) datasets only on write
@@ -250,11 +278,15 @@ class Hdf5RankFile:
     :class:`~veloc.storage.rankfile.RankFile` (``regions``, ``region``, ``bytes_view``,
     ``as_array``, ``read_into``, ``digest``, ``close``). Region bytes are read from a
     read-only mapping of the file at each contiguous dataset's offset, so a restore is
-    one copy straight into the protected array. Any process may open one."""
+    one copy straight into the protected array; a chunked (deflated) dataset is decoded
+    by h5py straight into the caller's array (:meth:`_read_filtered`). Any process may
+    open one."""
 
     def __init__(self, path):
         h5py = require_h5py()
         self.path = Path(path)
+        self._filtered, self._h5 = {}, None      # {region id: dataset name} of chunked datasets
+        self._h5_lock = threading.Lock()         # restores may run in threads: one h5py handle
         try:
             self._file = open(path, "rb")
         except OSError as exc:
@@ -276,6 +308,8 @@ class Hdf5RankFile:
     def _region(self, path, dset):
         offset = dset.id.get_offset()
         info = _info_from_attrs(path, dset, dset.attrs, int(offset or 0))
+        if dset.chunks is not None:           # a deflated dataset ([compress]): read through h5py
+            return self._filtered_region(path, dset, info)
         if info.kind == "array":
             expected = int(np.prod(info.shape, dtype=np.int64)) * info.numpy_dtype().itemsize
             if expected != info.nbytes:
@@ -285,6 +319,56 @@ class Hdf5RankFile:
             raise CorruptCheckpointError(f"{path}: dataset {dset.name} is not a contiguous dataset inside "
                                          f"the file ({self.size} bytes): truncated or not written by veloc")
         return info
+
+    def _filtered_region(self, path, dset, info):
+        """The region of a chunked (filtered) dataset: its raw size checked against the
+        dataset's shape and type; its bytes are decoded by :meth:`_read_filtered`."""
+        raw = int(np.prod(dset.shape, dtype=np.int64)) * dset.dtype.itemsize
+        if info.kind == "array":
+            expected = int(np.prod(info.shape, dtype=np.int64)) * info.numpy_dtype().itemsize
+        else:
+            expected = raw
+        if raw != expected:
+            raise CorruptCheckpointError(f"{path}: dataset {dset.name} holds {raw} bytes once decoded, "
+                                         f"{expected} expected for {info.dtype} {info.shape}")
+        self._filtered[info.id] = dset.name
+        return dataclasses.replace(info, offset=0, nbytes=expected)
+
+    def is_filtered(self, info):
+        """True when region ``info`` is stored chunked through an HDF5 filter."""
+        return info.id in self._filtered
+
+    def _read_filtered(self, info, out=None):
+        """Decode filtered region ``info`` through h5py straight into ``out`` (the region's
+        dtype and shape; ``None``: a new array), returned. A temporary is used only when
+        ``out`` is not contiguous. Raises CorruptCheckpointError when HDF5 cannot decode it."""
+        array = info.kind == "array"
+        if out is None:
+            out = (np.empty(info.shape, info.numpy_dtype(), order=info.order) if array
+                   else np.empty(info.nbytes, np.uint8))
+        if not info.nbytes:
+            return out
+        target = out.T if array and info.order == "F" else out       # the dataset's own layout
+        h5py = require_h5py()
+        try:
+            with self._h5_lock:
+                if self._h5 is None:
+                    self._h5 = h5py.File(self.path, "r")
+            dset = self._h5[self._filtered[info.id]]
+            if target.flags.c_contiguous and target.dtype == dset.dtype and target.shape == dset.shape:
+                dset.read_direct(target)
+            elif target.flags.c_contiguous and dset.dtype == np.uint8:      # stored as raw bytes
+                dset.read_direct(target.reshape(-1).view(np.uint8))
+            else:
+                tmp = np.empty(dset.shape, dset.dtype)
+                dset.read_direct(tmp)
+                np.copyto(target, tmp.reshape(-1).view(target.dtype).reshape(target.shape), casting="no")
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            hint = (" (its HDF5 filter is not available here: pip install 'veloc[hdf5]' for hdf5plugin)"
+                    if "filter" in str(exc) else "")
+            raise CorruptCheckpointError(f"{self.path}: cannot decode dataset {self._filtered[info.id]} "
+                                         f"(region {info.id!r}): {exc}{hint}") from None
+        return out
 
     def region(self, region_id):
         for r in self.regions:
@@ -296,15 +380,23 @@ class Hdf5RankFile:
         return digest_buffer(self._map if self._map is not None else b"", algorithm)
 
     def bytes_view(self, info):
+        if info.id in self._filtered:
+            return self._read_filtered(info, np.empty(info.nbytes, np.uint8)) if info.kind != "array" \
+                else self._read_filtered(info).reshape(-1, order="A").view(np.uint8)
         if not info.nbytes:
             return np.empty(0, np.uint8)
         return np.frombuffer(self._map, np.uint8, info.nbytes, info.offset)
 
     def as_array(self, info):
+        if info.id in self._filtered:
+            return self._read_filtered(info)
         return self.bytes_view(info).view(info.numpy_dtype()).reshape(info.shape, order=info.order)
 
     def read_into(self, info, out):
         """Copy array region ``info`` into ``out`` (same dtype and shape), no temporary."""
+        if info.id in self._filtered:
+            self._read_filtered(info, out)
+            return
         np.copyto(out, self.as_array(info), casting="no")
 
     def load_bytes(self, info):
@@ -312,6 +404,9 @@ class Hdf5RankFile:
         return self.bytes_view(info)
 
     def close(self):
+        if getattr(self, "_h5", None) is not None:
+            self._h5.close()
+            self._h5 = None
         if getattr(self, "_map", None) is not None:
             try:
                 self._map.close()

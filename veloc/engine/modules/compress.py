@@ -22,20 +22,21 @@ the flush off, and by default on every ``[flush] every``-th version (``[compress
 every`` overrides it). With a time-based flush (``persistent_interval`` or ``[flush]
 interval`` > 0) it cannot know in advance which versions the flush will take, so it
 compresses every ``every``-th version.
-"""
-import logging
 
+With ``[flush] format = hdf5`` this module writes nothing: the flush's HDF5 writer reads
+``[compress]`` and stores each compressible region as a chunked dataset through HDF5's
+deflate filter (``codec = auto``; a named codec selects hdf5plugin's filter, see
+``veloc/storage/hdf5_filters.py``), so the file stays readable by HDF5 tools without veloc.
+"""
 from veloc.config_keys import Key, byte_size, choice, integer, module_keys
 from veloc.errors import CheckpointError, ConfigError, VelocError
 from veloc.faults import fault_point
 from veloc.storage.compressed_copy import compressed_record, sidecar_name  # noqa: F401  (re-exported)
 from veloc.storage.compressed_file import plan_codecs, write_compressed
 from veloc.storage.hashing import DEFAULT_ALGORITHM
+from veloc.storage.hdf5_filters import PLUGIN_FILTERS, require_hdf5plugin
 from veloc.engine.module import Module
 from veloc.storage.rankfile import RankFile
-
-
-log = logging.getLogger("veloc.compress")
 
 
 def _compressed_levels(key, raw):
@@ -91,10 +92,11 @@ class CompressModule(Module):
         interval = flush.get("interval")
         interval = ctx.config.persistent_interval if interval is None else interval
         self.flushed = ctx.config.persistent is not None and interval >= 0 and flush.get("enabled") is not False
-        if self.enabled and self.flushed and flush.get("format") == "hdf5":
-            # the HDF5 format writes its datasets from the raw rank file: no sidecar to make
-            log.warning("[compress] is enabled but [flush] format = hdf5 stores uncompressed datasets; "
-                        "compression applies to format = native only")
+        if flush.get("format") == "hdf5":
+            # the HDF5 writer compresses the datasets itself, through HDF5's deflate filter
+            # (veloc/storage/hdf5_filters.py): no sidecar to make here
+            if self.enabled and self.codec in PLUGIN_FILTERS:
+                require_hdf5plugin(self.codec)       # a ConfigError now rather than at the first flush
             self.flushed = False
 
     def default_enabled(self):
