@@ -48,7 +48,17 @@ class CorruptOnReadError(CorruptCheckpointError):
 
 
 class RestartMixin(ReshapeMixin):
-    """``restart_test``, ``restart`` and the restart phases."""
+    """``restart_test``, ``restart`` and the restart phases.
+
+    ``verify_on_read`` (default False): when True, ``restart_test`` checks a rank's own
+    scratch or persistent copy for everything but its digest (sizes, header, job size)
+    and ``restart`` checks the digest while it reads the copy into the protected arrays:
+    one pass over the data instead of two. A copy found corrupt then is replaced by the
+    same version's next intact copy; where none is left, ``restart`` raises RestartError
+    naming the newest version every rank can restore (the arrays then hold unverified
+    data until it is restored)."""
+
+    verify_on_read = False
 
     def restart_test(self, name: str, max_version: Optional[int] = None) -> Optional[int]:
         """Every rank, collective: the newest version ``<= max_version`` (no bound: ``None``)
@@ -57,6 +67,9 @@ class RestartMixin(ReshapeMixin):
         A newer HDF5 version written on another rank count counts too when every protected
         region is global or replicated (``veloc.restart_reshape``).
         Raises RestartError for a bad name/version or a failing engine/backend."""
+        return self._restart_test(name, max_version, deep=not self.verify_on_read)
+
+    def _restart_test(self, name, max_version, deep):
         self._check_open()
         self.writer.hold()        # no scratch file is prepared while a restart reads
         name = check_name(name, error=RestartError)
@@ -72,12 +85,13 @@ class RestartMixin(ReshapeMixin):
                         [max(v) if v else None for v in everyone][:16])
         self._plans = {}
         for version in sorted(common, reverse=True):
-            own, manifest = self._verify_own(name, version, mine[version])
+            own, manifest = self._verify_own(name, version, mine[version], deep=deep)
             level, reasons = self.host.verify(name, version, own)
             if self.host.all_true(level is not None):
                 store = self._level_store(level)
                 manifest = manifest if own == level else None
-                self._plans[(name, version)] = (level, self._copy_stamp(store, name, version, manifest), manifest)
+                self._plans[(name, version)] = (level, self._copy_stamp(store, name, version, manifest), manifest,
+                                                deep or own != level)
                 return self._reshape_newest(name, max_version, version) or version
             if level is None:
                 log.warning("rank %d: %s v%d not restorable here (%s); trying an older version",
@@ -123,7 +137,7 @@ class RestartMixin(ReshapeMixin):
         RestartError naming the version that is left when ``version`` has none."""
         log.warning("rank %d: %s v%d: a copy was corrupt on read (rank %d: %s); checking every copy again",
                     self.rank, name, version, failure[0], failure[1])
-        found = self.restart_test(name, version)
+        found = self._restart_test(name, version, deep=True)
         if found != version:
             raise RestartError(f"restart of {name!r} v{version} failed: rank {failure[0]} read a corrupt copy "
                                f"({failure[1]}) and no other intact copy of v{version} exists; the newest "
@@ -141,7 +155,8 @@ class RestartMixin(ReshapeMixin):
         if self._pending is not None or self._restoring is not None:
             raise RestartError("restart_begin called while a checkpoint or restart is open")
         self.checkpoint_wait()
-        level, stamp, planned = getattr(self, "_plans", {}).get((name, version), (None, None, None))
+        level, stamp, planned, planned_checked = getattr(self, "_plans", {}).get((name, version),
+                                                                                 (None, None, None, True))
         if level is None and (name, version) in getattr(self, "_reshape_plans", {}):
             reader = self._reshape_open(name, version, self._reshape_plans[(name, version)])
             self._restoring = _Restoring(name, version, "persistent", None, reader)
@@ -180,7 +195,7 @@ class RestartMixin(ReshapeMixin):
         # and erasure restores arrive over MPI and are checked on read, end to end.)
         if level == "scratch" or in_place:
             unchanged = stamp is not None and stamp == self._copy_stamp(store, name, version, planned)
-            checked = (verified_now and own is None) or unchanged
+            checked = (verified_now and own is None) or (unchanged and planned_checked)
             planned = planned if unchanged or own is not None else None
         else:
             checked, planned = level == "persistent", None
