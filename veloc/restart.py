@@ -327,7 +327,7 @@ class RestartMixin(ReshapeMixin):
         for region_id in wanted:     # validate everything before touching anything
             self.regions[region_id].check_restorable(self._region_info(region_id), state.rankfile.path)
         if state.expected is not None:
-            targets = {i: self.regions[i].read_target(self._region_info(i)) for i in wanted}
+            targets = {i: self._read_target(self.regions[i], self._region_info(i)) for i in wanted}
             if all(t is not None for t in targets.values()):
                 self._read_verified(state, targets)
                 return
@@ -338,6 +338,13 @@ class RestartMixin(ReshapeMixin):
             pairs.append((region, info, region.load(state.rankfile, info)))
         for region, info, loaded in pairs:
             region.restore(state.rankfile, info, self.recovered, loaded)
+
+    @staticmethod
+    def _read_target(region, info):
+        """Where ``region`` takes the bytes of ``info`` in a one-pass read, or ``None`` (a
+        pickled object, or a region kind that reads the rank file itself)."""
+        read_target = getattr(region, "read_target", None)
+        return None if read_target is None else read_target(info)
 
     def _read_verified(self, state, targets):
         """One pass: every byte of the rank file hashed as it lands in ``targets`` (region
