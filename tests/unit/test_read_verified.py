@@ -169,3 +169,40 @@ def test_the_phases_check_the_whole_file_when_one_region_is_read(dirs):
             c.recover_mem(["a"])
         c.restart_end(success=False)
         assert c.last_restart is None
+
+
+class _FakeDeviceArray:
+    """Stands in for a cupy array (the module name and ``__cuda_array_interface__`` make
+    veloc treat it as one): ``get()`` copies to the host, ``set(host)`` back."""
+    __module__ = "cupy._core.core"
+    __cuda_array_interface__ = {}
+
+    def __init__(self, host):
+        self.host = host
+        self.shape, self.dtype, self.flags, self.nbytes = host.shape, host.dtype, host.flags, host.nbytes
+        self.sets = 0
+
+    def get(self, order="C"):
+        return self.host.copy(order=order)
+
+    def set(self, host):
+        self.sets += 1
+        self.host[...] = host
+
+
+def test_a_device_array_is_set_only_from_checked_bytes(dirs, streamed):
+    g = _FakeDeviceArray(np.arange(40000, dtype=np.float32))
+    with veloc.init_single(0, {"scratch": str(dirs["scratch"] / "{node}")}) as c:
+        c.protect("g", g)
+        c.checkpoint("h", 1)
+        g.host[:] = -1
+        c.verify_on_read = True
+        assert c.restart_test("h") == 1
+        c.restart("h", 1)
+        assert len(streamed) == 1 and g.sets == 1 and np.array_equal(g.host, np.arange(40000, dtype=np.float32))
+        g.host[:] = -1
+        assert c.restart_test("h") == 1
+        flip_bytes(_vck(dirs, "h", 1, "scratch"))
+        with pytest.raises(RestartError, match="mismatch found while reading"):
+            c.restart("h", 1)
+        assert g.sets == 1 and (g.host == -1).all()         # the staging copy was refused
