@@ -6,10 +6,10 @@ Called by the application on every rank (``init``) or by one process (``init_sin
 import os
 from typing import Any, Optional, Union
 
-from .client import Client
-from .config import Config
-from .errors import CheckpointError, ConfigError
-from .regions import restore_in_place
+from veloc.client import Client
+from veloc.config import Config
+from veloc.errors import CheckpointError, ConfigError
+from veloc.regions import restore_in_place
 
 
 def init(cfg: Union[str, os.PathLike, dict, Config], comm: Optional[Any] = None) -> Client:

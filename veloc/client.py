@@ -9,20 +9,20 @@ import logging
 import os
 from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
-from .config import load_config, node_id
-from .engine.debris import claim_rank_scratch
-from .engine.fileio import FILE_MODE, fsync_dir, make_dirs
-from .engine.levels import RecyclePool
-from .engine.local_write import LocalWriter, predicted_size
-from .engine.manifest import FileEntry, Manifest
-from .engine.rankfile import build_header
-from .errors import BackendError, CheckpointError, ConfigError, VelocError
-from .faults import fault_point
-from .names import check_file_name, check_name, check_version
-from .regions import Region
-from .restart import RestartMixin
-from .training.policy import PolicyMixin
-from .training.snapshot import SnapshotMixin
+from veloc.config import load_config, node_id
+from veloc.storage.debris import claim_rank_scratch
+from veloc.storage.fileio import FILE_MODE, fsync_dir, make_dirs
+from veloc.storage.levels import RecyclePool
+from veloc.storage.local_write import LocalWriter, predicted_size
+from veloc.storage.manifest import FileEntry, Manifest
+from veloc.storage.rankfile import build_header
+from veloc.errors import BackendError, CheckpointError, ConfigError, VelocError
+from veloc.faults import fault_point
+from veloc.names import check_file_name, check_name, check_version
+from veloc.regions import Region
+from veloc.restart import RestartMixin
+from veloc.training.policy import PolicyMixin
+from veloc.training.snapshot import SnapshotMixin
 
 log = logging.getLogger("veloc.client")
 
@@ -80,7 +80,7 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
 
     # -- setup ----------------------------------------------------------------------
     def _prepare_scratch(self):
-        from .engine.levels import LevelStore
+        from veloc.storage.levels import LevelStore
         root = self.config.scratch_dir(self.node, self.rank)
         try:
             make_dirs(root)
@@ -108,9 +108,9 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
 
     def _make_host(self):
         if self.config.mode == "async":
-            from .async_host import AsyncHost
+            from veloc.hosts.async_host import AsyncHost
             return AsyncHost(self.config, self.comm, self.rank, self.node, log)
-        from .sync_host import SyncHost
+        from veloc.hosts.sync_host import SyncHost
         return SyncHost(self.config, self.comm, self.rank, self.node, log)
 
     # -- regions --------------------------------------------------------------------

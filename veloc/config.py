@@ -26,9 +26,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, Optional
 
-from .config_keys import Key, boolean, choice, integer, path_template, positive_number, text
-from .errors import ConfigError
-from .names import check_node_id
+from veloc.config_keys import Key, boolean, choice, integer, path_template, positive_number, text
+from veloc.errors import ConfigError
+from veloc.names import check_node_id
 
 TOP = "__top__"
 DEFAULT_SCRATCH_VERSIONS = 2
@@ -99,7 +99,7 @@ OTHER_SECTIONS = {
 
 def _module_classes():
     """The registered pipeline modules that declare a config section."""
-    from .engine.pipeline import MODULE_CLASSES
+    from veloc.engine.pipeline import MODULE_CLASSES
     return [cls for cls in MODULE_CLASSES if cls.config_keys is not None]
 
 

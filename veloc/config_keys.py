@@ -8,7 +8,7 @@ import os
 import string
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from veloc.errors import ConfigError
 
 
 @dataclass(frozen=True)

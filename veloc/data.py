@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .errors import ConfigError, RestartError
+from veloc.errors import ConfigError, RestartError
 
 _STATE_KEYS = ("epoch", "consumed", "n", "seed", "shuffle")
 

@@ -13,7 +13,7 @@ variable is read once at import; unset, :func:`fault_point` is a no-op function.
 import os
 import signal
 
-from .errors import ConfigError
+from veloc.errors import ConfigError
 
 POINTS = ("local_write", "manifest_commit", "checksum", "partner_transfer", "erasure_encode",
           "flush", "versioning")

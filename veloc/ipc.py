@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BackendError
+from veloc.errors import BackendError
 
 #: Operations a backend understands. Requests with any other ``op`` are refused.
 OPS = frozenset({

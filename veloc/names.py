@@ -7,7 +7,7 @@ contain ``-``.
 """
 import re
 
-from .errors import CheckpointError, ConfigError
+from veloc.errors import CheckpointError, ConfigError
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*")
 _FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")

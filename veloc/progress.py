@@ -1,7 +1,7 @@
 """Progress of long waits for background work (async mode drains).
 
 Used by an application rank waiting in ``checkpoint_wait()``/``finalize(drain=True)``
-(``veloc.async_host``) and by ``veloc drain`` (``veloc_backend.control``). The backend
+(``veloc.hosts.async_host``) and by ``veloc drain`` (``veloc_backend.control``). The backend
 answers each wait with its queue's progress (``veloc_backend.workqueue``): versions and
 bytes pending and the rate at which bytes were finished lately; :class:`ProgressReporter`
 turns those answers into one line every ``every`` seconds once a wait lasts that long.

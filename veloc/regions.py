@@ -21,9 +21,9 @@ import pickle as pickle_module
 
 import numpy as np
 
-from .engine.rankfile import dtype_descr
-from .errors import CheckpointError, RestartError
-from .names import check_region_id
+from veloc.storage.rankfile import dtype_descr
+from veloc.errors import CheckpointError, RestartError
+from veloc.names import check_region_id
 
 
 _IN_PLACE = (dict, list, set, bytearray, np.ndarray)
@@ -145,7 +145,7 @@ class Region:
 
     def _check_lossy(self, lossy):
         """``("zfp", bound)`` validated: a float32/float64 array and a positive finite bound."""
-        from .codecs import get_codec
+        from veloc.storage.codecs import get_codec
         try:
             codec, bound = lossy
             bound = float(bound)

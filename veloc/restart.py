@@ -11,14 +11,14 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
-from .engine.formats import open_rank_file
-from .engine.hashing import digest_file
-from .engine.levels import LEVEL_ORDER, LevelStore
-from .engine.manifest import verify_files
-from .engine.rankfile import RankFile
-from .errors import CorruptCheckpointError, RestartError, VelocError
-from .names import check_name, check_version
-from .restart_reshape import ReshapeMixin
+from veloc.storage.formats import open_rank_file
+from veloc.storage.hashing import digest_file
+from veloc.storage.levels import LEVEL_ORDER, LevelStore
+from veloc.storage.manifest import verify_files
+from veloc.storage.rankfile import RankFile
+from veloc.errors import CorruptCheckpointError, RestartError, VelocError
+from veloc.names import check_name, check_version
+from veloc.restart_reshape import ReshapeMixin
 
 log = logging.getLogger("veloc.restart")
 REGION_FILE_KINDS = ("regions", "compressed")   # a raw rank file, or its compressed form (read in place)

@@ -23,11 +23,11 @@ import re
 
 import numpy as np
 
-from .engine.hdf5_format import GLOBAL_FILE, GlobalFile, Hdf5RankFile, rank_file_name
-from .engine.levels import LevelStore
-from .engine.rankfile import RegionInfo, dtype_descr
-from .engine.modules.scratch import verify_copy
-from .errors import RestartError, VelocError
+from veloc.storage.hdf5_format import GLOBAL_FILE, GlobalFile, Hdf5RankFile, rank_file_name
+from veloc.storage.levels import LevelStore
+from veloc.storage.rankfile import RegionInfo, dtype_descr
+from veloc.engine.modules.scratch import verify_copy
+from veloc.errors import RestartError, VelocError
 
 log = logging.getLogger("veloc.restart")
 _VDIR = re.compile(r"v(\d+)")

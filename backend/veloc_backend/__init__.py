@@ -15,6 +15,6 @@ background for the node's application ranks in async mode. Modules:
   nodes, versions missing on a node, lost members, stopping together.
 - :mod:`.launcher` — ``veloc-run`` (starts the backend world, then the application).
 
-The application side of async mode is :mod:`veloc.async_host`; the wire protocol and
+The application side of async mode is :mod:`veloc.hosts.async_host`; the wire protocol and
 endpoint placement are in :mod:`veloc.ipc`.
 """

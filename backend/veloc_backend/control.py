@@ -2,7 +2,7 @@
 and the shutdown that ``veloc-run`` sends when the application is done.
 
 Called in ordinary processes (the ``veloc`` command-line tool, the launcher), never in
-application ranks. :func:`drain` and :func:`status` are what ``veloc.cli`` calls.
+application ranks. :func:`drain` and :func:`status` are what ``veloc.cli.commands`` calls.
 """
 import os
 import time

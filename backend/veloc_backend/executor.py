@@ -11,7 +11,7 @@ runs it without them (the version was not submitted on every node in time, its j
 does not span the world, or the world is broken), which is logged. A backend outside
 any world (started by a rank, or ``veloc drain``) serves its node alone.
 
-Item kinds (sent by ``veloc.async_host`` on each application rank; one batch holds the
+Item kinds (sent by ``veloc.hosts.async_host`` on each application rank; one batch holds the
 items of every local rank for the same call):
 
 - ``CHECKPOINT`` — run the pipeline for version ``version`` of ``name``.
@@ -24,7 +24,7 @@ items of every local rank for the same call):
 """
 import contextlib
 
-from veloc.engine.debris import collect_temps
+from veloc.storage.debris import collect_temps
 from veloc.engine.module import CHECKPOINT, Command, Peers
 from veloc.engine.pipeline import Engine
 from veloc.errors import CheckpointError, CorruptCheckpointError
@@ -192,7 +192,7 @@ class EngineExecutor:
         removed = 0
         for rank in ranks:
             store = self.engine.ctx.persistent(rank)
-            if store is not None:      # only dead writers' files (veloc.engine.debris)
+            if store is not None:      # only dead writers' files (veloc.storage.debris)
                 removed += collect_temps(store.version_dir(name, version), f"r{int(rank)}.").files
         if removed:
             self.log.info("%s v%d: removed %d temporary file(s) of an interrupted copy in the "

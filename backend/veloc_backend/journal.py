@@ -14,7 +14,7 @@ import os
 import threading
 from pathlib import Path
 
-from veloc.engine.fileio import atomic_write_bytes
+from veloc.storage.fileio import atomic_write_bytes
 
 log = logging.getLogger("veloc.backend.journal")
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from veloc import ipc
-from veloc.engine.fileio import atomic_write_bytes
+from veloc.storage.fileio import atomic_write_bytes
 from veloc.errors import BackendError
 
 EXIT_ALREADY_RUNNING = 3   # exit code of a backend that found another one holding the lock

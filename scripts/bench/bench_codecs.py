@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compression ratio and single-thread throughput of the codec candidates (veloc.codecs).
+"""Compression ratio and single-thread throughput of the codec candidates (veloc.storage.codecs).
 
 Three 32 MiB inputs (``--size``):
 
@@ -15,7 +15,7 @@ the same way) and decodes back into a preallocated buffer, on one thread. Throug
 reported in GB/s of raw data and as a ratio against ``np.copyto`` of the same 32 MiB,
 timed interleaved with each row (best of ``--repeat``), so rows compare across runs on
 a shared machine. The last rows, ``veloc:<codec>``, go through veloc's own container
-(``veloc.engine.compressed_file``: blocks, the 10 % rule, per-block checksums, ``auto``
+(``veloc.storage.compressed_file``: blocks, the 10 % rule, per-block checksums, ``auto``
 probing) from buffer to buffer.
 
 Part ``--flush``: a sync-mode checkpoint (``init_single``: local write, checksum,
@@ -129,7 +129,7 @@ def copy_time(arr):
 
 def veloc_rows(codecs):
     """Rows through veloc's container: the whole input at once, split into blocks inside."""
-    from veloc.engine import compressed_file as cf
+    from veloc.storage import compressed_file as cf
 
     rows = []
     for name in codecs:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark the erasure-code backends of veloc.engine.erasure_codec.
+"""Benchmark the erasure-code backends of veloc.redundancy.erasure_codec.
 
 Measures, for every backend available here, encode and decode (rebuild 1 lost data block,
 and m lost data blocks) throughput in MB/s of input data (the k data blocks), for
@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from veloc.engine.erasure_codec import (ErasureCodec, ErasureDecodeError,  # noqa: E402
+from veloc.redundancy.erasure_codec import (ErasureCodec, ErasureDecodeError,  # noqa: E402
                                         available_backends, make_codec)
 
 MIB = 1 << 20

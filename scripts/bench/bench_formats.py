@@ -38,12 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import evict_tree, human, parse_size, write_file_direct  # noqa: E402
 
-from veloc.engine.formats import Hdf5Writer, NativeWriter  # noqa: E402
-from veloc.engine.hashing import digest_file  # noqa: E402
-from veloc.engine.hdf5_format import GlobalFile  # noqa: E402
-from veloc.engine.levels import LevelStore  # noqa: E402
-from veloc.engine.manifest import FileEntry, Manifest  # noqa: E402
-from veloc.engine.rankfile import RankFile, build_header, write_rank_file  # noqa: E402
+from veloc.storage.formats import Hdf5Writer, NativeWriter  # noqa: E402
+from veloc.storage.hashing import digest_file  # noqa: E402
+from veloc.storage.hdf5_format import GlobalFile  # noqa: E402
+from veloc.storage.levels import LevelStore  # noqa: E402
+from veloc.storage.manifest import FileEntry, Manifest  # noqa: E402
+from veloc.storage.rankfile import RankFile, build_header, write_rank_file  # noqa: E402
 
 COLS = 1024
 NAME = "bench"

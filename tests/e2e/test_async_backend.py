@@ -437,7 +437,7 @@ def wait_for(pred, timeout, what):
 def veloc_cli(ajob, *args):
     env = dict(ajob["full_env"], PYTHONPATH=os.pathsep.join(
         filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "veloc.cli", *map(str, args)], env=env,
+    return subprocess.run([sys.executable, "-m", "veloc.cli.commands", *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=120)
 
 

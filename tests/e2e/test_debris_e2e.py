@@ -20,7 +20,7 @@ APP = '''
 import logging, os, signal, sys
 import numpy as np
 from mpi4py import MPI
-import veloc, veloc.client, veloc.engine.local_write
+import veloc, veloc.client, veloc.storage.local_write
 
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 cfg, phase = sys.argv[1], sys.argv[2]
@@ -39,7 +39,7 @@ if phase == "crash":
             os.pwrite(fd, b"x" * 65536, 0)
             comm.Barrier()
             os.kill(os.getpid(), signal.SIGKILL)
-        veloc.engine.local_write.write_rank_file = dying
+        veloc.storage.local_write.write_rank_file = dying
     if rank >= 2:
         ck.checkpoint_begin("job", 2)
         ck.checkpoint_mem()                      # rank 2: file in place, never committed

@@ -8,7 +8,7 @@ bit-for-bit equal to an uninterrupted run (the Jacobi result does not depend on 
 decomposition). A job whose regions are not all global or replicated is refused on
 another rank count, with the region named.
 
-Layout relied on (veloc/engine/hdf5_format.py): ``{persistent}/heat/v{V}/r{rank}.h5``,
+Layout relied on (veloc/storage/hdf5_format.py): ``{persistent}/heat/v{V}/r{rank}.h5``,
 ``r{rank}.manifest.json`` and ``global.h5``.
 """
 import os

@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 import veloc
 from veloc.config import node_id
-from veloc.engine.levels import LevelStore
+from veloc.storage.levels import LevelStore
 from veloc.errors import CheckpointError
 
 comm = MPI.COMM_WORLD
@@ -169,7 +169,7 @@ def test_partner_keeps_the_last_version_when_the_next_transfer_dies(cfg, monkeyp
     cfg = dict(cfg, partner={"enabled": True})
     del cfg["persistent"]
     write(cfg, [1])
-    from veloc.engine import transfer
+    from veloc.redundancy import transfer
     real = transfer.IncomingFile.commit
 
     def dies(self, *args, **kwargs):
@@ -198,7 +198,7 @@ def test_xor_keeps_the_last_version_when_the_next_encode_dies(cfg, monkeypatch):
     cfg = dict(cfg, erasure={"enabled": True, "scheme": "xor", "group_size": len(nodes)})
     del cfg["persistent"]
     write(cfg, [1])
-    from veloc.engine.striping import GroupStore
+    from veloc.redundancy.striping import GroupStore
     real = GroupStore.commit
 
     def dies(self, record, *args, **kwargs):

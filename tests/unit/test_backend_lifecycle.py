@@ -4,7 +4,6 @@ Backends here run ``MarkerExecutor`` (below, loaded with ``--executor``), which 
 marker file per finished batch, so the tests need no engine. Every backend started by a
 test is killed at its end, and each also exits by itself after 60 idle seconds.
 """
-import importlib
 import json
 import os
 import shutil

@@ -1,4 +1,4 @@
-"""The ``veloc`` command-line tool, driven in-process (``veloc.cli.main``) and once as a
+"""The ``veloc`` command-line tool, driven in-process (``veloc.cli.commands``) and once as a
 real process. Checkpoints are written with ``veloc.init_single`` (MPI.COMM_SELF, no
 mpiexec) for ranks 0 and 1 of a virtual node."""
 import json
@@ -136,7 +136,7 @@ def test_verify_ok_then_corrupt_byte(ckpt, capsys):
     code, out, err = run(capsys, "verify", ckpt["cfg"], "heat")
     assert code == 0, err
     assert out.count("\nOK ") + out.startswith("OK ") == 8 and "0 FAIL" in out
-    offset = next(r["offset"] for r in veloc.cli_inspect.describe_rankfile(ckpt["vck"])["regions"]
+    offset = next(r["offset"] for r in veloc.cli.inspect.describe_rankfile(ckpt["vck"])["regions"]
                   if r["id"] == "h")
     with open(ckpt["vck"], "r+b") as f:
         f.seek(offset + 5)
@@ -282,7 +282,7 @@ def test_help(capsys):
 def test_entry_point_runs_as_a_process(ckpt):
     env = dict(os.environ, VELOC_NODE_ID=NODE,
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "veloc.cli", "ls", ckpt["cfg"]], env=env,
+    proc = subprocess.run([sys.executable, "-m", "veloc.cli.commands", "ls", ckpt["cfg"]], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "persistent" in proc.stdout and "complete" in proc.stdout
@@ -297,7 +297,7 @@ def test_entry_point_runs_as_a_process(ckpt):
 
 
 def test_inconsistent_header_is_shown_but_never_extracted(tmp_path, capsys):
-    from veloc.engine.rankfile import build_header, write_rank_file
+    from veloc.storage.rankfile import build_header, write_rank_file
 
     def make(path, regions, payloads):
         header, infos, total = build_header("x", 1, 0, regions)

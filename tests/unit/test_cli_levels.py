@@ -9,7 +9,7 @@ import numpy as np
 
 import veloc
 from veloc.cli import main
-from veloc.cli_levels import nodes_on_disk, values_on_disk
+from veloc.cli.levels import nodes_on_disk, values_on_disk
 
 
 def checkpoint(cfg, node, rank, versions, monkeypatch):

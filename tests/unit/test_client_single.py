@@ -191,7 +191,7 @@ def test_lost_scratch_reads_persistent_in_place_and_routed_files_come_back(cfg, 
     """After losing scratch, a rank file alone is read where it is on persistent, hashed
     once (by restart_test); a version with routed files is brought back to scratch."""
     import shutil
-    from veloc.engine.rankfile import RankFile
+    from veloc.storage.rankfile import RankFile
     opened, hashed = [], []
     real_init, real_digest = RankFile.__init__, RankFile.digest
     monkeypatch.setattr(RankFile, "__init__", lambda self, path: opened.append(path) or real_init(self, path))
@@ -328,7 +328,7 @@ def test_restart_hashes_once_unless_the_copy_changed_after_restart_test(cfg, dir
     the scratch file was rewritten in between: then the read hashes it as it reads it
     (one pass), finds it corrupt, and refills the array from the persistent copy."""
     import veloc.restart
-    from veloc.engine.rankfile import RankFile
+    from veloc.storage.rankfile import RankFile
     calls, streamed = [], []
     real_digest, real_stream = veloc.restart.digest_file, RankFile.read_verified
     monkeypatch.setattr(veloc.restart, "digest_file", lambda path, alg: calls.append(path) or real_digest(path, alg))

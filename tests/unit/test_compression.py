@@ -8,11 +8,11 @@ import pytest
 
 import veloc
 from conftest import flip_bytes
-from veloc.codecs import Codec, codec_names, get_codec, register_codec
+from veloc.storage.codecs import Codec, codec_names, get_codec, register_codec
 from veloc.config import load_config
-from veloc.engine.compressed_file import CompressedReader, plan_codecs, write_compressed
-from veloc.engine.manifest import verify_files
-from veloc.engine.rankfile import RankFile, build_header, write_rank_file
+from veloc.storage.compressed_file import CompressedReader, plan_codecs, write_compressed
+from veloc.storage.manifest import verify_files
+from veloc.storage.rankfile import RankFile, build_header, write_rank_file
 from veloc.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from veloc.regions import Region
 
@@ -204,7 +204,7 @@ def test_a_registered_codec_is_usable_by_name(tmp_path):
             assert reader.codec(reader.region("c"))[0] == "first_byte_test"
         assert np.array_equal(out, arr)
     finally:
-        from veloc import codecs
+        from veloc.storage import codecs
         codecs._CODECS.pop("first_byte_test", None)
     with pytest.raises(ConfigError, match="unknown codec"):
         get_codec("nope")
@@ -246,7 +246,7 @@ def test_persistent_holds_only_the_compressed_copy_and_restores_in_place(dirs, c
     run_versions(cfg, [1, 2], grid, weights)
     names = sorted(p.name for p in pdir(dirs, 2).iterdir())
     assert names == ["r0.manifest.json", "r0.vcz"]
-    manifest = veloc.engine.levels.LevelStore("persistent", dirs["persistent"]).read_manifest("sim", 2, 0)
+    manifest = veloc.storage.levels.LevelStore("persistent", dirs["persistent"]).read_manifest("sim", 2, 0)
     assert [f.kind for f in manifest.files] == ["compressed"] and manifest.files[0].digest
     verify_files(manifest, pdir(dirs, 2))
     assert (pdir(dirs, 2) / "r0.vcz").stat().st_size < grid.nbytes / 10
@@ -260,7 +260,7 @@ def test_damaged_compressed_copy_is_answered_by_scratch_or_an_older_version(dirs
     grid, weights = np.zeros((128, 128)), np.ones(1000, np.float32)
     run_versions(cfg, [1, 2], grid, weights)
     flip_bytes(pdir(dirs, 2) / "r0.vcz")
-    manifest = veloc.engine.levels.LevelStore("persistent", dirs["persistent"]).read_manifest("sim", 2, 0)
+    manifest = veloc.storage.levels.LevelStore("persistent", dirs["persistent"]).read_manifest("sim", 2, 0)
     with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
         verify_files(manifest, pdir(dirs, 2))
     v, level, got, _ = restart_fresh(cfg, grid.shape, weights.shape)      # scratch still intact
@@ -296,7 +296,7 @@ def test_lossy_region_restarts_within_bound_from_persistent_exactly_from_scratch
             c.restart("sim", c.restart_test("sim"))
         assert np.array_equal(got, field) == exact
         assert np.abs(got - field).max() <= 1e-5
-    manifest = veloc.engine.levels.LevelStore("persistent", dirs["persistent"]).read_manifest("sim", 1, 0)
+    manifest = veloc.storage.levels.LevelStore("persistent", dirs["persistent"]).read_manifest("sim", 1, 0)
     record = [m["params"] for m in manifest.modules if m["module"] == "compress"][0]
     assert record["codecs"] == {"f": "zfp"} and record["lossy_error_bounds"] == {"f": 1e-5}
 
@@ -340,7 +340,7 @@ def test_restore_to_scratch_rebuilds_the_raw_file_for_routed_files(dirs, cfg):
 
 
 def test_show_and_extract_read_a_compressed_file(tmp_path):
-    from veloc.cli_inspect import describe_rankfile, extract_region
+    from veloc.cli.inspect import describe_rankfile, extract_region
     field = np.sin(np.linspace(0, 9, 50_000))
     grid = np.zeros((200, 100))
     path = compress(tmp_path, [Region("g", grid), Region("f", field, lossy=("zfp", 1e-4))], "zstd")

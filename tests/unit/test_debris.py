@@ -1,4 +1,4 @@
-"""Crash-debris collection (``veloc.engine.debris``): what a SIGKILLed writer leaves is
+"""Crash-debris collection (``veloc.storage.debris``): what a SIGKILLed writer leaves is
 collected, a temporary file a live process is writing is not, a committed copy never is.
 
 Writers are real processes: a child that opens a temporary file with ``fileio.temp_name``
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 import veloc
-from veloc.engine import debris
-from veloc.engine.fileio import boot_tag, temp_name, writer_tag
-from veloc.engine.levels import LevelStore
+from veloc.storage import debris
+from veloc.storage.fileio import boot_tag, temp_name, writer_tag
+from veloc.storage.levels import LevelStore
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 WRITER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from veloc.engine.fileio import temp_name
+    from veloc.storage.fileio import temp_name
     tmp = temp_name(Path(sys.argv[1]))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     print(tmp, flush=True)
@@ -134,7 +134,7 @@ def test_init_collects_a_killed_writers_debris_and_spares_live_and_committed(dir
 
 
 def test_recycle_pool_keeps_its_size_and_drops_ranks_the_job_lacks(tmp_path):
-    from veloc.engine.levels import RecyclePool
+    from veloc.storage.levels import RecyclePool
     store = LevelStore("scratch", tmp_path)
     pool = RecyclePool(tmp_path, keep_per_rank=2)
     pool.dir.mkdir()
@@ -212,8 +212,8 @@ def test_versioning_collects_older_uncommitted_scratch_files_only(dirs):
 
 CLAIMANT = textwrap.dedent("""
     import sys, time
-    from veloc.engine.debris import claim_rank_scratch
-    from veloc.engine.levels import LevelStore
+    from veloc.storage.debris import claim_rank_scratch
+    from veloc.storage.levels import LevelStore
     claim = claim_rank_scratch(LevelStore("scratch", sys.argv[1]), int(sys.argv[2]))
     print("claimed" if claim.fd is not None else "refused", flush=True)
     time.sleep(60)
@@ -223,7 +223,7 @@ CLAIMANT = textwrap.dedent("""
 def test_a_live_client_of_the_same_rank_keeps_its_uncommitted_files(tmp_path, writers):
     """Another job on the same scratch with the same rank number is alive: its uncommitted
     files may be a checkpoint in progress, so only dead writers' temps are collected."""
-    from veloc.engine.levels import RecyclePool
+    from veloc.storage.levels import RecyclePool
     store = LevelStore("scratch", tmp_path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     other = subprocess.Popen([sys.executable, "-c", CLAIMANT, str(tmp_path), "0"], env=env,
@@ -259,7 +259,7 @@ def test_a_live_client_of_the_same_rank_keeps_its_uncommitted_files(tmp_path, wr
 
 
 def test_newest_complete_needs_every_ranks_manifest(tmp_path):
-    from veloc.engine.manifest import FileEntry, Manifest
+    from veloc.storage.manifest import FileEntry, Manifest
     store = LevelStore("persistent", tmp_path)
     assert debris.newest_complete(store, "run") is None
     for version, ranks in ((1, (0, 1)), (2, (0, 1)), (3, (1,))):

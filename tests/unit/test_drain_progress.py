@@ -148,7 +148,7 @@ def test_checkpoint_wait_reports_progress_in_async_mode(dirs, monkeypatch, caplo
         job.pids.add(lifecycle.read_pid(ep))
         for key in ("VELOC_NODE_ID", "VELOC_RUNTIME_DIR"):
             monkeypatch.setenv(key, job.env[key])
-        monkeypatch.setattr("veloc.async_host.WAIT_SHARE", 0.04)   # 0.2 s waits with the 5 s heartbeat
+        monkeypatch.setattr("veloc.hosts.async_host.WAIT_SHARE", 0.04)   # 0.2 s waits with the 5 s heartbeat
         monkeypatch.setattr("veloc.progress.EVERY", 0.5)
         caplog.set_level(logging.INFO, logger="veloc")
         client = veloc.init_single(0, str(job.cfg))

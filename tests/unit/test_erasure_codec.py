@@ -1,4 +1,4 @@
-"""Unit tests of veloc.engine.erasure_codec (no MPI): every backend that loads here.
+"""Unit tests of veloc.redundancy.erasure_codec (no MPI): every backend that loads here.
 
 The erasure module (sync-mode leader or active backend) relies on these properties:
 bit-exact rebuild from any k of k + m blocks, parity as long as the data, clear errors.
@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from veloc.engine import erasure_codec as ec
+from veloc.redundancy import erasure_codec as ec
 from veloc.errors import CheckpointError, ConfigError, RestartError
 
 STRIPE = 4096  # small stripes so short test blocks still cross stripe boundaries

@@ -17,10 +17,10 @@ h5py = pytest.importorskip("h5py")
 import veloc  # noqa: E402
 from conftest import flip_bytes  # noqa: E402
 from veloc.config import load_config  # noqa: E402
-from veloc.engine.formats import make_writer, open_rank_file, version_complete  # noqa: E402
-from veloc.engine.hashing import digest_file  # noqa: E402
-from veloc.engine.hdf5_format import GlobalFile, Hdf5RankFile, write_global, write_rank_h5  # noqa: E402
-from veloc.engine.rankfile import RankFile, build_header, dtype_descr, write_rank_file  # noqa: E402
+from veloc.storage.formats import make_writer, open_rank_file, version_complete  # noqa: E402
+from veloc.storage.hashing import digest_file  # noqa: E402
+from veloc.storage.hdf5_format import GlobalFile, Hdf5RankFile, write_global, write_rank_h5  # noqa: E402
+from veloc.storage.rankfile import RankFile, build_header, dtype_descr, write_rank_file  # noqa: E402
 from veloc.errors import ConfigError, CorruptCheckpointError  # noqa: E402
 
 
@@ -283,9 +283,9 @@ def test_global_file_is_written_once_every_rank_is_committed(dirs, tmp_path):
     """Two nodes flush their ranks independently; the second to finish writes global.h5,
     and a later call (another node seeing the same) leaves it alone."""
     from types import SimpleNamespace
-    from veloc.engine.formats import Hdf5Writer
-    from veloc.engine.levels import LevelStore
-    from veloc.engine.manifest import FileEntry, Manifest
+    from veloc.storage.formats import Hdf5Writer
+    from veloc.storage.levels import LevelStore
+    from veloc.storage.manifest import FileEntry, Manifest
     scratch, persistent = LevelStore("scratch", dirs["scratch"]), LevelStore("persistent", dirs["persistent"])
     manifests = {}
     for rank in range(2):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import veloc
-from veloc.engine import local_write
-from veloc.engine.levels import LevelStore, RecyclePool
-from veloc.engine.local_write import LocalWriter, predicted_size
-from veloc.engine.rankfile import RankFile, build_header
+from veloc.storage import local_write
+from veloc.storage.levels import LevelStore, RecyclePool
+from veloc.storage.local_write import LocalWriter, predicted_size
+from veloc.storage.rankfile import RankFile, build_header
 from veloc.regions import Region
 
 

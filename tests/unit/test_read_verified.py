@@ -7,8 +7,8 @@ import pytest
 
 import veloc
 from conftest import flip_bytes
-from veloc.engine.hashing import digest_file
-from veloc.engine.rankfile import RankFile, build_header, write_rank_file
+from veloc.storage.hashing import digest_file
+from veloc.storage.rankfile import RankFile, build_header, write_rank_file
 from veloc.errors import CorruptCheckpointError, RestartError
 
 
@@ -82,10 +82,10 @@ def streamed(monkeypatch):
 
 
 def test_verify_on_read_reads_the_copy_once(cfg, dirs, streamed, monkeypatch):
-    import veloc.engine.manifest
+    import veloc.storage.manifest
     hashed = []
-    real = veloc.engine.manifest.digest_file
-    monkeypatch.setattr(veloc.engine.manifest, "digest_file", lambda p, alg: hashed.append(p) or real(p, alg))
+    real = veloc.storage.manifest.digest_file
+    monkeypatch.setattr(veloc.storage.manifest, "digest_file", lambda p, alg: hashed.append(p) or real(p, alg))
     a = np.arange(50000.0)
     with veloc.init_single(0, cfg) as c:
         c.protect("a", a)

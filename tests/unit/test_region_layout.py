@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 
-from veloc.engine.rankfile import RankFile, build_header, write_rank_file
+from veloc.storage.rankfile import RankFile, build_header, write_rank_file
 from veloc.errors import CheckpointError, CorruptCheckpointError
 from veloc.regions import Region
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import veloc
-from veloc.engine.rankfile import RankFile, build_header
+from veloc.storage.rankfile import RankFile, build_header
 from veloc.errors import CheckpointError, RestartError
 from veloc.training import NumpyRNGState, PythonRNGState, RNGState
 

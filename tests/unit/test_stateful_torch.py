@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import veloc
-from veloc.engine.rankfile import RankFile
+from veloc.storage.rankfile import RankFile
 from veloc.training import RNGState
 
 torch = pytest.importorskip("torch")

@@ -6,11 +6,11 @@ import stat
 import numpy as np
 import pytest
 
-from veloc.engine import fileio
-from veloc.engine.levels import LevelStore, RecyclePool
-from veloc.engine.manifest import FileEntry, Manifest, verify_files
-from veloc.engine.rankfile import ALIGN, RankFile, build_header, dtype_descr, write_rank_file
-from veloc.engine.write_mappings import WriteMappings
+from veloc.storage import fileio
+from veloc.storage.levels import LevelStore, RecyclePool
+from veloc.storage.manifest import FileEntry, Manifest, verify_files
+from veloc.storage.rankfile import ALIGN, RankFile, build_header, dtype_descr, write_rank_file
+from veloc.storage.write_mappings import WriteMappings
 from veloc.errors import CorruptCheckpointError
 from veloc.regions import Region
 
@@ -59,7 +59,7 @@ def test_round_trip_every_dtype_and_layout(tmp_path, use_mapping):
 
 
 def test_dtype_descr_round_trips():
-    from veloc.engine.rankfile import RegionInfo
+    from veloc.storage.rankfile import RegionInfo
     for arr in ARRAYS.values():
         info = RegionInfo("x", "array", dtype_descr(arr.dtype), arr.shape, "C", 0, arr.nbytes)
         assert info.numpy_dtype() == arr.dtype
@@ -149,7 +149,7 @@ def test_bad_manifests_are_corrupt_not_crashes(tmp_path):
 
 
 def test_verify_files_checks_size_and_digest(tmp_path):
-    from veloc.engine.hashing import digest_file
+    from veloc.storage.hashing import digest_file
     store = LevelStore("scratch", tmp_path)
     vdir = store.version_dir("t", 4)
     vdir.mkdir(parents=True)
@@ -188,7 +188,7 @@ def test_remove_uncommits_first_and_recycles(tmp_path):
 
 
 def test_copy_file_falls_back_and_hashes(tmp_path):
-    from veloc.engine.hashing import digest_file, hasher
+    from veloc.storage.hashing import digest_file, hasher
     src = tmp_path / "src"
     src.write_bytes(os.urandom(3 << 20))
     h = hasher()
@@ -202,7 +202,7 @@ def test_copy_file_falls_back_and_hashes(tmp_path):
 @pytest.mark.parametrize("size", [(1 << 20), (1 << 20) + 1, (9 << 20) + 4095, 12 << 20])
 @pytest.mark.parametrize("hashed", [False, True])
 def test_direct_copy_is_exact_and_uses_o_direct(tmp_path, monkeypatch, size, hashed):
-    from veloc.engine.hashing import digest_file, hasher
+    from veloc.storage.hashing import digest_file, hasher
     src = tmp_path / "src"
     src.write_bytes(os.urandom(size))
     calls = []
@@ -234,7 +234,7 @@ def takes_o_direct(directory):
 
 @pytest.mark.parametrize("refusal", ["fcntl", "pwrite"])
 def test_direct_copy_falls_back_when_refused(tmp_path, monkeypatch, refusal):
-    from veloc.engine.hashing import digest_file, hasher
+    from veloc.storage.hashing import digest_file, hasher
     import errno
     src = tmp_path / "src"
     src.write_bytes(os.urandom((5 << 20) + 77))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from veloc.config import load_config
-from veloc.engine import topology as topo
-from veloc.engine.erasure_codec import make_codec
-from veloc.engine.striping import canonical, losses, rebuild_plan
+from veloc.redundancy import topology as topo
+from veloc.redundancy.erasure_codec import make_codec
+from veloc.redundancy.striping import canonical, losses, rebuild_plan
 from veloc.errors import ConfigError
 
 
@@ -155,7 +155,7 @@ def test_canonical_record_and_losses():
 
 
 def test_segments_cover_a_chunk_of_the_concatenated_files():
-    from veloc.engine.striping import segments
+    from veloc.redundancy.striping import segments
     sizes = [5, 0, 3, 10]
     data = np.arange(sum(sizes))
     parts = np.split(data, np.cumsum(sizes)[:-1])

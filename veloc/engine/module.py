@@ -11,8 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..errors import BackendError, CheckpointError
-from .levels import LevelStore, RecyclePool
+from veloc.errors import BackendError, CheckpointError
+from veloc.storage.levels import LevelStore, RecyclePool
 
 CHECKPOINT, RESTART, TEST = "CHECKPOINT", "RESTART", "TEST"
 

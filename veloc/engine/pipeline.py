@@ -9,18 +9,18 @@ modules communicate with the other nodes' engines.
 """
 import time
 
-from ..errors import CheckpointError, RestartError, VelocError
-from .debris import collect_engine
-from .hashing import MappedFiles
-from .levels import LEVEL_ORDER
-from .module import CHECKPOINT, EngineContext, LevelUnreachable, helper_cpu_seconds
-from .modules.checksum import ChecksumModule
-from .modules.compress import CompressModule
-from .modules.erasure import ErasureModule
-from .modules.flush import FlushModule
-from .modules.partner import PartnerModule
-from .modules.scratch import ScratchLevel
-from .modules.versioning import VersioningModule
+from veloc.errors import CheckpointError, RestartError, VelocError
+from veloc.storage.debris import collect_engine
+from veloc.storage.hashing import MappedFiles
+from veloc.storage.levels import LEVEL_ORDER
+from veloc.engine.module import CHECKPOINT, EngineContext, LevelUnreachable, helper_cpu_seconds
+from veloc.engine.modules.checksum import ChecksumModule
+from veloc.engine.modules.compress import CompressModule
+from veloc.engine.modules.erasure import ErasureModule
+from veloc.engine.modules.flush import FlushModule
+from veloc.engine.modules.partner import PartnerModule
+from veloc.engine.modules.scratch import ScratchLevel
+from veloc.engine.modules.versioning import VersioningModule
 
 MODULE_CLASSES = [ScratchLevel, ChecksumModule, CompressModule, PartnerModule, ErasureModule, FlushModule, VersioningModule]
 

@@ -2,7 +2,7 @@
 
 Re-exports only; torch is never imported here.
 """
-from .rng import NumpyRNGState, PythonRNGState, RNGState, TorchRNGState
-from .stateful import StatefulRegion
+from veloc.training.rng import NumpyRNGState, PythonRNGState, RNGState, TorchRNGState
+from veloc.training.stateful import StatefulRegion
 
 __all__ = ["RNGState", "NumpyRNGState", "PythonRNGState", "TorchRNGState", "StatefulRegion"]

@@ -42,9 +42,9 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-from ..config import check_policy_keys
-from ..errors import CheckpointError
-from .interval_models import daly_interval, young_interval
+from veloc.config import check_policy_keys
+from veloc.errors import CheckpointError
+from veloc.training.interval_models import daly_interval, young_interval
 
 log = logging.getLogger("veloc.policy")
 

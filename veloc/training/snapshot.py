@@ -35,11 +35,11 @@ import threading
 import time
 from collections import deque
 
-from ..errors import CheckpointError, VelocError
-from ..names import check_name, check_version
-from .gpu import DeviceMemoryWatch
-from .staging import StagingBuffer, region_sources
-from .stateful import StatefulRegion
+from veloc.errors import CheckpointError, VelocError
+from veloc.names import check_name, check_version
+from veloc.training.gpu import DeviceMemoryWatch
+from veloc.training.staging import StagingBuffer, region_sources
+from veloc.training.stateful import StatefulRegion
 
 log = logging.getLogger("veloc.snapshot")
 

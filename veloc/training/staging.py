@@ -9,9 +9,9 @@ numpy releases the GIL) and waits for the device copies; ``StagedCopy.snaps`` gi
 """
 import numpy as np
 
-from ..engine.rankfile import dtype_descr
-from ..errors import CheckpointError
-from .gpu import DeviceMemoryWatch, ops_for
+from veloc.storage.rankfile import dtype_descr
+from veloc.errors import CheckpointError
+from veloc.training.gpu import DeviceMemoryWatch, ops_for
 
 ALIGN = 4096
 

@@ -18,12 +18,12 @@ import pickle
 
 import numpy as np
 
-from ..engine.rankfile import dtype_descr
-from ..errors import CheckpointError, RestartError
-from ..names import check_region_id
-from . import torch_state
-from .gpu import is_cupy
-from .staging import Source, device_source
+from veloc.storage.rankfile import dtype_descr
+from veloc.errors import CheckpointError, RestartError
+from veloc.names import check_region_id
+from veloc.training import torch_state
+from veloc.training.gpu import is_cupy
+from veloc.training.staging import Source, device_source
 
 FORMAT = 1
 

@@ -12,8 +12,8 @@ import warnings
 
 import numpy as np
 
-from ..engine.rankfile import dtype_descr
-from ..errors import RestartError
+from veloc.storage.rankfile import dtype_descr
+from veloc.errors import RestartError
 
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64, 16: np.dtype("V16")}
 

@@ -45,7 +45,7 @@ def main():
     p.add_argument("--then", type=int, default=None)
     args = p.parse_args()
     if os.environ.get("ML_MPI_PIECE"):      # exercise the cutting of big messages
-        from veloc.engine import transfer
+        from veloc.redundancy import transfer
         transfer.PIECE = int(os.environ["ML_MPI_PIECE"])
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()

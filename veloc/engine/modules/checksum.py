@@ -4,10 +4,10 @@ Runs in the node's engine (sync leader or backend) right after the application r
 committed their scratch copies; it re-commits each rank's scratch manifest with the
 digests, which every later copy carries and every read verifies.
 """
-from ..hashing import digest_file
-from ..module import Module
-from ...config_keys import Key, choice, module_keys
-from ...faults import fault_point
+from veloc.storage.hashing import digest_file
+from veloc.engine.module import Module
+from veloc.config_keys import Key, choice, module_keys
+from veloc.faults import fault_point
 
 
 class ChecksumModule(Module):

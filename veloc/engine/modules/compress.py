@@ -3,7 +3,7 @@
 Runs in the node's engine (sync-mode leader rank or active backend), after the checksum
 module and before partner, erasure and flush. For each local rank it encodes the scratch
 rank file ``r<rank>.vck`` into a compressed sidecar ``r<rank>.vcz`` in the same scratch
-version folder (``veloc/engine/compressed_file.py``: independent blocks, the codec of
+version folder (``veloc/storage/compressed_file.py``: independent blocks, the codec of
 each region in its header) and records it in the rank's scratch manifest, under this
 module's entry: file name, stored size and the digest of the *stored* bytes (computed
 while writing), raw size and each region's codec. The flush module then copies the
@@ -12,7 +12,7 @@ default and only level that stores compressed data), and the persistent manifest
 it as a ``compressed`` file, so every later read checks the stored bytes before decoding.
 
 Scratch, partner and erasure keep the raw file, so they restore in place without a
-decode. ``codec = auto`` measures each region (:func:`~veloc.engine.compressed_file.plan_codecs`);
+decode. ``codec = auto`` measures each region (:func:`~veloc.storage.compressed_file.plan_codecs`);
 when no region shrinks, no sidecar is written and the flush copies the raw file as
 without compression, so incompressible data costs only the probe. A region the user
 protected with ``lossy=("zfp", bound)`` is stored with zfp within ``bound``.
@@ -25,14 +25,14 @@ compresses every ``every``-th version.
 """
 import logging
 
-from ...config_keys import Key, byte_size, choice, integer, module_keys
-from ...errors import CheckpointError, ConfigError, VelocError
-from ...faults import fault_point
-from ..compressed_copy import compressed_record, sidecar_name  # noqa: F401  (re-exported)
-from ..compressed_file import plan_codecs, write_compressed
-from ..hashing import DEFAULT_ALGORITHM
-from ..module import Module
-from ..rankfile import RankFile
+from veloc.config_keys import Key, byte_size, choice, integer, module_keys
+from veloc.errors import CheckpointError, ConfigError, VelocError
+from veloc.faults import fault_point
+from veloc.storage.compressed_copy import compressed_record, sidecar_name  # noqa: F401  (re-exported)
+from veloc.storage.compressed_file import plan_codecs, write_compressed
+from veloc.storage.hashing import DEFAULT_ALGORITHM
+from veloc.engine.module import Module
+from veloc.storage.rankfile import RankFile
 
 
 log = logging.getLogger("veloc.compress")
@@ -56,7 +56,7 @@ def check_compress_keys(section, source=""):
         raise ConfigError(f"config key 'compress.level' = {level}{where}: codec {codec} takes levels "
                           f"{low}..{high}")
     if section.get("enabled") and codec not in (None, "none"):
-        from ...codecs import codec_names, get_codec
+        from veloc.storage.codecs import codec_names, get_codec
         wanted = ("zstd", "blosc2") if codec == "auto" else (codec,)
         errors = []
         for name in wanted:

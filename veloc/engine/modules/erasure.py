@@ -10,9 +10,9 @@ Config ``[erasure]``: ``enabled``, ``priority`` (40), ``every`` (versions),
 < 0 = never, > 0 = at most once per interval, decided by node 0 for all nodes), and
 ``backend`` (force a codec backend; default: the fastest one here).
 
-CHECKPOINT: nodes form groups in distinct failure domains (``veloc.engine.topology``);
+CHECKPOINT: nodes form groups in distinct failure domains (``veloc.redundancy.topology``);
 each group encodes its members' scratch copies of the version into parity blocks
-spread over all members (``veloc.engine.striping``), and every member commits the same
+spread over all members (``veloc.redundancy.striping``), and every member commits the same
 group record. XOR tolerates one lost member per group, RS ``parity`` of them.
 
 RESTART: ``available`` is optimistic (a rank's version counts when the group record
@@ -26,17 +26,17 @@ import json
 
 import numpy as np
 
-from ...config_keys import Key, choice, integer, module_keys, text
-from ...errors import CheckpointError, ConfigError, CorruptCheckpointError, RestartError
-from ...faults import fault_point
-from ..erasure_codec import make_codec
-from ..hashing import digest_buffer
-from ..module import Module
-from ..striping import (DIGEST, FORMAT, GroupStore, canonical, digest_files, encode_exchange, held_parity_all,
+from veloc.config_keys import Key, choice, integer, module_keys, text
+from veloc.errors import CheckpointError, ConfigError, CorruptCheckpointError, RestartError
+from veloc.faults import fault_point
+from veloc.redundancy.erasure_codec import make_codec
+from veloc.storage.hashing import digest_buffer
+from veloc.engine.module import Module
+from veloc.redundancy.striping import (DIGEST, FORMAT, GroupStore, canonical, digest_files, encode_exchange, held_parity_all,
                         losses, manifests_of, member_index, open_files, ranks_of, rebuild_exchange, rebuild_plan,
                         write_ranks)
-from ..topology import TopologyError, domain_of, groups, held_parity, unrecoverable
-from ..transfer import close_all, gather, local, node_scratch, settle
+from veloc.redundancy.topology import TopologyError, domain_of, groups, held_parity, unrecoverable
+from veloc.redundancy.transfer import close_all, gather, local, node_scratch, settle
 
 
 class ErasureModule(Module):

@@ -7,7 +7,7 @@ made of the file moments before (``[flush] direct_io``): no page-cache copy, no
 writeback, and no second hash of data whose digest was just computed; ranks are flushed
 in parallel (``max_parallelism``). On RESTART it copies them back to scratch, verifying
 digests on the way. ``[flush] format`` chooses how a version is stored there
-(``native`` copies, or ``hdf5`` files: ``veloc.engine.formats``). Frequency: ``[flush]
+(``native`` copies, or ``hdf5`` files: ``veloc.storage.formats``). Frequency: ``[flush]
 every = N`` versions and/or ``persistent_interval`` seconds (VELOC's key: 0 = every version, < 0 = never); a
 time-based decision is taken by node 0 and shared, so every node flushes the same
 versions.
@@ -15,16 +15,16 @@ versions.
 With ``[compress]`` (priority 20) having written a compressed sidecar for a rank, the
 native format copies that instead of the raw rank file (the persistent manifest lists
 it as a ``compressed`` file), and a restore to scratch rebuilds the raw rank file from
-it (``veloc.engine.compressed_copy``).
+it (``veloc.storage.compressed_copy``).
 """
 
-from ...config_keys import Key, boolean, choice, integer, module_keys
-from ...errors import CheckpointError, ConfigError, CorruptCheckpointError
-from ...faults import fault_point
-from ..compressed_copy import restore_compressed
-from ..formats import copy_verified, make_writer, version_complete
-from ..module import Module
-from .scratch import remove_versions_from, verify_copy
+from veloc.config_keys import Key, boolean, choice, integer, module_keys
+from veloc.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from veloc.faults import fault_point
+from veloc.storage.compressed_copy import restore_compressed
+from veloc.storage.formats import copy_verified, make_writer, version_complete
+from veloc.engine.module import Module
+from veloc.engine.modules.scratch import remove_versions_from, verify_copy
 
 
 def check_flush_format(flush, top, source=""):

@@ -5,7 +5,7 @@ backend) runs this module; all its methods are collective over ``ctx.peers`` and
 called by every engine in the same order, even with an empty rank list.
 
 CHECKPOINT: each node ships the files of its ranks' committed scratch copies of the
-version to its partner (``veloc.engine.topology.partners``: the next node in another
+version to its partner (``veloc.redundancy.topology.partners``: the next node in another
 failure domain) over MPI; the partner stores them under its own scratch as
 ``<scratch>/.partner/<owner node>/<name>/v<version>/r<rank>.*`` (a :class:`LevelStore`
 of level ``partner``) and commits each rank's manifest atomically, after checking the
@@ -19,16 +19,16 @@ version is present but whose partner lost its copy ships it again. Survives the 
 any single node's scratch (of any number of nodes as long as no node and its partner
 are both lost). ``<scratch>`` is ``transfer.node_scratch``: the scratch path up to ``{rank}``.
 """
-from ...config_keys import module_keys
-from ...errors import CheckpointError, CorruptCheckpointError, RestartError
-from ...faults import fault_point
-from ..levels import LevelStore
-from ..manifest import verify_files
-from ..module import Module
-from ..topology import TopologyError, domain_of, partners
-from ..transfer import (TAG_PARTNER, Exchange, IncomingFile, OutgoingFile, close_all, gather, local,
+from veloc.config_keys import module_keys
+from veloc.errors import CheckpointError, CorruptCheckpointError, RestartError
+from veloc.faults import fault_point
+from veloc.storage.levels import LevelStore
+from veloc.storage.manifest import verify_files
+from veloc.engine.module import Module
+from veloc.redundancy.topology import TopologyError, domain_of, partners
+from veloc.redundancy.transfer import (TAG_PARTNER, Exchange, IncomingFile, OutgoingFile, close_all, gather, local,
                         node_scratch, settle)
-from .scratch import verify_copy
+from veloc.engine.modules.scratch import verify_copy
 
 
 class PartnerModule(Module):

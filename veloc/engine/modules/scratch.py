@@ -3,9 +3,9 @@
 This module only answers for that level (which versions each local rank holds there,
 and whether they are intact); it never copies. Runs in the node's engine.
 """
-from ...errors import CorruptCheckpointError
-from ..manifest import verify_files
-from ..module import Module
+from veloc.errors import CorruptCheckpointError
+from veloc.storage.manifest import verify_files
+from veloc.engine.module import Module
 
 
 class ScratchLevel(Module):

@@ -6,10 +6,10 @@ persistent (VELOC's keys; 0 = keep all). It never deletes the newest version tha
 complete at a level (every rank's manifest present), so a failed newer checkpoint can
 never cost the last good one. Scratch files go to the recycle pool for reuse.
 """
-from ..debris import collect_engine
-from ..module import Module
-from ...config_keys import module_keys
-from ...faults import fault_point
+from veloc.storage.debris import collect_engine
+from veloc.engine.module import Module
+from veloc.config_keys import module_keys
+from veloc.faults import fault_point
 
 
 class VersioningModule(Module):
