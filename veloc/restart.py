@@ -85,13 +85,13 @@ class RestartMixin(ReshapeMixin):
                         [max(v) if v else None for v in everyone][:16])
         self._plans = {}
         for version in sorted(common, reverse=True):
-            own, manifest = self._verify_own(name, version, mine[version], deep=deep)
+            own, manifest, hashed = self._verify_own(name, version, mine[version], deep=deep)
             level, reasons = self.host.verify(name, version, own)
             if self.host.all_true(level is not None):
                 store = self._level_store(level)
                 manifest = manifest if own == level else None
                 self._plans[(name, version)] = (level, self._copy_stamp(store, name, version, manifest), manifest,
-                                                deep or own != level)
+                                                hashed or own != level)
                 return self._reshape_newest(name, max_version, version) or version
             if level is None:
                 log.warning("rank %d: %s v%d not restorable here (%s); trying an older version",
@@ -139,6 +139,7 @@ class RestartMixin(ReshapeMixin):
                     self.rank, name, version, failure[0], failure[1])
         found = self._restart_test(name, version, deep=True)
         if found != version:
+            self.writer.release()
             raise RestartError(f"restart of {name!r} v{version} failed: rank {failure[0]} read a corrupt copy "
                                f"({failure[1]}) and no other intact copy of v{version} exists; the newest "
                                f"version every rank can restore is now {found} (restart_test({name!r})); the "
@@ -162,10 +163,10 @@ class RestartMixin(ReshapeMixin):
             self._restoring = _Restoring(name, version, "persistent", None, reader)
             return
         reasons = []
-        verified_now, own = level is None, None
+        verified_now, own, hashed = level is None, None, False
         if verified_now:
             # this rank checks its scratch copy but for the digest, which the read checks
-            own, planned = self._verify_own(name, version, ("scratch",), deep=False)
+            own, planned, hashed = self._verify_own(name, version, ("scratch",), deep=False)
             level, reasons = self.host.verify(name, version, own)
         failure = self.host.first_failure(None if level is not None else
                                           ("; ".join(reasons) or "no intact copy at any level"))
@@ -195,7 +196,7 @@ class RestartMixin(ReshapeMixin):
         # and erasure restores arrive over MPI and are checked on read, end to end.)
         if level == "scratch" or in_place:
             unchanged = stamp is not None and stamp == self._copy_stamp(store, name, version, planned)
-            checked = (verified_now and own is None) or (unchanged and planned_checked)
+            checked = (verified_now and (own is None or hashed)) or (unchanged and planned_checked)
             planned = planned if unchanged or own is not None else None
         else:
             checked, planned = level == "persistent", None
@@ -218,14 +219,15 @@ class RestartMixin(ReshapeMixin):
         that every rank hashes its own copy at the same time; ``None`` when the fastest
         listed level is one only the node's engine can check (partner, erasure) or no
         copy here is intact (the engine then checks every level and says why).
-        Returns ``(level, its manifest)``, read once. ``deep=False``: all but the digest
-        (sizes, header, job size), which the read then checks."""
+        Returns ``(level, its manifest, whether its digests were checked)``, the manifest
+        read once. ``deep=False``: all but the rank file's digest (sizes, header, job size),
+        which the read then checks."""
         for level in LEVEL_ORDER:
             if level not in levels:
                 continue
             store = self._level_store(level)
             if store is None:
-                return None, None
+                return None, None, False
             try:
                 manifest = store.read_manifest(name, version, self.rank)
                 if manifest is None:
@@ -234,12 +236,14 @@ class RestartMixin(ReshapeMixin):
                     reason = (f"{name} v{version} at {level} was written by a job of {manifest.nranks} ranks, "
                               f"this job has {self.size}")
                 else:
-                    verify_files(manifest, store.version_dir(name, version), deep=deep)
-                    return level, manifest
+                    # routed files are handed over by path, never read by restart: hashed here
+                    whole = deep or any(f.kind != "regions" for f in manifest.files)
+                    verify_files(manifest, store.version_dir(name, version), deep=whole)
+                    return level, manifest, whole
             except CorruptCheckpointError as exc:
                 reason = str(exc)
             log.info("rank %d: %s v%d at %s: %s", self.rank, name, version, level, reason)
-        return None, None
+        return None, None, False
 
     def _level_store(self, level):
         """This rank's store at ``level`` where the rank itself can read it (scratch and

@@ -206,3 +206,22 @@ def test_a_device_array_is_set_only_from_checked_bytes(dirs, streamed):
         with pytest.raises(RestartError, match="mismatch found while reading"):
             c.restart("h", 1)
         assert g.sets == 1 and (g.host == -1).all()         # the staging copy was refused
+
+
+def test_verify_on_read_still_hashes_routed_files(cfg, dirs):
+    """A routed file is handed over by path, never read by restart: restart_test checks its
+    digest even with verify_on_read, and a damaged one falls back to persistent."""
+    with veloc.init_single(0, cfg) as c:
+        c.checkpoint_begin("files", 1)
+        with open(c.route_file("state.txt"), "w") as f:
+            f.write("hello world, version one")
+        c.checkpoint_end()
+        scratch_copy = next(p for p in _vck(dirs, "files", 1, "scratch").parent.iterdir() if "state" in p.name)
+        scratch_copy.write_bytes(b"HELLO world, version one")       # same size, other bytes
+        c.verify_on_read = True
+        assert c.restart_test("files") == 1
+        c.restart_begin("files", 1)
+        with open(c.route_file("state.txt")) as f:
+            assert f.read() == "hello world, version one"
+        c.restart_end()
+        assert c.last_restart.level == "persistent"
