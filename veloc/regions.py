@@ -234,6 +234,24 @@ class Region:
                                "protect an object of the checkpointed type") from None
         return (loaded,)
 
+    def read_target(self, info):
+        """The array that region ``info`` of a rank file can be read straight into, in its
+        stored memory order (the protected array itself, or for a cupy array a host
+        staging array), or ``None`` (a pickled object, or an array laid out otherwise)."""
+        if self.kind == "pickle":
+            return None
+        if self.kind == "device":
+            return np.empty(info.shape, info.numpy_dtype(), order=info.order)
+        arr = self.obj
+        same_order = arr.flags.c_contiguous if info.order == "C" else arr.flags.f_contiguous
+        return arr if same_order and arr.flags.writeable and arr.nbytes == info.nbytes else None
+
+    def finish_target(self, target):
+        """After ``target`` (from :meth:`read_target`) holds verified bytes: a cupy array is
+        filled from its staging array; a numpy array already holds them."""
+        if self.kind == "device":
+            self.obj.set(target)
+
     def restore(self, rankfile, info, recovered, loaded=None):
         """Fill the region from ``rankfile`` (any region file reader: a raw ``RankFile`` or a
         ``CompressedReader``, which decodes straight into the array) in place; a pickled

@@ -14,7 +14,8 @@ from typing import Iterable, Optional, Union
 from veloc.storage.formats import open_rank_file
 from veloc.storage.hashing import digest_file
 from veloc.storage.levels import LEVEL_ORDER, LevelStore
-from veloc.engine.modules.scratch import verify_copy
+from veloc.storage.manifest import verify_files
+from veloc.storage.rankfile import RankFile
 from veloc.errors import CorruptCheckpointError, RestartError, VelocError
 from veloc.names import check_name, check_version
 from veloc.restart_reshape import ReshapeMixin
@@ -32,13 +33,32 @@ class RestartInfo:
 
 
 class _Restoring:
-    def __init__(self, name, version, level, manifest, rankfile):
+    """The version a rank has open between ``restart_begin`` and ``restart_end``.
+    ``expected``: ``(algorithm, digest)`` of a rank file not checked yet, verified by the
+    read itself (one pass: every byte hashed as it lands in the protected arrays)."""
+
+    def __init__(self, name, version, level, manifest, rankfile, expected=None):
         self.name, self.version, self.level = name, version, level
-        self.manifest, self.rankfile = manifest, rankfile
+        self.manifest, self.rankfile, self.expected = manifest, rankfile, expected
+
+
+class CorruptOnReadError(CorruptCheckpointError):
+    """A copy whose digest did not match while it was read into the protected arrays
+    (they hold unverified bytes until a restart from an intact copy refills them)."""
 
 
 class RestartMixin(ReshapeMixin):
-    """``restart_test``, ``restart`` and the restart phases."""
+    """``restart_test``, ``restart`` and the restart phases.
+
+    ``verify_on_read`` (default False): when True, ``restart_test`` checks a rank's own
+    scratch or persistent copy for everything but its digest (sizes, header, job size)
+    and ``restart`` checks the digest while it reads the copy into the protected arrays:
+    one pass over the data instead of two. A copy found corrupt then is replaced by the
+    same version's next intact copy; where none is left, ``restart`` raises RestartError
+    naming the newest version every rank can restore (the arrays then hold unverified
+    data until it is restored)."""
+
+    verify_on_read = False
 
     def restart_test(self, name: str, max_version: Optional[int] = None) -> Optional[int]:
         """Every rank, collective: the newest version ``<= max_version`` (no bound: ``None``)
@@ -47,6 +67,9 @@ class RestartMixin(ReshapeMixin):
         A newer HDF5 version written on another rank count counts too when every protected
         region is global or replicated (``veloc.restart_reshape``).
         Raises RestartError for a bad name/version or a failing engine/backend."""
+        return self._restart_test(name, max_version, deep=not self.verify_on_read)
+
+    def _restart_test(self, name, max_version, deep):
         self._check_open()
         self.writer.hold()        # no scratch file is prepared while a restart reads
         name = check_name(name, error=RestartError)
@@ -62,9 +85,13 @@ class RestartMixin(ReshapeMixin):
                         [max(v) if v else None for v in everyone][:16])
         self._plans = {}
         for version in sorted(common, reverse=True):
-            level, reasons = self.host.verify(name, version, self._verify_own(name, version, mine[version]))
+            own, manifest, hashed = self._verify_own(name, version, mine[version], deep=deep)
+            level, reasons = self.host.verify(name, version, own)
             if self.host.all_true(level is not None):
-                self._plans[(name, version)] = (level, self._copy_stamp(self._level_store(level), name, version))
+                store = self._level_store(level)
+                manifest = manifest if own == level else None
+                self._plans[(name, version)] = (level, self._copy_stamp(store, name, version, manifest), manifest,
+                                                hashed or own != level)
                 return self._reshape_newest(name, max_version, version) or version
             if level is None:
                 log.warning("rank %d: %s v%d not restorable here (%s); trying an older version",
@@ -76,8 +103,14 @@ class RestartMixin(ReshapeMixin):
 
     def restart(self, name: str, version: int) -> None:
         """``restart_begin`` + ``recover_mem`` + ``restart_end``; every rank, collective.
-        Afterwards ``last_restart`` says which level this rank's data came from. Raises
-        RestartError (nothing restorable, regions that do not match the checkpoint)."""
+        Afterwards ``last_restart`` says which level this rank's data came from. A copy
+        found corrupt while it is read (one pass, when it was not checked before) is
+        replaced by the version's next intact copy on every rank that read a bad one.
+        Raises RestartError (nothing restorable, regions that do not match the checkpoint,
+        no intact copy of ``version`` left: the message names the version to use)."""
+        self._restart(name, version, retry=True)
+
+    def _restart(self, name, version, retry):
         self.restart_begin(name, version)
         error = None
         try:
@@ -88,10 +121,30 @@ class RestartMixin(ReshapeMixin):
                 f"{type(exc).__name__}: {exc}")
         failure = self.host.first_failure(None if error is None else str(error))
         self.restart_end(success=failure is None)
+        if (failure is not None and retry
+                and self.host.all_true(error is None or isinstance(error, CorruptOnReadError))):
+            self._restart_again(name, version, failure)
+            return
         if error is not None:
             raise error
         if failure is not None:
             raise RestartError(f"restart of {name!r} v{version} failed on rank {failure[0]}: {failure[1]}")
+
+    def _restart_again(self, name, version, failure):
+        """Collective, after a copy was found corrupt during the read on some rank
+        (``failure``): every rank checks its copies in full again (``restart_test`` bounded
+        by ``version``) and restores ``version`` from its next intact copy; raises
+        RestartError naming the version that is left when ``version`` has none."""
+        log.warning("rank %d: %s v%d: a copy was corrupt on read (rank %d: %s); checking every copy again",
+                    self.rank, name, version, failure[0], failure[1])
+        found = self._restart_test(name, version, deep=True)
+        if found != version:
+            self.writer.release()
+            raise RestartError(f"restart of {name!r} v{version} failed: rank {failure[0]} read a corrupt copy "
+                               f"({failure[1]}) and no other intact copy of v{version} exists; the newest "
+                               f"version every rank can restore is now {found} (restart_test({name!r})); the "
+                               "protected arrays hold unverified data until it is restored")
+        self._restart(name, version, retry=False)
 
     def restart_begin(self, name: str, version: int) -> None:
         """Collective: open this rank's copy of ``version`` at its fastest intact level: read in
@@ -103,15 +156,18 @@ class RestartMixin(ReshapeMixin):
         if self._pending is not None or self._restoring is not None:
             raise RestartError("restart_begin called while a checkpoint or restart is open")
         self.checkpoint_wait()
-        level, stamp = getattr(self, "_plans", {}).get((name, version), (None, None))
+        level, stamp, planned, planned_checked = getattr(self, "_plans", {}).get((name, version),
+                                                                                 (None, None, None, True))
         if level is None and (name, version) in getattr(self, "_reshape_plans", {}):
             reader = self._reshape_open(name, version, self._reshape_plans[(name, version)])
             self._restoring = _Restoring(name, version, "persistent", None, reader)
             return
         reasons = []
-        verified_now = level is None
+        verified_now, own, hashed = level is None, None, False
         if verified_now:
-            level, reasons = self.host.verify(name, version)
+            # this rank checks its scratch copy but for the digest, which the read checks
+            own, planned, hashed = self._verify_own(name, version, ("scratch",), deep=False)
+            level, reasons = self.host.verify(name, version, own)
         failure = self.host.first_failure(None if level is not None else
                                           ("; ".join(reasons) or "no intact copy at any level"))
         if failure is not None:
@@ -124,7 +180,7 @@ class RestartMixin(ReshapeMixin):
                                + (f"; on this job's rank count: {why}" if why else "")
                                + f". Use restart_test({name!r}) to find a version every rank can restore")
         store = self._level_store(level)
-        in_place = level == "persistent" and self._regions_only(store, name, version)
+        in_place = level == "persistent" and self._regions_only(store, name, version, planned)
         # Collective in sync mode, so every rank takes part; a rank reading a persistent
         # copy in place asks for nothing: bringing it back to scratch first would allocate
         # fresh tmpfs pages, the slowest step of a restart (the next checkpoint refills
@@ -134,17 +190,20 @@ class RestartMixin(ReshapeMixin):
             log.info("rank %d: reading %s v%d in place from %s", self.rank, name, version, store.root)
         else:
             store = self.scratch
-        # Hash the file again on open unless its digests were just checked: by the verify
-        # above, by restart_test with the copy unchanged since, or by the restore from
-        # persistent, which verifies every byte it copies. (Partner and erasure restores
-        # arrive over MPI and are checked here, end to end.)
+        # Check the file's digest while reading it unless its digests were just checked:
+        # by the engine's verify above, by restart_test with the copy unchanged since, or
+        # by the restore from persistent, which verifies every byte it copies. (Partner
+        # and erasure restores arrive over MPI and are checked on read, end to end.)
         if level == "scratch" or in_place:
-            checked = verified_now or (stamp is not None and stamp == self._copy_stamp(store, name, version))
+            unchanged = stamp is not None and stamp == self._copy_stamp(store, name, version, planned)
+            checked = (verified_now and (own is None or hashed)) or (unchanged and planned_checked)
+            planned = planned if unchanged or own is not None else None
         else:
-            checked = level == "persistent"
+            checked, planned = level == "persistent", None
         manifest = rankfile = error = None
+        expected = None
         try:
-            manifest, rankfile = self._open_restored(store, name, version, check_digest=not checked)
+            manifest, rankfile, expected = self._open_restored(store, name, version, not checked, planned)
         except VelocError as exc:
             error = RestartError(f"rank {self.rank}: cannot open {name} v{version}: {exc}")
         failure = self.host.first_failure(None if error is None else str(error))
@@ -152,25 +211,39 @@ class RestartMixin(ReshapeMixin):
             if rankfile is not None:
                 rankfile.close()
             raise error or RestartError(f"restart of {name!r} v{version} failed on rank {failure[0]}: {failure[1]}")
-        self._restoring = _Restoring(name, version, level, manifest, rankfile)
+        self._restoring = _Restoring(name, version, level, manifest, rankfile, expected)
 
-    def _verify_own(self, name, version, levels):
+    def _verify_own(self, name, version, levels, deep=True):
         """This rank's fastest level holding an intact copy of ``version`` among ``levels``
         that the rank reads itself (scratch, then persistent), checked here and now, so
         that every rank hashes its own copy at the same time; ``None`` when the fastest
         listed level is one only the node's engine can check (partner, erasure) or no
-        copy here is intact (the engine then checks every level and says why)."""
+        copy here is intact (the engine then checks every level and says why).
+        Returns ``(level, its manifest, whether its digests were checked)``, the manifest
+        read once. ``deep=False``: all but the rank file's digest (sizes, header, job size),
+        which the read then checks."""
         for level in LEVEL_ORDER:
             if level not in levels:
                 continue
             store = self._level_store(level)
             if store is None:
-                return None
-            reason = verify_copy(store, name, version, self.rank, self.size)
-            if reason is None:
-                return level
+                return None, None, False
+            try:
+                manifest = store.read_manifest(name, version, self.rank)
+                if manifest is None:
+                    reason = f"no copy of {name} v{version} rank {self.rank} at {level} ({store.root})"
+                elif manifest.nranks != self.size:
+                    reason = (f"{name} v{version} at {level} was written by a job of {manifest.nranks} ranks, "
+                              f"this job has {self.size}")
+                else:
+                    # routed files are handed over by path, never read by restart: hashed here
+                    whole = deep or any(f.kind != "regions" for f in manifest.files)
+                    verify_files(manifest, store.version_dir(name, version), deep=whole)
+                    return level, manifest, whole
+            except CorruptCheckpointError as exc:
+                reason = str(exc)
             log.info("rank %d: %s v%d at %s: %s", self.rank, name, version, level, reason)
-        return None
+        return None, None, False
 
     def _level_store(self, level):
         """This rank's store at ``level`` where the rank itself can read it (scratch and
@@ -182,20 +255,25 @@ class RestartMixin(ReshapeMixin):
             return None if root is None else LevelStore("persistent", root)
         return None
 
-    def _regions_only(self, store, name, version):
+    def _regions_only(self, store, name, version, manifest=None):
         """Whether this rank's copy at ``store`` is a rank file alone (no routed files,
-        which are handed to the application by path and so must come back to scratch)."""
+        which are handed to the application by path and so must come back to scratch);
+        ``manifest``: the copy's manifest if already read."""
         try:
-            manifest = store.read_manifest(name, version, self.rank) if store is not None else None
+            if manifest is None or manifest.level != store.level:
+                manifest = store.read_manifest(name, version, self.rank) if store is not None else None
         except CorruptCheckpointError:
             return False
         return manifest is not None and all(f.kind in REGION_FILE_KINDS for f in manifest.files)
 
-    def _copy_stamp(self, store, name, version):
+    def _copy_stamp(self, store, name, version, manifest=None):
         """Identity of this rank's copy at ``store`` (manifest and files: inode, size,
-        mtime), or ``None``: equal stamps mean nothing was rewritten in between."""
+        mtime), or ``None``: equal stamps mean nothing was rewritten in between.
+        ``manifest``: the copy's manifest if already read (a rewritten manifest is a new
+        file, so its stamp differs)."""
         try:
-            manifest = store.read_manifest(name, version, self.rank) if store is not None else None
+            if manifest is None:
+                manifest = store.read_manifest(name, version, self.rank) if store is not None else None
         except CorruptCheckpointError:
             return None
         if manifest is None:
@@ -207,21 +285,32 @@ class RestartMixin(ReshapeMixin):
         except OSError:
             return None
 
-    def _open_restored(self, store, name, version, check_digest=True):
-        """This rank's manifest and rank file of ``version`` at ``store`` (scratch, after a
-        restore, or persistent, read in place), digest verified unless ``check_digest`` is
-        False (checked moments ago)."""
-        manifest = store.read_manifest(name, version, self.rank)
+    def _open_restored(self, store, name, version, check_digest=True, manifest=None):
+        """This rank's manifest, rank file reader and ``(algorithm, digest)`` still to check
+        of ``version`` at ``store`` (scratch, after a restore, or persistent, read in place).
+        ``check_digest`` False: checked moments ago. Else a native rank file is checked by
+        the read itself (one pass); any other reader is hashed here first.
+        ``manifest``: the copy's manifest if already read and unchanged since."""
+        if manifest is None or manifest.level != store.level:
+            manifest = store.read_manifest(name, version, self.rank)
         if manifest is None:
             raise CorruptCheckpointError(f"{name} v{version} vanished from {store.level}")
         entry = manifest.file("regions") or manifest.file("compressed")
         if entry is None:
-            return manifest, None
+            return manifest, None, None
         path = store.version_dir(name, version) / entry.name
-        if (check_digest and entry.digest and manifest.checksum
-                and digest_file(path, manifest.checksum) != entry.digest):
-            raise CorruptCheckpointError(f"{path}: {manifest.checksum} mismatch on read")
-        return manifest, open_rank_file(path, entry.kind)
+        if not (check_digest and entry.digest and manifest.checksum):
+            return manifest, open_rank_file(path, entry.kind), None
+        reader = open_rank_file(path, entry.kind)
+        if isinstance(reader, RankFile):
+            return manifest, reader, (manifest.checksum, entry.digest)
+        try:
+            if reader.digest(manifest.checksum) != entry.digest:
+                raise CorruptCheckpointError(f"{path}: {manifest.checksum} mismatch on read")
+        except BaseException:
+            reader.close()
+            raise
+        return manifest, reader, None
 
     def recover_size(self, region_id: Union[int, str]) -> int:
         """Size in bytes of region ``region_id`` in the version being restored; local, between
@@ -239,13 +328,49 @@ class RestartMixin(ReshapeMixin):
         unknown = [i for i in wanted if i not in self.regions]
         if unknown:
             raise RestartError(f"cannot recover {unknown!r}: protect them first (protected: {list(self.regions)})")
+        for region_id in wanted:     # validate everything before touching anything
+            self.regions[region_id].check_restorable(self._region_info(region_id), state.rankfile.path)
+        if state.expected is not None:
+            targets = {i: self._read_target(self.regions[i], self._region_info(i)) for i in wanted}
+            if all(t is not None for t in targets.values()):
+                self._read_verified(state, targets)
+                return
+            self._check_digest(state)       # a pickled object is unpickled from checked bytes only
         pairs = []
-        for region_id in wanted:     # validate (and unpickle) everything before touching anything
+        for region_id in wanted:
             info, region = self._region_info(region_id), self.regions[region_id]
-            region.check_restorable(info, state.rankfile.path)
             pairs.append((region, info, region.load(state.rankfile, info)))
         for region, info, loaded in pairs:
             region.restore(state.rankfile, info, self.recovered, loaded)
+
+    @staticmethod
+    def _read_target(region, info):
+        """Where ``region`` takes the bytes of ``info`` in a one-pass read, or ``None`` (a
+        pickled object, or a region kind that reads the rank file itself)."""
+        read_target = getattr(region, "read_target", None)
+        return None if read_target is None else read_target(info)
+
+    def _read_verified(self, state, targets):
+        """One pass: every byte of the rank file hashed as it lands in ``targets`` (region
+        id -> array); raises CorruptOnReadError on a mismatch (the targets then hold
+        unverified bytes, and ``restart`` refills them from an intact copy)."""
+        algorithm, digest = state.expected
+        try:
+            state.rankfile.read_verified(targets, algorithm, digest)
+        except CorruptCheckpointError as exc:
+            raise CorruptOnReadError(f"rank {self.rank}: {state.name} v{state.version} at {state.level}: "
+                                     f"{exc}") from None
+        state.expected = None
+        for region_id, target in targets.items():
+            self.regions[region_id].finish_target(target)
+
+    def _check_digest(self, state):
+        """Hash the whole rank file before anything is read from it (nothing touched yet)."""
+        algorithm, digest = state.expected
+        if digest_file(state.rankfile.path, algorithm) != digest:
+            raise CorruptOnReadError(f"rank {self.rank}: {state.name} v{state.version} at {state.level}: "
+                                     f"{state.rankfile.path}: {algorithm} checksum mismatch on read")
+        state.expected = None
 
     def restart_end(self, success: bool = True) -> None:
         """Close the restored version; record ``last_restart`` when ``success``; local."""

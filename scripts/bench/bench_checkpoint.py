@@ -16,7 +16,8 @@ all ranks at once (barrier before every timed repetition):
              checksum, flush, garbage collection) timed apart. v1 is the first
              checkpoint, v2-v3 still write fresh tmpfs pages, later versions reuse the
              recycled files of old ones (steady state). Then whole checkpoint() calls.
-  restart    restart_test and restart from scratch; then, as a new job after a node
+  restart    restart_test and restart from scratch, with restart_test hashing every copy
+             and with ``verify_on_read`` (the read checks the digest: one pass); then, as a new job after a node
              loss (finalize, delete the scratch folders, new veloc.init), from
              persistent with its files in the page cache (warm) and evicted (cold)
 
@@ -320,6 +321,10 @@ def run_size(b, nbytes):
                 extra["engine_timings"] = engine_timings(client)
             for _ in range(b.args.reps):
                 timed_restart(b, client, "scratch", last, "scratch", expect)
+            client.verify_on_read = True          # the digest checked by the read (one pass)
+            for _ in range(b.args.reps):
+                timed_restart(b, client, "scratch_onread", last, "scratch", expect)
+            client.verify_on_read = False
         finally:
             client.finalize()
         caches = ("warm", "cold") if b.args.persistent_cache == "both" else (b.args.persistent_cache,)

@@ -33,6 +33,9 @@ ROWS = [  # key, label, limit key for "x limit"
     ("restart_test_scratch", "restart_test, scratch", None),
     ("restart_read_scratch", "restart, scratch", "preadv_tmpfs"),
     ("restart_total_scratch", "restart_test+restart, scratch", "preadv_tmpfs"),
+    ("restart_test_scratch_onread", "restart_test, scratch, verify on read", None),
+    ("restart_read_scratch_onread", "restart, scratch, verify on read", "preadv_tmpfs"),
+    ("restart_total_scratch_onread", "test+restart, scratch, verify on read", "preadv_tmpfs"),
     ("restart_total_persistent_warm", "restart_test+restart, persistent warm", "disk_read_warm"),
     ("restart_total_persistent_cold", "restart_test+restart, persistent cold", "disk_read_cold"),
 ]
@@ -55,7 +58,9 @@ def summarize(raw, pair):
             row["x_memcpy"] = 1.0
         elif key in pair and pair[key] in raw:
             ref = slowest(raw[pair[key]])
-            row["x_memcpy"] = statistics.median(r / x for r, x in zip(ref, t) if x > 0)
+            ratios = [r / x for r, x in zip(ref, t) if x > 0]
+            row["x_memcpy"] = statistics.median(ratios)
+            row["x_memcpy_range"] = [min(ratios), max(ratios)]
         out[key] = row
     return out
 
@@ -64,7 +69,7 @@ def report(args, nranks, nbytes, summary, extra, load):
     lines = ["", f"## {human(nbytes)} per rank, {nranks} ranks, mode {args.mode}, {args.reps} reps, "
              f"settle {args.settle:g} s; load average before/after {load[0]:.2f}/{load[1]:.2f}"]
     hdr = (f"{'measurement':40} {'n':>2} {'GB/s/rank':>9} {'best':>6} {'worst':>6} {'x memcpy':>8} "
-           f"{'x limit':>7}  limit")
+           f"{'range':>11} {'x limit':>7}  limit")
     lines += [hdr, "-" * len(hdr)]
     for key, label, limit in ROWS:
         row = summary.get(key)
@@ -77,8 +82,9 @@ def report(args, nranks, nbytes, summary, extra, load):
         cell = ""
         if limit and ratio and summary.get(limit, {}).get("x_memcpy"):
             cell = f"{ratio / summary[limit]['x_memcpy']:7.2f}  {limit}"
+        lo, hi = row.get("x_memcpy_range", (ratio, ratio)) if ratio is not None else (float("nan"),) * 2
         lines.append(f"{label:40} {row['n']:2d} {gbs:9.2f} {best:6.2f} {worst:6.2f} "
-                     f"{ratio if ratio is not None else float('nan'):8.3f} {cell}")
+                     f"{ratio if ratio is not None else float('nan'):8.3f} {lo:5.2f}-{hi:5.2f} {cell}")
     ms = {k: 1e3 * r["median_s"] for k, r in summary.items()}
     small = ["ckpt_wait_steady", "ckpt_begin_steady", "ckpt_mem_steady", "ckpt_end_steady", "call_wait",
              "drain", "restart_test_scratch", "restart_read_scratch", "restart_test_persistent_warm",

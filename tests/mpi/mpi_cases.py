@@ -42,10 +42,11 @@ def write_versions(cfg, versions, name="c"):
             c.checkpoint(name, v)
 
 
-def restart_newest(cfg, name="c", max_version=None):
+def restart_newest(cfg, name="c", max_version=None, verify_on_read=False):
     with veloc.init(cfg, comm) as c:
         a = np.zeros(1000)
         c.protect("a", a)
+        c.verify_on_read = verify_on_read
         v = c.restart_test(name, max_version)
         if v is None:
             return None, None
@@ -86,6 +87,38 @@ def test_corrupt_rank_uses_persistent_others_scratch(cfg):
     comm.Barrier()
     v, level = restart_newest(cfg)
     assert v == 1 and level == ("persistent" if rank == 0 else "scratch")
+
+
+def _flip_tail(path):
+    raw = bytearray(path.read_bytes())
+    raw[-8] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_verify_on_read_corrupt_rank_rereads_from_persistent_others_keep_scratch(cfg):
+    write_versions(cfg, [1])
+    if rank == 0:
+        _flip_tail(my_file(cfg, 1))
+    comm.Barrier()
+    v, level = restart_newest(cfg, verify_on_read=True)
+    assert v == 1 and level == ("persistent" if rank == 0 else "scratch")
+
+
+def test_verify_on_read_newest_corrupt_everywhere_on_one_rank_raises_everywhere(cfg):
+    write_versions(cfg, [1, 2])
+    if rank == size - 1:
+        _flip_tail(my_file(cfg, 2))
+        _flip_tail(my_file(cfg, 2, "persistent"))
+    comm.Barrier()
+    with veloc.init(cfg, comm) as c:
+        a = np.zeros(1000)
+        c.protect("a", a)
+        c.verify_on_read = True
+        assert c.restart_test("c") == 2
+        with pytest.raises(RestartError, match=f"rank {size - 1} read a corrupt copy.*is now 1"):
+            c.restart("c", 2)
+        c.restart("c", 1)
+        assert np.array_equal(a, data(1)) and c.last_restart.version == 1
 
 
 def test_lost_node_scratch(cfg):

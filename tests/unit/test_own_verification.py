@@ -76,7 +76,9 @@ def test_no_intact_copy_asks_the_engine_and_falls_back_to_an_older_version(cfg, 
     assert engine_checks == [[0]]                 # v2: the engine says why; v1: the rank's own check
 
 
-def test_a_copy_changed_after_the_check_is_refused_on_read(cfg, dirs):
+def test_a_copy_changed_after_the_check_is_found_on_read_and_replaced(cfg, dirs):
+    """The read hashes the changed copy as it fills the array, finds it corrupt, and every
+    rank checks its copies again: the array ends up holding the persistent copy."""
     a = np.arange(5000.0)
     with veloc.init_single(0, cfg) as c:
         c.protect("a", a)
@@ -84,6 +86,22 @@ def test_a_copy_changed_after_the_check_is_refused_on_read(cfg, dirs):
         assert c.restart_test("h") == 1
         flip_bytes(_vck(dirs, "h", 1, "scratch"))
         a[:] = -1
-        with pytest.raises(veloc.RestartError, match="mismatch on read"):
-            c.restart("h", 1)
-        assert (a == -1).all()
+        c.restart("h", 1)
+        assert c.last_restart.level == "persistent" and np.array_equal(a, np.arange(5000.0))
+
+
+def test_a_copy_changed_after_the_check_with_no_other_copy_names_the_version_left(dirs):
+    a = np.arange(5000.0)
+    with veloc.init_single(0, {"scratch": str(dirs["scratch"] / "{node}")}) as c:
+        c.protect("a", a)
+        c.checkpoint("h", 1)
+        a += 1
+        c.checkpoint("h", 2)
+        assert c.restart_test("h") == 2
+        flip_bytes(_vck(dirs, "h", 2, "scratch"))
+        a[:] = -1
+        with pytest.raises(veloc.RestartError, match="mismatch.*no other intact copy of v2.*is now 1"):
+            c.restart("h", 2)
+        assert c.last_restart is None
+        c.restart("h", 1)
+        assert c.last_restart.version == 1 and np.array_equal(a, np.arange(5000.0))

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from veloc.errors import CorruptCheckpointError
-from veloc.storage.fileio import pwrite_all
-from veloc.storage.hashing import map_readonly
+from veloc.storage.fileio import preadinto_all, pwrite_all
+from veloc.storage.hashing import HASH_CHUNK, hasher, map_readonly
 
 MAGIC = b"VELOCRK1"
 PREFIX = struct.Struct("<8sII")
@@ -159,8 +159,23 @@ def write_rank_file(fd, header, infos, views, total, mapped=None):
     os.ftruncate(fd, total)
 
 
+def _flat_target(out, info):
+    """``out``'s bytes as a flat writable uint8 array in the stored memory order of region
+    ``info``, or ``None`` when ``out`` is laid out otherwise (a copy must reorder it)."""
+    if not out.flags.writeable or not (out.flags.c_contiguous if info.order == "C" else out.flags.f_contiguous):
+        return None
+    if out.nbytes != info.nbytes:
+        return None
+    return out.reshape(-1, order=info.order).view(np.uint8)
+
+
 class RankFile:
-    """Read-only view of a rank file, validated on open (magic, header CRC, bounds)."""
+    """Read-only view of a rank file, validated on open (magic, header CRC, bounds).
+
+    Region reads (:meth:`read_into`) go straight from the file into the caller's array
+    with ``preadv``: on tmpfs faster than mapping the file (the kernel fills no page
+    table) and then copying. A mapping is made only when a caller asks for views of the
+    file (:meth:`bytes_view`, :meth:`as_array`, :meth:`head_view`, :meth:`digest`)."""
 
     def __init__(self, path, mapped=None, mapping=None):
         """``mapped``: an existing read-only mapping of the whole file to read from (kept
@@ -169,15 +184,22 @@ class RankFile:
         self.path = path
         self._file = open(path, "rb")
         self._owns_map = mapped is None
+        self._map = mapped
         try:
             self.size = os.fstat(self._file.fileno()).st_size
             self.meta, self.regions = self._parse_header()
-            self._map = map_readonly(self._file.fileno(), self.size) if mapped is None else mapped
-            if len(self._map) != self.size:
+            if mapped is not None and len(mapped) != self.size:
                 raise CorruptCheckpointError(f"{self.path}: changed while being read")
         except BaseException:
             self._file.close()
             raise
+
+    @property
+    def _mapping(self):
+        """The read-only mapping of the whole file (made on first use)."""
+        if self._map is None:
+            self._map = map_readonly(self._file.fileno(), self.size) if self.size else b""
+        return self._map
 
     def _parse_header(self):
         prefix = self._file.read(PREFIX.size)
@@ -226,17 +248,17 @@ class RankFile:
     def digest(self, algorithm):
         """Hex digest of the whole file, from the mapping."""
         from veloc.storage.hashing import digest_buffer
-        return digest_buffer(self._map, algorithm)
+        return digest_buffer(self._mapping, algorithm)
 
     def head_view(self):
         """A read-only uint8 view of the file's bytes before its first region (the header
         and its padding)."""
         first = min((r.offset for r in self.regions), default=self.size)
-        return np.frombuffer(self._map, np.uint8, first, 0)
+        return np.frombuffer(self._mapping, np.uint8, first, 0)
 
     def bytes_view(self, info):
         """A read-only uint8 numpy view of a region's bytes (no copy)."""
-        return np.frombuffer(self._map, np.uint8, info.nbytes, info.offset)
+        return np.frombuffer(self._mapping, np.uint8, info.nbytes, info.offset)
 
     def as_array(self, info):
         """A read-only numpy array view of an array region (no copy)."""
@@ -247,17 +269,60 @@ class RankFile:
     # compressed_file.CompressedReader): regions, region(id), read_into, load_bytes,
     # digest, close.
     def read_into(self, info, out):
-        """Copy array region ``info`` into ``out`` (a numpy array of its dtype and shape)."""
-        src = self.as_array(info)
-        np.copyto(out, src, casting="no")
-        del src
+        """Copy array region ``info`` into ``out`` (a numpy array of its dtype and shape):
+        read straight into ``out``'s buffer when its memory order is the stored one, else
+        copied from the mapping."""
+        target = _flat_target(out, info)
+        if target is None or (self._map is not None and not self._owns_map):
+            src = self.as_array(info)
+            np.copyto(out, src, casting="no")
+            del src
+            return
+        if preadinto_all(self._file.fileno(), target, info.offset) != info.nbytes:
+            raise CorruptCheckpointError(f"{self.path}: region {info.id!r} is cut short (the file shrank "
+                                         "while being read)")
+
+    def read_verified(self, targets, algorithm, expected):
+        """Read the whole file once, in file order, hashing every byte as it arrives:
+        the bytes of region ``info`` go into ``targets[info.id]`` (an array of the region's
+        dtype, shape and memory order), the rest (header, padding, regions not asked for)
+        through a cache-sized buffer. Raises CorruptCheckpointError when the digest is not
+        ``expected``; the targets then hold unverified bytes."""
+        h = hasher(algorithm)
+        chunk = memoryview(bytearray(HASH_CHUNK))
+        fd, at = self._file.fileno(), 0
+        spans = sorted((r.offset, r.nbytes, _flat_target(targets[r.id], r) if r.id in targets else None)
+                       for r in self.regions if r.nbytes)
+        for offset, nbytes, target in spans + [(self.size, 0, None)]:
+            at = self._hash_through(fd, h, chunk, at, offset)
+            if target is not None:
+                view = memoryview(target)
+                for start in range(0, nbytes, HASH_CHUNK):
+                    piece = view[start:start + HASH_CHUNK]
+                    if preadinto_all(fd, piece, offset + start) != len(piece):
+                        raise CorruptCheckpointError(f"{self.path}: cut short while being read")
+                    h.update(piece)
+                at = offset + nbytes
+        if h.hexdigest() != expected:
+            raise CorruptCheckpointError(f"{self.path}: {algorithm} checksum mismatch found while reading "
+                                         "(the copy is corrupt)")
+
+    def _hash_through(self, fd, h, chunk, start, end):
+        """Feed bytes ``[start, end)`` of the file to ``h`` through ``chunk``; returns ``end``."""
+        while start < end:
+            piece = chunk[:min(len(chunk), end - start)]
+            if preadinto_all(fd, piece, start) != len(piece):
+                raise CorruptCheckpointError(f"{self.path}: cut short while being read")
+            h.update(piece)
+            start += len(piece)
+        return end
 
     def load_bytes(self, info):
         """The bytes of region ``info`` (a pickled object), as a read-only view."""
         return self.bytes_view(info)
 
     def close(self):
-        if getattr(self, "_map", None) is not None and self._owns_map:
+        if getattr(self, "_map", None) is not None and self._owns_map and not isinstance(self._map, bytes):
             try:
                 self._map.close()
             except BufferError:  # a caller still holds a view; the mapping goes with it
