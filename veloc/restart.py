@@ -21,6 +21,16 @@ from veloc.names import check_name, check_version
 from veloc.restart_reshape import ReshapeMixin
 
 log = logging.getLogger("veloc.restart")
+_INTERSECT = []
+
+
+def _intersect_op():
+    """Set intersection as an MPI reduction over pickled frozensets (lowercase
+    ``allreduce``); made on first use, so importing veloc does not start MPI."""
+    from mpi4py import MPI
+    if not _INTERSECT:
+        _INTERSECT.append(MPI.Op.Create(lambda a, b, *unused: a & b, commute=True))
+    return _INTERSECT[0]
 REGION_FILE_KINDS = ("regions", "compressed")   # a raw rank file, or its compressed form (read in place)
 
 
@@ -76,13 +86,14 @@ class RestartMixin(ReshapeMixin):
         if max_version is not None:
             max_version = check_version(max_version, error=RestartError)
         mine = self.host.available(name, max_version)
-        everyone = self.comm.allgather(set(mine))
-        common = set.intersection(*everyone)
-        if not common and any(everyone) and self.comm.Get_rank() == 0:
-            lacking = [r for r, versions in enumerate(everyone) if not versions]
-            log.warning("%s: no version is held by every rank (ranks holding none: %s; newest per rank: %s)",
-                        name, lacking[:16] or "none",
-                        [max(v) if v else None for v in everyone][:16])
+        # a reduction, not an allgather: O(versions) bytes per rank whatever the job size
+        common = self.comm.allreduce(frozenset(mine), op=_intersect_op())
+        if not common and not self.host.all_true(not mine):     # some rank holds a version
+            newest = self.comm.gather(max(mine) if mine else None, root=0)    # diagnostics only
+            if self.comm.Get_rank() == 0:
+                lacking = [r for r, v in enumerate(newest) if v is None]
+                log.warning("%s: no version is held by every rank (ranks holding none: %s; newest per rank: %s)",
+                            name, lacking[:16] or "none", newest[:16])
         self._plans = {}
         for version in sorted(common, reverse=True):
             own, manifest, hashed = self._verify_own(name, version, mine[version], deep=deep)

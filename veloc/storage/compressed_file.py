@@ -36,7 +36,7 @@ from veloc.storage.codecs import get_codec
 from veloc.errors import ConfigError, CorruptCheckpointError
 from veloc.storage.fileio import atomic_file, pwrite_all
 from veloc.storage.hashing import digest_buffer, hasher, map_readonly
-from veloc.storage.rankfile import region_info
+from veloc.storage.rankfile import RegionReader, region_info
 
 MAGIC = b"VELOCCZ1"
 END_MAGIC = b"VELOCCZE"
@@ -205,7 +205,7 @@ def _decode_block(buf, block, out, codec_name, where):
         raise CorruptCheckpointError(f"{where}: block at byte {offset} has unknown encoding {how!r}")
 
 
-class CompressedReader:
+class CompressedReader(RegionReader):
     """Read-only view of a compressed rank file, validated on open (magic, header CRC,
     block bounds). The same reader interface as :class:`RankFile`: ``regions``,
     ``region(id)``, ``read_into(info, out)``, ``load_bytes(info)``, ``digest(alg)``,
@@ -261,13 +261,6 @@ class CompressedReader:
         if nbytes is not None and total != nbytes:
             raise CorruptCheckpointError(f"{self.path}: region {what} blocks hold {total} bytes, "
                                          f"{nbytes} expected")
-
-    def region(self, region_id):
-        """The :class:`RegionInfo` with id ``region_id`` or ``None``."""
-        for r in self.regions:
-            if r.id == region_id:
-                return r
-        return None
 
     def codec(self, info):
         """The region's codec name (``zfp`` for a lossy region) and its error bound or None."""
@@ -372,21 +365,6 @@ class CompressedReader:
             else:
                 put(entry["blocks"], entry["codec"], info.offset)
         return size
-
-    def close(self):
-        if getattr(self, "_map", None) is not None and not isinstance(self._map, bytes):
-            try:
-                self._map.close()
-            except BufferError:
-                pass
-        self._map = None
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def open_reader(path, kind="regions", workers=1):

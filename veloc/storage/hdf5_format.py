@@ -61,7 +61,7 @@ from veloc.storage.fileio import O_DIRECT, atomic_path, pwrite_all
 from veloc.storage.hashing import digest_buffer, hasher, map_readonly
 from veloc.storage.hdf5_filters import DEFAULT_CHUNK, dataset_filter_kwargs
 from veloc.storage.hdf5_global import GlobalFile, write_global    # the version file, re-exported here
-from veloc.storage.rankfile import RegionInfo, dtype_descr
+from veloc.storage.rankfile import RegionInfo, RegionReader, dtype_descr
 
 __all__ = ["GLOBAL_FILE", "GlobalFile", "Hdf5RankFile", "SUFFIX", "dataset_names", "rank_file_name",
            "require_h5py", "write_global", "write_rank_h5"]
@@ -273,7 +273,7 @@ def _info_from_attrs(path, dset, attrs, offset):
         raise CorruptCheckpointError(f"{path}: dataset {dset.name} lacks veloc attributes ({exc!r})") from None
 
 
-class Hdf5RankFile:
+class Hdf5RankFile(RegionReader):
     """Read-only view of one ``r<rank>.h5``, validated on open; the same calls as
     :class:`~veloc.storage.rankfile.RankFile` (``regions``, ``region``, ``bytes_view``,
     ``as_array``, ``read_into``, ``digest``, ``close``). Region bytes are read from a
@@ -370,12 +370,6 @@ class Hdf5RankFile:
                                          f"(region {info.id!r}): {exc}{hint}") from None
         return out
 
-    def region(self, region_id):
-        for r in self.regions:
-            if r.id == region_id:
-                return r
-        return None
-
     def digest(self, algorithm):
         return digest_buffer(self._map if self._map is not None else b"", algorithm)
 
@@ -399,25 +393,9 @@ class Hdf5RankFile:
             return
         np.copyto(out, self.as_array(info), casting="no")
 
-    def load_bytes(self, info):
-        """The bytes of region ``info`` (a pickled object), as a read-only view."""
-        return self.bytes_view(info)
-
     def close(self):
         if getattr(self, "_h5", None) is not None:
             self._h5.close()
             self._h5 = None
-        if getattr(self, "_map", None) is not None:
-            try:
-                self._map.close()
-            except BufferError:
-                pass
-            self._map = None
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        super().close()
 

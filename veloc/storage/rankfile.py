@@ -169,7 +169,44 @@ def _flat_target(out, info):
     return out.reshape(-1, order=info.order).view(np.uint8)
 
 
-class RankFile:
+class RegionReader:
+    """What every reader of a rank's regions shares (the native :class:`RankFile`, the
+    compressed and the HDF5 readers): lookup by id, closing the file and the mapping it
+    owns, and use as a context manager. Subclasses set ``regions``, ``_file`` and ``_map``
+    (``_owns_map`` False when the mapping belongs to someone else)."""
+
+    regions = ()
+    _map = None
+    _owns_map = True
+
+    def region(self, region_id):
+        """The :class:`RegionInfo` with id ``region_id`` or ``None``."""
+        for r in self.regions:
+            if r.id == region_id:
+                return r
+        return None
+
+    def load_bytes(self, info):
+        """The bytes of region ``info`` (a pickled object), as a read-only view."""
+        return self.bytes_view(info)
+
+    def close(self):
+        if self._map is not None and self._owns_map and not isinstance(self._map, bytes):
+            try:
+                self._map.close()
+            except BufferError:  # a caller still holds a view; the mapping goes with it
+                pass
+        self._map = None
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RankFile(RegionReader):
     """Read-only view of a rank file, validated on open (magic, header CRC, bounds).
 
     Region reads (:meth:`read_into`) go straight from the file into the caller's array
@@ -237,13 +274,6 @@ class RankFile:
                     f"{self.path}: region {r.id!r} [{r.offset}, +{r.nbytes}) lies outside the file "
                     f"({self.size} bytes): the file is truncated")
         return meta, regions
-
-    def region(self, region_id):
-        """The :class:`RegionInfo` with id ``region_id`` or ``None``."""
-        for r in self.regions:
-            if r.id == region_id:
-                return r
-        return None
 
     def digest(self, algorithm):
         """Hex digest of the whole file, from the mapping."""
@@ -316,22 +346,3 @@ class RankFile:
             h.update(piece)
             start += len(piece)
         return end
-
-    def load_bytes(self, info):
-        """The bytes of region ``info`` (a pickled object), as a read-only view."""
-        return self.bytes_view(info)
-
-    def close(self):
-        if getattr(self, "_map", None) is not None and self._owns_map and not isinstance(self._map, bytes):
-            try:
-                self._map.close()
-            except BufferError:  # a caller still holds a view; the mapping goes with it
-                pass
-        self._map = None
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
