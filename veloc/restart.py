@@ -192,11 +192,15 @@ class RestartMixin(ReshapeMixin):
                                + f". Use restart_test({name!r}) to find a version every rank can restore")
         store = self._level_store(level)
         in_place = level == "persistent" and self._regions_only(store, name, version, planned)
-        # Collective in sync mode, so every rank takes part; a rank reading a persistent
-        # copy in place asks for nothing: bringing it back to scratch first would allocate
+        # A rank reading its copy where it is (scratch, or a persistent copy in place) asks
+        # for nothing: bringing a persistent copy back to scratch first would allocate
         # fresh tmpfs pages, the slowest step of a restart (the next checkpoint refills
-        # scratch anyway).
-        self.host.restore(name, version, None if in_place else level)
+        # scratch anyway). The engine is asked only when some rank needs a copy brought
+        # back; then every rank takes part (collective in sync mode, partner and erasure
+        # restores are collective between the nodes).
+        bring = None if in_place else level
+        if not self.host.all_true(bring in (None, "scratch")):
+            self.host.restore(name, version, bring)     # every node's engine takes part
         if in_place:
             log.info("rank %d: reading %s v%d in place from %s", self.rank, name, version, store.root)
         else:
