@@ -111,3 +111,16 @@ def kill_job_backends(cfg, env):
             os.kill(status["pid"], signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.fixture
+def node_cfg(dirs):
+    """A config mapping: scratch per node (``{node}``), one persistent folder."""
+    return {"scratch": str(dirs["scratch"] / "{node}"), "persistent": str(dirs["persistent"])}
+
+
+def rank0_file(dirs, name, version, level):
+    """Rank 0's ``.vck`` of ``version`` at ``level`` (scratch: the one node folder) for a
+    :func:`node_cfg` job."""
+    root = dirs["persistent"] if level == "persistent" else next(dirs["scratch"].iterdir())
+    return root / name / f"v{version}" / "r0.vck"

@@ -6,17 +6,15 @@ import pytest
 
 import veloc
 from veloc.engine.pipeline import Engine
-from conftest import flip_bytes
+from conftest import flip_bytes, rank0_file
 
 
 @pytest.fixture
-def cfg(dirs):
-    return {"scratch": str(dirs["scratch"] / "{node}"), "persistent": str(dirs["persistent"])}
+def cfg(node_cfg):
+    return node_cfg
 
 
-def _vck(dirs, name, version, level):
-    root = dirs["persistent"] if level == "persistent" else next(dirs["scratch"].iterdir())
-    return root / name / f"v{version}" / "r0.vck"
+_vck = rank0_file
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import veloc
-from conftest import flip_bytes
+from conftest import flip_bytes, rank0_file
 from veloc.storage.hashing import digest_file
 from veloc.storage.rankfile import RankFile, build_header, write_rank_file
 from veloc.errors import CorruptCheckpointError, RestartError
@@ -64,13 +64,11 @@ def test_read_into_goes_straight_into_the_array_or_through_the_mapping(tmp_path)
 
 
 @pytest.fixture
-def cfg(dirs):
-    return {"scratch": str(dirs["scratch"] / "{node}"), "persistent": str(dirs["persistent"])}
+def cfg(node_cfg):
+    return node_cfg
 
 
-def _vck(dirs, name, version, level):
-    root = dirs["persistent"] if level == "persistent" else next(dirs["scratch"].iterdir())
-    return root / name / f"v{version}" / "r0.vck"
+_vck = rank0_file
 
 
 @pytest.fixture
