@@ -78,7 +78,7 @@ class RankFileReader:
         self.path = path
         self._mapping = _lazy_mapping(path) if path.suffix == ".vck" else None
         try:
-            self._file = RankFile(path, mapping=self._mapping) if self._mapping is not None else open_rank_file(path)
+            self._file = RankFile(path, mapped=self._mapping) if self._mapping is not None else open_rank_file(path)
         except BaseException:
             self._close_mapping()
             raise

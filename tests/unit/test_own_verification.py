@@ -10,14 +10,6 @@ from conftest import flip_bytes, rank0_file
 
 
 @pytest.fixture
-def cfg(node_cfg):
-    return node_cfg
-
-
-_vck = rank0_file
-
-
-@pytest.fixture
 def engine_checks(monkeypatch):
     """The ranks the engine is asked to verify, per call that asks for any (the engine
     is called with no rank too: its collective modules need every node)."""
@@ -32,9 +24,9 @@ def engine_checks(monkeypatch):
     return calls
 
 
-def test_an_intact_scratch_copy_is_checked_by_the_rank_not_the_engine(cfg, engine_checks):
+def test_an_intact_scratch_copy_is_checked_by_the_rank_not_the_engine(node_cfg, engine_checks):
     a = np.arange(5000.0)
-    with veloc.init_single(0, cfg) as c:
+    with veloc.init_single(0, node_cfg) as c:
         c.protect("a", a)
         c.checkpoint("h", 1)
         a[:] = -1
@@ -44,12 +36,12 @@ def test_an_intact_scratch_copy_is_checked_by_the_rank_not_the_engine(cfg, engin
     assert engine_checks == []
 
 
-def test_a_corrupt_scratch_copy_is_read_from_persistent_checked_by_the_rank(cfg, dirs, engine_checks):
+def test_a_corrupt_scratch_copy_is_read_from_persistent_checked_by_the_rank(node_cfg, dirs, engine_checks):
     a = np.arange(5000.0)
-    with veloc.init_single(0, cfg) as c:
+    with veloc.init_single(0, node_cfg) as c:
         c.protect("a", a)
         c.checkpoint("h", 1)
-        flip_bytes(_vck(dirs, "h", 1, "scratch"))
+        flip_bytes(rank0_file(dirs, "h", 1, "scratch"))
         a[:] = -1
         assert c.restart_test("h") == 1
         c.restart("h", 1)
@@ -57,15 +49,15 @@ def test_a_corrupt_scratch_copy_is_read_from_persistent_checked_by_the_rank(cfg,
     assert engine_checks == []
 
 
-def test_no_intact_copy_asks_the_engine_and_falls_back_to_an_older_version(cfg, dirs, engine_checks):
+def test_no_intact_copy_asks_the_engine_and_falls_back_to_an_older_version(node_cfg, dirs, engine_checks):
     a = np.arange(5000.0)
-    with veloc.init_single(0, cfg) as c:
+    with veloc.init_single(0, node_cfg) as c:
         c.protect("a", a)
         c.checkpoint("h", 1)
         a += 1
         c.checkpoint("h", 2)
         for level in ("scratch", "persistent"):
-            flip_bytes(_vck(dirs, "h", 2, level))
+            flip_bytes(rank0_file(dirs, "h", 2, level))
         a[:] = -1
         assert c.restart_test("h") == 1
         assert (a == -1).all()                    # nothing restored by the agreement
@@ -74,15 +66,15 @@ def test_no_intact_copy_asks_the_engine_and_falls_back_to_an_older_version(cfg, 
     assert engine_checks == [[0]]                 # v2: the engine says why; v1: the rank's own check
 
 
-def test_a_copy_changed_after_the_check_is_found_on_read_and_replaced(cfg, dirs):
+def test_a_copy_changed_after_the_check_is_found_on_read_and_replaced(node_cfg, dirs):
     """The read hashes the changed copy as it fills the array, finds it corrupt, and every
     rank checks its copies again: the array ends up holding the persistent copy."""
     a = np.arange(5000.0)
-    with veloc.init_single(0, cfg) as c:
+    with veloc.init_single(0, node_cfg) as c:
         c.protect("a", a)
         c.checkpoint("h", 1)
         assert c.restart_test("h") == 1
-        flip_bytes(_vck(dirs, "h", 1, "scratch"))
+        flip_bytes(rank0_file(dirs, "h", 1, "scratch"))
         a[:] = -1
         c.restart("h", 1)
         assert c.last_restart.level == "persistent" and np.array_equal(a, np.arange(5000.0))
@@ -96,7 +88,7 @@ def test_a_copy_changed_after_the_check_with_no_other_copy_names_the_version_lef
         a += 1
         c.checkpoint("h", 2)
         assert c.restart_test("h") == 2
-        flip_bytes(_vck(dirs, "h", 2, "scratch"))
+        flip_bytes(rank0_file(dirs, "h", 2, "scratch"))
         a[:] = -1
         with pytest.raises(veloc.RestartError, match="mismatch.*no other intact copy of v2.*is now 1"):
             c.restart("h", 2)

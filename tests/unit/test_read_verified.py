@@ -64,14 +64,6 @@ def test_read_into_goes_straight_into_the_array_or_through_the_mapping(tmp_path)
 
 
 @pytest.fixture
-def cfg(node_cfg):
-    return node_cfg
-
-
-_vck = rank0_file
-
-
-@pytest.fixture
 def streamed(monkeypatch):
     calls = []
     real = RankFile.read_verified
@@ -79,29 +71,29 @@ def streamed(monkeypatch):
     return calls
 
 
-def test_verify_on_read_reads_the_copy_once(cfg, dirs, streamed, monkeypatch):
+def test_verify_on_read_reads_the_copy_once(node_cfg, dirs, streamed, monkeypatch):
     import veloc.storage.manifest
     hashed = []
     real = veloc.storage.manifest.digest_file
     monkeypatch.setattr(veloc.storage.manifest, "digest_file", lambda p, alg: hashed.append(p) or real(p, alg))
     a = np.arange(50000.0)
-    with veloc.init_single(0, cfg) as c:
+    with veloc.init_single(0, node_cfg) as c:
         c.protect("a", a)
         c.checkpoint("h", 1)
         a[:] = -1
         c.verify_on_read = True
         assert c.restart_test("h") == 1 and hashed == [] and (a == -1).all()
         c.restart("h", 1)
-        assert streamed == [_vck(dirs, "h", 1, "scratch")] and hashed == []
+        assert streamed == [rank0_file(dirs, "h", 1, "scratch")] and hashed == []
         assert c.last_restart.level == "scratch" and np.array_equal(a, np.arange(50000.0))
 
 
-def test_verify_on_read_replaces_a_corrupt_copy_by_the_persistent_one(cfg, dirs, streamed):
+def test_verify_on_read_replaces_a_corrupt_copy_by_the_persistent_one(node_cfg, dirs, streamed):
     a = np.arange(50000.0)
-    with veloc.init_single(0, cfg) as c:
+    with veloc.init_single(0, node_cfg) as c:
         c.protect("a", a)
         c.checkpoint("h", 1)
-        flip_bytes(_vck(dirs, "h", 1, "scratch"))
+        flip_bytes(rank0_file(dirs, "h", 1, "scratch"))
         a[:] = -1
         c.verify_on_read = True
         assert c.restart_test("h") == 1
@@ -110,15 +102,15 @@ def test_verify_on_read_replaces_a_corrupt_copy_by_the_persistent_one(cfg, dirs,
         assert c.last_restart.level == "persistent" and np.array_equal(a, np.arange(50000.0))
 
 
-def test_verify_on_read_with_no_intact_copy_left_names_the_older_version(cfg, dirs):
+def test_verify_on_read_with_no_intact_copy_left_names_the_older_version(node_cfg, dirs):
     a = np.arange(50000.0)
-    with veloc.init_single(0, cfg) as c:
+    with veloc.init_single(0, node_cfg) as c:
         c.protect("a", a)
         c.checkpoint("h", 1)
         a += 1
         c.checkpoint("h", 2)
         for level in ("scratch", "persistent"):
-            flip_bytes(_vck(dirs, "h", 2, level))
+            flip_bytes(rank0_file(dirs, "h", 2, level))
         a[:] = -1
         c.verify_on_read = True
         assert c.restart_test("h") == 2           # all but the digest is intact
@@ -144,7 +136,7 @@ def test_a_pickled_object_is_only_unpickled_from_checked_bytes(dirs, streamed):
         state["step"] = 9
         a[:] = -1
         assert c.restart_test("h") == 1
-        flip_bytes(_vck(dirs, "h", 1, "scratch"))
+        flip_bytes(rank0_file(dirs, "h", 1, "scratch"))
         with pytest.raises(RestartError, match="mismatch on read"):
             c.restart("h", 1)
         assert state == {"step": 9} and (a == -1).all()     # checked first: nothing touched
@@ -156,7 +148,7 @@ def test_the_phases_check_the_whole_file_when_one_region_is_read(dirs):
         c.protect("a", a)
         c.protect("b", b)
         c.checkpoint("h", 1)
-        vck = _vck(dirs, "h", 1, "scratch")
+        vck = rank0_file(dirs, "h", 1, "scratch")
         with RankFile(vck) as f:
             offset = f.region("b").offset
         data = bytearray(vck.read_bytes())
@@ -200,21 +192,21 @@ def test_a_device_array_is_set_only_from_checked_bytes(dirs, streamed):
         assert len(streamed) == 1 and g.sets == 1 and np.array_equal(g.host, np.arange(40000, dtype=np.float32))
         g.host[:] = -1
         assert c.restart_test("h") == 1
-        flip_bytes(_vck(dirs, "h", 1, "scratch"))
+        flip_bytes(rank0_file(dirs, "h", 1, "scratch"))
         with pytest.raises(RestartError, match="mismatch found while reading"):
             c.restart("h", 1)
         assert g.sets == 1 and (g.host == -1).all()         # the staging copy was refused
 
 
-def test_verify_on_read_still_hashes_routed_files(cfg, dirs):
+def test_verify_on_read_still_hashes_routed_files(node_cfg, dirs):
     """A routed file is handed over by path, never read by restart: restart_test checks its
     digest even with verify_on_read, and a damaged one falls back to persistent."""
-    with veloc.init_single(0, cfg) as c:
+    with veloc.init_single(0, node_cfg) as c:
         c.checkpoint_begin("files", 1)
         with open(c.route_file("state.txt"), "w") as f:
             f.write("hello world, version one")
         c.checkpoint_end()
-        scratch_copy = next(p for p in _vck(dirs, "files", 1, "scratch").parent.iterdir() if "state" in p.name)
+        scratch_copy = next(p for p in rank0_file(dirs, "files", 1, "scratch").parent.iterdir() if "state" in p.name)
         scratch_copy.write_bytes(b"HELLO world, version one")       # same size, other bytes
         c.verify_on_read = True
         assert c.restart_test("files") == 1

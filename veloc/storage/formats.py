@@ -147,7 +147,7 @@ class Hdf5Writer(NativeWriter):
         path = sdir / entry.name
         compress = _compress_section(ctx)
         try:
-            with _source_map(path, cmd.mapped) as mapping, RankFile(path, mapping=mapping) as rankfile:
+            with _source_map(path, cmd.mapped) as mapping, RankFile(path, mapped=mapping) as rankfile:
                 if (rank not in cmd.fresh_digests and manifest.checksum and entry.digest
                         and rankfile.digest(manifest.checksum) != entry.digest):
                     raise CorruptCheckpointError(f"flush: {rankfile.path} does not match its manifest "

@@ -214,10 +214,9 @@ class RankFile(RegionReader):
     table) and then copying. A mapping is made only when a caller asks for views of the
     file (:meth:`bytes_view`, :meth:`as_array`, :meth:`head_view`, :meth:`digest`)."""
 
-    def __init__(self, path, mapped=None, mapping=None):
+    def __init__(self, path, mapped=None):
         """``mapped``: an existing read-only mapping of the whole file to read from (kept
         open by its owner, e.g. the pipeline run's ``MappedFiles``), instead of a new one."""
-        mapped = mapped if mapped is not None else mapping     # both names are in use
         self.path = path
         self._file = open(path, "rb")
         self._owns_map = mapped is None
