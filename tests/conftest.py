@@ -124,3 +124,16 @@ def rank0_file(dirs, name, version, level):
     :func:`node_cfg` job."""
     root = dirs["persistent"] if level == "persistent" else next(dirs["scratch"].iterdir())
     return root / name / f"v{version}" / "r0.vck"
+
+
+def write_vck(path, regions, name="t", version=1, rank=0):
+    """Write the ``veloc.regions.Region`` objects ``regions`` as a native rank file at
+    ``path`` (what a rank's local write produces), for reader tests."""
+    from veloc.storage.rankfile import build_header, write_rank_file
+    snaps = [r.snapshot() for r in regions]
+    header, infos, total = build_header(name, version, rank, [d for d, _ in snaps])
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        write_rank_file(fd, header, infos, [b for _, b in snaps], total)
+    finally:
+        os.close(fd)

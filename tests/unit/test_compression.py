@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 import veloc
-from conftest import flip_bytes
+from conftest import flip_bytes, write_vck
 from veloc.storage.codecs import Codec, codec_names, get_codec, register_codec
 from veloc.config import load_config
 from veloc.storage.compressed_file import CompressedReader, plan_codecs, write_compressed
 from veloc.storage.manifest import verify_files
-from veloc.storage.rankfile import RankFile, build_header, write_rank_file
+from veloc.storage.rankfile import RankFile
 from veloc.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from veloc.regions import Region
 
@@ -27,16 +27,6 @@ def sample(dtype, n, kind, seed=0):
         np.repeat(np.arange(n * np.dtype(dtype).itemsize // 64 + 1, dtype=np.uint8), 64)[:n * np.dtype(dtype).itemsize]
     out = raw.view(dtype) if n else np.zeros(0, dtype)
     return out.copy() if np.dtype(dtype) != np.bool_ else (out.view(np.uint8) & 1).astype(np.bool_)
-
-
-def write_vck(path, regions):
-    snaps = [r.snapshot() for r in regions]
-    header, infos, total = build_header("t", 1, 0, [d for d, _ in snaps])
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        write_rank_file(fd, header, infos, [b for _, b in snaps], total)
-    finally:
-        os.close(fd)
 
 
 def compress(tmp_path, regions, codec, block_size=4096):

@@ -1,30 +1,20 @@
 """protect(..., global_shape=, offset=, replicated=): checked on the protecting rank,
 stored in the rank file header, read back by RankFile (no MPI)."""
-import os
 import struct
 import zlib
 
 import numpy as np
 import pytest
 
-from veloc.storage.rankfile import RankFile, build_header, write_rank_file
+from veloc.storage.rankfile import RankFile
 from veloc.errors import CheckpointError, CorruptCheckpointError
 from veloc.regions import Region
-
-
-def _write(path, regions):
-    snaps = [r.snapshot() for r in regions]
-    header, infos, total = build_header("n", 1, 0, [d for d, _ in snaps])
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        write_rank_file(fd, header, infos, [v for _, v in snaps], total)
-    finally:
-        os.close(fd)
+from conftest import write_vck
 
 
 def test_layout_round_trips_through_the_header(tmp_path):
     grid = np.arange(12.0).reshape(3, 4)
-    _write(tmp_path / "r0.vck", [Region("grid", grid, global_shape=(9, 4), offset=(3, 0)),
+    write_vck(tmp_path / "r0.vck", [Region("grid", grid, global_shape=(9, 4), offset=(3, 0)),
                                  Region("it", np.zeros(1, np.int64), replicated=True),
                                  Region("meta", {"a": 1}, use_pickle=True, replicated=True),
                                  Region("own", np.ones(2))])
@@ -59,7 +49,7 @@ def test_a_pickled_region_cannot_be_a_slab():
 
 def test_a_header_claiming_a_slab_outside_its_global_shape_is_corrupt(tmp_path):
     path = tmp_path / "r0.vck"
-    _write(path, [Region("grid", np.zeros((3, 4)), global_shape=(9, 4), offset=(6, 0))])
+    write_vck(path, [Region("grid", np.zeros((3, 4)), global_shape=(9, 4), offset=(6, 0))])
     data = bytearray(path.read_bytes())
     at = data.index(b'"global_offset":[6,0]')
     data[at:at + len(b'"global_offset":[6,0]')] = b'"global_offset":[7,0]'
