@@ -111,7 +111,11 @@ def test_background_failure_reaches_checkpoint_wait(ajob):
     assert proc.returncode != 0
     errors = [line for line in proc.stdout.splitlines() if "ERROR" in line]
     assert errors, proc.stdout + proc.stderr
-    assert "BackendError" in errors[0] and "flush" in errors[0] and "v1" in errors[0]
+    # the rank that learns of it first raises the BackendError itself; when that is v2 on
+    # one rank (the other had a prepared scratch file), the others raise the agreement's
+    # CheckpointError naming it: every rank names v1, one raises BackendError about flush
+    assert all("v1" in line for line in errors), errors
+    assert any("BackendError" in line and "flush" in line and "v1" in line for line in errors), errors
 
 
 def test_launcher_virtual_nodes_exit_code_and_drain(ajob):
