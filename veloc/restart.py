@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Union
 from veloc.storage.formats import open_rank_file
 from veloc.storage.hashing import digest_file
 from veloc.storage.levels import LEVEL_ORDER, LevelStore
-from veloc.storage.manifest import verify_files
+from veloc.storage.manifest import unchanged_since_hashed, verify_files
 from veloc.storage.rankfile import RankFile
 from veloc.errors import CorruptCheckpointError, RestartError, VelocError
 from veloc.names import check_name, check_version
@@ -59,6 +59,10 @@ class CorruptOnReadError(CorruptCheckpointError):
 
 class RestartMixin(ReshapeMixin):
     """``restart_test``, ``restart`` and the restart phases.
+
+    By default ``restart_test`` hashes a rank's own copy only when the file changed since
+    its digest was computed (a write, truncation or replacement changes its recorded
+    fingerprint); an untouched copy is read and hashed in one pass by ``restart``.
 
     ``verify_on_read`` (default False): when True, ``restart_test`` checks a rank's own
     scratch or persistent copy for everything but its digest (sizes, header, job size)
@@ -236,7 +240,10 @@ class RestartMixin(ReshapeMixin):
         copy here is intact (the engine then checks every level and says why).
         Returns ``(level, its manifest, whether its digests were checked)``, the manifest
         read once. ``deep=False``: all but the rank file's digest (sizes, header, job size),
-        which the read then checks."""
+        which the read then checks. ``deep=True`` hashes a rank file only when it changed
+        since the checksum module hashed it (its recorded fingerprint: device, inode,
+        size, mtime, ctime): an untouched file's digest is checked by the read, in the
+        same pass, and a mismatch there falls back to the version's next intact copy."""
         for level in LEVEL_ORDER:
             if level not in levels:
                 continue
@@ -252,8 +259,10 @@ class RestartMixin(ReshapeMixin):
                               f"this job has {self.size}")
                 else:
                     # routed files are handed over by path, never read by restart: hashed here
-                    whole = deep or any(f.kind != "regions" for f in manifest.files)
-                    verify_files(manifest, store.version_dir(name, version), deep=whole)
+                    vdir = store.version_dir(name, version)
+                    whole = (deep and not unchanged_since_hashed(manifest, vdir)) \
+                        or any(f.kind != "regions" for f in manifest.files)
+                    verify_files(manifest, vdir, deep=whole)
                     return level, manifest, whole
             except CorruptCheckpointError as exc:
                 reason = str(exc)

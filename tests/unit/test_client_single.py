@@ -323,32 +323,35 @@ def test_checkpoint_waits_for_the_previous_version_only_without_a_recycled_file(
         c.host = real_host
 
 
-def test_restart_hashes_once_unless_the_copy_changed_after_restart_test(cfg, dirs, monkeypatch):
-    """restart_test verifies the copy; restart reads it without hashing it again, unless
-    the scratch file was rewritten in between: then the read hashes it as it reads it
-    (one pass), finds it corrupt, and refills the array from the persistent copy."""
-    import veloc.restart
+def test_restart_reads_and_hashes_an_unchanged_copy_in_one_pass(cfg, dirs, monkeypatch):
+    """restart_test hashes no scratch file that is unchanged since the checksum module
+    hashed it (its fingerprint matches); restart then checks the digest while reading
+    (one pass). A file rewritten after that hash is hashed in full by restart_test, which
+    then picks the next intact copy; a file rewritten after restart_test is caught by the
+    read, which refills the array from the persistent copy."""
+    import veloc.storage.manifest
     from veloc.storage.rankfile import RankFile
-    calls, streamed = [], []
-    real_digest, real_stream = veloc.restart.digest_file, RankFile.read_verified
-    monkeypatch.setattr(veloc.restart, "digest_file", lambda path, alg: calls.append(path) or real_digest(path, alg))
+    hashed, streamed = [], []
+    real_digest, real_stream = veloc.storage.manifest.digest_file, RankFile.read_verified
+    monkeypatch.setattr(veloc.storage.manifest, "digest_file",
+                        lambda path, alg: hashed.append(path) or real_digest(path, alg))
     monkeypatch.setattr(RankFile, "read_verified",
                         lambda self, *a: streamed.append(self.path) or real_stream(self, *a))
     a = np.arange(4096.0)
     with veloc.init_single(0, cfg) as c:
         c.protect("a", a)
         c.checkpoint("h", 1)
-        a[:] = 0
-        assert c.restart_test("h") == 1
-        c.restart("h", 1)
-        assert np.array_equal(a, np.arange(4096.0)) and calls == [] and streamed == []
-        a[:] = 0
-        c.restart("h", 1)                      # the same plan, the copy unchanged: no hash
-        assert np.array_equal(a, np.arange(4096.0)) and calls == [] and streamed == []
-        assert c.restart_test("h") == 1
-        a[:] = 0
+        c.checkpoint("h", 2)
         path = vck(dirs, "h", 1)
-        flip_bytes(path)                       # rewritten after restart_test's verification
+        a[:] = 0
+        assert c.restart_test("h") == 2 and hashed == []
+        c.restart("h", 2)
+        assert np.array_equal(a, np.arange(4096.0)) and streamed == [vck(dirs, "h", 2)]
+        flip_bytes(vck(dirs, "h", 2))          # rewritten after the checksum: restart_test hashes it
+        assert c.restart_test("h") == 2 and hashed      # from persistent, hashed there
+        assert c.restart_test("h", 1) == 1
+        flip_bytes(path)                       # rewritten after restart_test
+        a[:] = 0
         c.restart("h", 1)
-        assert streamed[-1] == path and calls == []
+        assert streamed[-1] == path
         assert c.last_restart.level == "persistent" and np.array_equal(a, np.arange(4096.0))

@@ -7,6 +7,7 @@ and undo them. Written by the application rank (scratch copy) and by the engine 
 levels); read by whoever restarts or inspects.
 """
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -24,6 +25,7 @@ class FileEntry:
     kind: str = "regions"       # "regions" (a .vck rank file), "compressed" (.vcz) or "routed"
     original: str = None        # base name the application asked for (routed files)
     digest: str = None          # hex digest, filled in by the checksum module
+    fingerprint: list = None    # [device, inode, size, mtime_ns, ctime_ns] of the file when hashed
 
 
 @dataclass
@@ -60,7 +62,7 @@ class Manifest:
     def copy_for(self, level, node=None):
         """The same content described for another level (files and digests unchanged)."""
         data = asdict(self)
-        data["files"] = [FileEntry(**f) for f in data["files"]]
+        data["files"] = [FileEntry(**{**f, "fingerprint": None}) for f in data["files"]]   # another file
         data["level"] = level
         data["node"] = node or self.node
         data["modules"] = list(self.modules)
@@ -75,6 +77,31 @@ class Manifest:
             if f.kind == kind and (original is None or f.original == original):
                 return f
         return None
+
+
+def file_fingerprint(stat_result):
+    """What identifies one state of a file: any write through the file system changes its
+    ctime (which no user can set back), a replacement changes its inode."""
+    st = stat_result
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def unchanged_since_hashed(manifest, directory):
+    """True when every file of ``manifest`` in ``directory`` is, by its fingerprint, the
+    very file whose digest the checksum module computed (no write, truncation or
+    replacement since). Used by ``restart_test``: such a copy needs no second hash before
+    the read, which checks the digest as the bytes land in the arrays."""
+    if not manifest.checksum:
+        return False
+    for entry in manifest.files:
+        if entry.fingerprint is None or entry.digest is None:
+            return False
+        try:
+            if file_fingerprint(os.stat(directory / entry.name)) != list(entry.fingerprint):
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def verify_files(manifest, directory, deep=True):

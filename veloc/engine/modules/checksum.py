@@ -2,9 +2,14 @@
 
 Runs in the node's engine (sync leader or backend) right after the application ranks
 committed their scratch copies; it re-commits each rank's scratch manifest with the
-digests, which every later copy carries and every read verifies.
+digests, which every later copy carries and every read verifies, and with each file's
+fingerprint (device, inode, size, mtime, ctime) when hashed, so that ``restart_test``
+can tell an untouched scratch file from a modified one without hashing it again.
 """
+import os
+
 from veloc.storage.hashing import digest_file
+from veloc.storage.manifest import file_fingerprint
 from veloc.engine.module import Module
 from veloc.config_keys import Key, choice, module_keys
 from veloc.faults import fault_point
@@ -32,7 +37,12 @@ class ChecksumModule(Module):
             return
         vdir = store.version_dir(cmd.name, cmd.version)
         for entry in manifest.files:
-            entry.digest = digest_file(vdir / entry.name, self.algorithm, mapped_files=cmd.mapped)
+            path = vdir / entry.name
+            before = file_fingerprint(os.stat(path))
+            entry.digest = digest_file(path, self.algorithm, mapped_files=cmd.mapped)
+            # the file's identity when hashed: restart trusts the digest of an unchanged file
+            # until the read checks it, instead of hashing the whole file a second time
+            entry.fingerprint = before if file_fingerprint(os.stat(path)) == before else None
         manifest.checksum = self.algorithm
         manifest.record_module(self.name, algorithm=self.algorithm)
         fault_point("checksum")
