@@ -14,7 +14,9 @@ from veloc.storage.debris import claim_rank_scratch
 from veloc.storage.fileio import FILE_MODE, fsync_dir, make_dirs
 from veloc.storage.levels import RecyclePool
 from veloc.storage.local_write import LocalWriter, predicted_size
-from veloc.storage.manifest import FileEntry, Manifest
+from veloc.engine.modules.checksum import ChecksumModule
+from veloc.storage.hashing import hasher
+from veloc.storage.manifest import FileEntry, Manifest, file_fingerprint
 from veloc.storage.rankfile import build_header
 from veloc.errors import BackendError, CheckpointError, ConfigError, VelocError
 from veloc.faults import fault_point
@@ -76,6 +78,8 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
         self.pool = RecyclePool(self.config.scratch_dir(self.node, self.rank))
         self._claim = claim_rank_scratch(self.scratch, self.rank, self.pool, None if single else self.size, log)
         self.writer = LocalWriter(self.scratch, self.rank, self.pool, self.config.scratch_versions)
+        # the rank file's digest is computed while it is written ([checksum] at_write)
+        self.write_checksum = ChecksumModule.write_algorithm(self.config)
         self.host = self._make_host()
 
     # -- setup ----------------------------------------------------------------------
@@ -237,12 +241,15 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
         """Write ``(descriptor, buffer)`` pairs to this rank's scratch file of ``pending``."""
         header, infos, total = build_header(pending.name, pending.version, self.rank, [d for d, _ in snaps])
         final = pending.vdir / self.scratch.regions_file_name(self.rank)
+        digest = hasher(self.write_checksum) if self.write_checksum else None
         try:
-            self.writer.write(pending.name, final, header, infos, [v for _, v in snaps], total)
+            self.writer.write(pending.name, final, header, infos, [v for _, v in snaps], total, digest)
+            fingerprint = file_fingerprint(os.stat(final)) if digest is not None else None
         except OSError as exc:
             raise CheckpointError(f"rank {self.rank}: cannot write {final} ({total} bytes): {exc.strerror}; "
                                   "earlier versions are untouched") from exc
-        pending.files.append(FileEntry(final.name, total, "regions"))
+        pending.files.append(FileEntry(final.name, total, "regions", digest=digest and digest.hexdigest(),
+                                       fingerprint=fingerprint))
         pending.mem_written = True
 
     def route_file(self, original: Union[str, os.PathLike]) -> str:
@@ -320,7 +327,8 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
                                   "call checkpoint_mem or write a routed file first")
         fsync_dir(pending.vdir)
         manifest = Manifest(pending.name, pending.version, self.rank, self.size, self.node, "scratch",
-                            files=pending.files)
+                            files=pending.files,
+                            checksum=self.write_checksum if any(f.digest for f in pending.files) else None)
         fault_point("manifest_commit")
         self.scratch.commit_manifest(manifest)
 

@@ -79,10 +79,11 @@ class LocalWriter:
 
     # -- the write ----------------------------------------------------------------------
     def write(self, name: str, final: Path, header: bytes, infos: Sequence, views: Sequence,
-              total: int) -> None:
+              total: int, digest=None) -> None:
         """Write header and region ``views`` (laid out by ``build_header``: ``infos``,
         ``total``) to ``final`` through a temporary file, fsync it and rename it; then
-        prepare the next checkpoint's file if the rotation needs one. Raises OSError
+        prepare the next checkpoint's file if the rotation needs one. ``digest``: a
+        streaming hasher fed every byte of the file as it is written. Raises OSError
         (ENOSPC, EIO, ...) after removing the temporary file."""
         self._written = True
         self._cancel.set()            # a preparation not begun yet is not worth waiting for
@@ -105,7 +106,7 @@ class LocalWriter:
                         mapped = self.mappings.get(fd, total)
                     elif recycled is not None:
                         self.mappings.forget(fd)
-                    write_rank_file(fd, header, infos, views, total, mapped)
+                    write_rank_file(fd, header, infos, views, total, mapped, digest)
                     mapped = None
                 fault_point("local_write")
                 os.fsync(fd)

@@ -136,14 +136,72 @@ def build_header(name, version, rank, regions):
     return header, infos, max(total, len(header))
 
 
-def write_rank_file(fd, header, infos, views, total, mapped=None):
+def write_rank_file(fd, header, infos, views, total, mapped=None, digest=None):
     """Write header and region buffers into the open file ``fd`` (opened read-write).
 
     ``mapped``: a shared writable mapping of the whole file, exactly ``total`` bytes, of
     recycled (already allocated) scratch space; the buffers are copied into it (about
     twice as fast as ``pwrite`` on tmpfs). Otherwise ``pwrite`` each buffer. The file
     ends up exactly ``total`` bytes.
+
+    ``digest``: a streaming hasher (``update``) fed every byte of the file in order while
+    it is written, each chunk while it is still in the CPU cache (the alignment gaps
+    between regions are zeroed so that the file holds exactly what was hashed): the
+    application rank's checksum, about a fifth of the copy's time instead of a separate
+    pass over the file by the engine.
     """
+    if digest is None:
+        _write_plain(fd, header, infos, views, total, mapped)
+        return
+    put = _MappedSink(mapped) if mapped is not None else _PwriteSink(fd)
+    try:
+        _write_hashed(put, header, infos, views, total, digest)
+    finally:
+        del put       # no view of the mapping outlives the write (the mapping is closed later)
+    if mapped is None:
+        os.ftruncate(fd, total)
+
+
+def _write_hashed(put, header, infos, views, total, digest):
+    put(header, 0, digest)
+    at = len(header)
+    for info, view in zip(infos, views):
+        if not info.nbytes:
+            continue
+        if info.offset > at:
+            put(bytes(info.offset - at), at, digest)
+        source = memoryview(view).cast("B")
+        for start in range(0, info.nbytes, HASH_CHUNK):
+            put(source[start:start + HASH_CHUNK], info.offset + start, digest)
+        at = info.offset + info.nbytes
+    if total > at:
+        put(bytes(total - at), at, digest)
+
+
+class _MappedSink:
+    """Copies a chunk into the file's mapping, then hashes the copy (still in cache)."""
+
+    def __init__(self, mapped):
+        self.target = np.frombuffer(mapped, np.uint8)
+
+    def __call__(self, chunk, offset, digest):
+        dst = self.target[offset:offset + len(chunk)]
+        np.copyto(dst, np.frombuffer(chunk, np.uint8))
+        digest.update(dst)
+
+
+class _PwriteSink:
+    """``pwrite``s a chunk, then hashes the source (just read by the kernel: in cache)."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def __call__(self, chunk, offset, digest):
+        pwrite_all(self.fd, chunk, offset)
+        digest.update(chunk)
+
+
+def _write_plain(fd, header, infos, views, total, mapped):
     if mapped is not None:
         mapped[:len(header)] = header
         for info, view in zip(infos, views):

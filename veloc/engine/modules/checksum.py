@@ -5,19 +5,38 @@ committed their scratch copies; it re-commits each rank's scratch manifest with 
 digests, which every later copy carries and every read verifies, and with each file's
 fingerprint (device, inode, size, mtime, ctime) when hashed, so that ``restart_test``
 can tell an untouched scratch file from a modified one without hashing it again.
+
+With ``at_write`` (default), each application rank hashes its rank file while writing
+it, chunk by chunk while the bytes are in the CPU cache (``veloc.storage.rankfile``),
+and records digest and fingerprint in its scratch manifest; this module then hashes only
+what the rank did not (routed files), so the engine makes no pass over the rank files:
+on a node whose cores all run ranks, that pass took CPU time and memory bandwidth from
+them, about three times what the fused hash adds to the local write.
 """
 import os
 
 from veloc.storage.hashing import digest_file
 from veloc.storage.manifest import file_fingerprint
 from veloc.engine.module import Module
-from veloc.config_keys import Key, choice, module_keys
+from veloc.config_keys import Key, boolean, choice, module_keys
 from veloc.faults import fault_point
 
 
 class ChecksumModule(Module):
     name = "checksum"
-    config_keys = module_keys(10, algorithm=Key(choice("xxh3_128", "xxh3_64"), "xxh3_128"))
+    config_keys = module_keys(10, algorithm=Key(choice("xxh3_128", "xxh3_64"), "xxh3_128"),
+                              at_write=Key(boolean, True))
+
+    @staticmethod
+    def write_algorithm(config):
+        """The algorithm with which an application rank hashes its rank file while writing
+        it (``[checksum] at_write``, default on, and the module enabled), else ``None``.
+        Called by each application rank once, at ``init``."""
+        section = config.section("checksum") if "checksum" in config.sections else {}
+        enabled = section.get("enabled")
+        if not (config.chksum if enabled is None else enabled) or not section.get("at_write", True):
+            return None
+        return section.get("algorithm", "xxh3_128")
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -36,7 +55,10 @@ class ChecksumModule(Module):
         if manifest is None:
             return
         vdir = store.version_dir(cmd.name, cmd.version)
+        hashed_at_write = manifest.checksum == self.algorithm
         for entry in manifest.files:
+            if hashed_at_write and entry.digest:
+                continue      # the rank hashed it while writing it: no second pass over it
             path = vdir / entry.name
             before = file_fingerprint(os.stat(path))
             entry.digest = digest_file(path, self.algorithm, mapped_files=cmd.mapped)
