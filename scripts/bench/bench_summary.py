@@ -186,7 +186,7 @@ def plots(doc, out):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return ["matplotlib is not installed: plots skipped (pip install matplotlib, then "
+        return ["matplotlib is not installed: plots skipped (pip install 'veloc[bench]', then "
                 f"run_all.py --replot --out {out})"]
     messages = []
     benches = doc.get("benchmarks", {})

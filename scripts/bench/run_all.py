@@ -18,7 +18,7 @@ otherwise), with its output kept in ``<out>/<name>.log`` and its raw figures in
 - ``<out>/blocking_vs_size.png`` (blocking time of ``checkpoint()`` per size, sync and
   async, against ``np.copyto``) and ``<out>/overhead_per_config.png`` (loop-time
   overhead of the heat and training loops per configuration), when matplotlib is
-  installed; without it the plots are skipped with a message (``pip install matplotlib``).
+  installed; without it the plots are skipped with a message (``pip install 'veloc[bench]'``).
 
 ``--readme FILE`` replaces the block between ``<!-- run_all:begin -->`` and
 ``<!-- run_all:end -->`` in FILE with that table, so the README's figures are generated,
