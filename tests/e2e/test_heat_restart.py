@@ -12,7 +12,8 @@ node or a bad disk would, restarts the job, and checks
 * that the final grid equals the one of an uninterrupted run bit for bit.
 
 On-disk layout relied on (docs/ARCHITECTURE.md): ``{scratch}/{name}/v{version}/r{rank}.vck``
-plus ``r{rank}.manifest.json`` next to it, and the same below ``{persistent}``.
+plus ``r{rank}.manifest.json`` next to it; below ``{persistent}`` the rank files and one
+``n<first>-<last>.commit.json`` record per node and version.
 """
 import re
 import shutil

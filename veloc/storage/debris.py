@@ -20,7 +20,8 @@ Who collects what, and why that never touches a copy a live process is writing:
   at its rename, never commits a torn file).
 - **A rank's own scratch files, at init** (``Client.__init__``, every application rank,
   before its first write, holding its :class:`RankClaim`): its uncommitted rank files
-  (``r<rank>.*`` with no ``r<rank>.manifest.json`` next to them), its recycle-pool files
+  (``r<rank>.*`` with no ``r<rank>.manifest.json`` next to them; on persistent: that
+  no node commit record ``n<first>-<last>.commit.json`` lists), its recycle-pool files
   beyond the pool's size and unclaimed pool files of rank numbers this job does not have
   (version folders stay: another process may just have created one to write into it).
   Only the rank itself writes ``r<rank>.*`` files of a version before their manifest is
@@ -57,6 +58,7 @@ from pathlib import Path
 from veloc.errors import CorruptCheckpointError, VelocError
 from veloc.storage.fileio import FILE_MODE, boot_tag, make_dirs, process_start
 from veloc.storage.levels import _MANIFEST, _VDIR, LevelStore
+from veloc.storage.node_records import RECORD
 from veloc.redundancy.striping import GroupStore
 from veloc.redundancy.transfer import node_scratch
 
@@ -149,16 +151,21 @@ def _version_dirs(root, name=None):
     return out
 
 
-def _sweep_rank_dir(vdir, ranks, tally, uncommitted=True):
+def _sweep_rank_dir(vdir, ranks, tally, uncommitted=True, store=None):
     """In one version folder: dead temporary files of ``ranks`` (all ranks when ``None``)
-    and, with ``uncommitted``, their rank files whose manifest is absent."""
+    and, with ``uncommitted``, their rank files that no manifest or commit record
+    commits (``store``: the folder's level store, for a shared level's records)."""
     entries = _entries(vdir)
-    committed = {int(m.group(1)) for m in map(_MANIFEST.fullmatch, (e.name for e in entries)) if m}
+    committed = (store.committed_in(Path(vdir)) if store is not None else
+                 {int(m.group(1)) for m in map(_MANIFEST.fullmatch, (e.name for e in entries)) if m})
     for e in entries:
         target = temp_target(e.name)
         if target is not None:
             owner = _RANK_FILE.fullmatch(target) or _MANIFEST.fullmatch(target)
-            if (ranks is None or (owner and int(owner.group(1)) in ranks)) and _dead_temp(e):
+            record = RECORD.fullmatch(target)
+            mine = ranks is None or (owner and int(owner.group(1)) in ranks) or (
+                record and any(int(record.group(1)) <= r <= int(record.group(2)) for r in ranks))
+            if mine and _dead_temp(e):
                 tally.remove(e.path)
             continue
         m = _RANK_FILE.fullmatch(e.name)
@@ -317,7 +324,7 @@ def _collect_engine(ctx, name, ranks, before, logger):
             if floor is not None and version < floor:
                 break
             old = below is not None and version < below
-            _sweep_rank_dir(vdir, owned, tally, uncommitted=old)
+            _sweep_rank_dir(vdir, owned, tally, uncommitted=old, store=store)
             if old:
                 tally.rmdir(vdir)
         if below is not None:
@@ -348,7 +355,7 @@ def newest_complete(store, name):
     """The newest version of ``name`` every rank of its job committed at ``store``, or None
     (reads version folders newest first and stops at the first complete one)."""
     for version, vdir in sorted(_version_dirs(store.root, name), reverse=True):
-        ranks = sorted(int(m.group(1)) for m in map(_MANIFEST.fullmatch, (e.name for e in _entries(vdir))) if m)
+        ranks = store.version_ranks(name, version)
         if not ranks:
             continue
         try:
