@@ -182,17 +182,15 @@ class Hdf5Writer(NativeWriter):
         target = vdir / GLOBAL_FILE
         if target.exists():
             return None
-        if len(store.version_ranks(cmd.name, cmd.version)) < cmd.nranks:
+        manifests, errors = store.version_manifests(cmd.name, cmd.version)
+        if errors:
+            ctx.log.warning("%s v%d: no %s written: %s", cmd.name, cmd.version, GLOBAL_FILE, errors[0])
             return None
+        if any(r not in manifests for r in range(cmd.nranks)):
+            return None               # not every rank's copy is committed (yet, or any more)
         ranks, tables = {}, {}
         for r in range(cmd.nranks):
-            try:
-                manifest = store.read_manifest(cmd.name, cmd.version, r)
-            except CorruptCheckpointError as exc:
-                ctx.log.warning("%s v%d: no %s written: %s", cmd.name, cmd.version, GLOBAL_FILE, exc)
-                return None
-            if manifest is None:      # removed meanwhile (a newer run superseded it)
-                return None
+            manifest = manifests[r]
             params = next((m["params"] for m in manifest.modules if m["module"] == "hdf5"), None)
             if params is not None and manifest.file("regions") is not None:
                 ranks[r] = vdir / manifest.file("regions").name

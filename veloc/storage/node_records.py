@@ -6,17 +6,19 @@ one shared metadata server, so the persistent level commits a node's copies toge
     <root>/<name>/v<version>/r<rank>.vck ...             each local rank's files
     <root>/<name>/v<version>/n<first>-<last>.commit.json  the node's commit record
 
-``<first>`` and ``<last>`` are the lowest and highest rank the record lists (rank numbers
-only: no node or user name becomes a path); the record holds the same per-rank
-:class:`~veloc.storage.manifest.Manifest` objects (files, sizes, digests, codecs) that a
-per-rank manifest would. The node's engine (the flush module) writes every local rank's
+A record commits exactly the ranks ``<first>`` to ``<last>`` (rank numbers only: no node or
+user name becomes a path), so which ranks a version holds is known from a listing of its
+folder, without reading any record; a node whose ranks are not contiguous (a round-robin
+placement) commits one record per run of consecutive ranks. The record holds the same
+per-rank :class:`~veloc.storage.manifest.Manifest` objects (files, sizes, digests, codecs)
+that a per-rank manifest would, and is refused when they are not exactly its name's ranks. The node's engine (the flush module) writes every local rank's
 files (:func:`veloc.storage.fileio.atomic_file` with ``staged=True``: under their final
 names when new, no rename and no directory sync each), then :meth:`SharedLevelStore.commit_record`
 syncs the directory once and commits the record (temp + fsync + rename + directory fsync).
 A rank's copy exists at the level once a committed record lists it: a crash before the
 record leaves the node's files uncommitted (debris, never read), and every file a record
 names was synced before the record was. Per version that is R rank files + N records
-(R ranks, N nodes) instead of 2 R files.
+(R ranks, N nodes, block placement) instead of 2 R files.
 
 Readers go through the same :class:`~veloc.storage.levels.LevelStore` calls as before
 (``LevelStore("persistent", root)`` is a :class:`SharedLevelStore`): ``read_manifest``
@@ -27,9 +29,10 @@ that time at least ``SETTLED_S`` old when listed, so a change within the file sy
 time granularity is never missed). Per-rank ``r<rank>.manifest.json`` files of trees
 written before this layout are still read (and removed) as before.
 
-Removing one rank (versioning, supersede, discard) rewrites the record without it, or
-removes the record when it was the last; rewrites of a folder's records are serialised by
-an ``flock`` on the folder where the file system has one.
+Removing one rank (versioning, supersede, discard) first commits the records of the ranks
+that stay (at most two runs), then removes the old record: that unlink is the atomic
+removal, and until then both say the same about the ranks that stay. Removals in one
+folder are serialised by an ``flock`` on it where the file system has one.
 """
 import contextlib
 import fcntl
@@ -41,7 +44,7 @@ import time
 
 from veloc.errors import CorruptCheckpointError
 from veloc.storage.fileio import atomic_write_bytes, fsync_dir, make_dirs, remove_quietly
-from veloc.storage.levels import _MANIFEST, _VDIR, LevelStore
+from veloc.storage.levels import _MANIFEST, LevelStore
 from veloc.storage.manifest import Manifest
 
 RECORD = re.compile(r"n(\d+)-(\d+)\.commit\.json")
@@ -54,14 +57,28 @@ _cache_lock = threading.Lock()
 
 
 def record_name(ranks):
-    """The record file name for a node's ``ranks``: ``n<lowest>-<highest>.commit.json``."""
-    ranks = [int(r) for r in ranks]
-    return f"n{min(ranks)}-{max(ranks)}.commit.json"
+    """The record file name for a run of consecutive ``ranks``: ``n<first>-<last>.commit.json``."""
+    ranks = sorted(int(r) for r in ranks)
+    if ranks != list(range(ranks[0], ranks[0] + len(ranks))):
+        raise ValueError(f"ranks {ranks} are not consecutive: commit them with one record per run")
+    return f"n{ranks[0]}-{ranks[-1]}.commit.json"
+
+
+def consecutive_runs(manifests):
+    """``manifests`` split into runs of consecutive ranks (one record each)."""
+    runs = []
+    for manifest in sorted(manifests, key=lambda m: int(m.rank)):
+        if runs and int(runs[-1][-1].rank) + 1 == int(manifest.rank):
+            runs[-1].append(manifest)
+        else:
+            runs.append([manifest])
+    return runs
 
 
 def encode_record(manifests):
-    """The bytes of a commit record listing ``manifests`` (one version, distinct ranks)."""
+    """The bytes of a commit record listing ``manifests`` (one version, consecutive ranks)."""
     manifests = sorted(manifests, key=lambda m: m.rank)
+    record_name(m.rank for m in manifests)
     first = manifests[0]
     return json.dumps({"kind": RECORD_KIND, "format": RECORD_FORMAT, "name": first.name,
                        "version": int(first.version), "ranks": [m.rank for m in manifests],
@@ -69,9 +86,10 @@ def encode_record(manifests):
                       indent=1, sort_keys=True).encode()
 
 
-def decode_record(data, where, name, version):
+def decode_record(data, where, name, version, ranks=None):
     """``{rank: Manifest}`` of a commit record's bytes; CorruptCheckpointError naming
-    ``where`` when it is malformed or describes another checkpoint or version."""
+    ``where`` when it is malformed, describes another checkpoint or version, or does not
+    list exactly ``ranks`` (``(first, last)`` from its name)."""
     try:
         raw = json.loads(data)
         if raw.get("kind") != RECORD_KIND or raw.get("format") != RECORD_FORMAT:
@@ -89,6 +107,9 @@ def decode_record(data, where, name, version):
             raise CorruptCheckpointError(f"{where}: commit record describes {manifest.name} v{manifest.version}, "
                                          f"not {name} v{version}")
         out[int(manifest.rank)] = manifest
+    if ranks is not None and sorted(out) != list(range(ranks[0], ranks[1] + 1)):
+        raise CorruptCheckpointError(f"{where}: commit record lists ranks {sorted(out)}, its name says "
+                                     f"{ranks[0]}-{ranks[1]}")
     return out
 
 
@@ -154,7 +175,7 @@ class SharedLevelStore(LevelStore):
         if got is None:
             path = vdir / record
             try:
-                got = decode_record(path.read_bytes(), str(path), name, version)
+                got = decode_record(path.read_bytes(), str(path), name, version, listing.records[record])
             except FileNotFoundError:
                 got = {}       # removed since the listing: commits nothing
             except OSError as exc:
@@ -166,12 +187,12 @@ class SharedLevelStore(LevelStore):
             raise got
         return got
 
-    def _holder(self, name, version, rank):
+    def _holder(self, name, version, rank, listing=None):
         """``(record name, manifest)`` of ``rank``'s newest committed record entry, or
         ``(None, None)``; raises CorruptCheckpointError when a record that may hold it is
-        unreadable and no readable one does."""
+        unreadable and no readable one does. ``listing``: the folder's, if just taken."""
         vdir = self.version_dir(name, version)
-        listing = self._listing(vdir)
+        listing = listing or self._listing(vdir)
         if listing is None:
             return None, None
         best, error = (None, None), None
@@ -188,22 +209,46 @@ class SharedLevelStore(LevelStore):
         return best
 
     def version_ranks(self, name, version):
-        """Sorted ranks with a committed copy of ``version`` here (records and per-rank
-        manifests; a record that cannot be read counts for the ranks its name covers, so
-        a restart tries them and falls back with the record's error)."""
-        return sorted(self._ranks_in(self.version_dir(name, version), name, version))
+        """Sorted ranks with a committed copy of ``version`` here: the records' names and
+        the per-rank manifests, from one listing (a record that turns out unreadable still
+        counts, so a restart tries its ranks and falls back with its error)."""
+        return sorted(self._ranks_in(self.version_dir(name, version)))
 
-    def _ranks_in(self, vdir, name, version):
+    def _ranks_in(self, vdir):
         listing = self._listing(vdir)
         if listing is None:
             return set()
         ranks = set(listing.legacy)
-        for record, (lo, hi) in listing.records.items():
-            try:
-                ranks.update(self._parsed(listing, vdir, record, name, version))
-            except CorruptCheckpointError:
-                ranks.update(range(lo, hi + 1))
+        for lo, hi in listing.records.values():
+            ranks.update(range(lo, hi + 1))
         return ranks
+
+    def version_manifests(self, name, version):
+        """``({rank: Manifest}, [CorruptCheckpointError])`` of every copy of ``version``
+        committed here, from one listing of its folder."""
+        vdir = self.version_dir(name, version)
+        listing = self._listing(vdir)
+        out, errors = {}, []
+        if listing is None:
+            return out, errors
+        for rank in sorted(listing.legacy):
+            try:
+                manifest = super().read_manifest(name, version, rank)
+            except CorruptCheckpointError as exc:
+                errors.append(exc)
+                continue
+            if manifest is not None:
+                out[rank] = manifest
+        for record in sorted(listing.records):
+            try:
+                held = self._parsed(listing, vdir, record, name, version)
+            except CorruptCheckpointError as exc:
+                errors.append(exc)
+                continue
+            for rank, manifest in held.items():
+                if rank not in out or manifest.created > out[rank].created:
+                    out[rank] = manifest.copy_for(manifest.level)
+        return out, errors
 
     def read_manifest(self, name, version, rank):
         record, manifest = self._holder(name, version, rank)
@@ -212,13 +257,13 @@ class SharedLevelStore(LevelStore):
         return super().read_manifest(name, version, rank)
 
     def manifest_path(self, name, version, rank):
-        """The file committing ``rank``'s copy: its node's record, else the per-rank path."""
-        try:
-            record, _ = self._holder(name, version, rank)
-        except CorruptCheckpointError:
-            record = None
-        if record is not None:
-            return self.version_dir(name, version) / record
+        """The file committing ``rank``'s copy: the record whose name covers it, else the
+        per-rank path."""
+        vdir = self.version_dir(name, version)
+        listing = self._listing(vdir)
+        covering = listing.covering(rank) if listing is not None else []
+        if covering:
+            return vdir / covering[-1]
         return super().manifest_path(name, version, rank)
 
     # -- writing ---------------------------------------------------------------------
@@ -228,8 +273,9 @@ class SharedLevelStore(LevelStore):
 
     def commit_record(self, manifests):
         """Commit the copies of ``manifests`` (one version; their files written with
-        ``staged=True``) with one record: the folder is synced once, then the record is
-        committed atomically. From now on these copies exist at this level."""
+        ``staged=True``) with one record (one per run of consecutive ranks): the folder is
+        synced once, then each record is committed atomically. From now on these copies
+        exist at this level."""
         manifests = list(manifests)
         if not manifests:
             return
@@ -238,13 +284,13 @@ class SharedLevelStore(LevelStore):
         make_dirs(vdir)
         if self.durable:
             fsync_dir(vdir)          # the names of the staged files, before the record names them
-        atomic_write_bytes(vdir / record_name(m.rank for m in manifests), encode_record(manifests),
-                           durable=self.durable)
+        for run in consecutive_runs(manifests):
+            atomic_write_bytes(vdir / record_name(m.rank for m in run), encode_record(run), durable=self.durable)
 
     def uncommit(self, name, version, rank):
-        """Atomically withdraw ``rank``'s copy: its record rewritten without it (or removed
-        when it was the last rank), its per-rank manifest removed. Returns the manifest it
-        had, or ``None``."""
+        """Atomically withdraw ``rank``'s copy: the records of the ranks that stay
+        committed, then its record removed (an unreadable one too: it commits nothing
+        usable), its per-rank manifest removed. Returns the manifest it had, or ``None``."""
         vdir = self.version_dir(name, version)
         found = None
         with _folder_lock(vdir):
@@ -253,15 +299,12 @@ class SharedLevelStore(LevelStore):
                 try:
                     held = dict(self._parsed(listing, vdir, record, name, version))
                 except CorruptCheckpointError:
-                    continue     # commits nothing usable; collected with the version
-                manifest = held.pop(rank, None)
-                if manifest is None:
-                    continue
-                found = found or manifest
-                if held:
-                    atomic_write_bytes(vdir / record, encode_record(held.values()), durable=self.durable)
-                else:
-                    remove_quietly(vdir / record)
+                    held = {}
+                found = found or held.pop(rank, None)
+                for run in consecutive_runs(held.values()):
+                    atomic_write_bytes(vdir / record_name(m.rank for m in run), encode_record(run),
+                                       durable=self.durable)
+                remove_quietly(vdir / record)
             with _cache_lock:
                 _cache.pop(str(vdir), None)
         legacy = super().manifest_path(name, version, rank)
@@ -274,12 +317,8 @@ class SharedLevelStore(LevelStore):
         return found
 
     def committed_in(self, vdir):
-        """Ranks committed in version folder ``vdir`` of this tree (debris collection; an
-        unreadable record protects every rank its name covers)."""
-        m = _VDIR.fullmatch(vdir.name)
-        if m is None:
-            return set()
-        return self._ranks_in(vdir, vdir.parent.name, int(m.group(1)))
+        """Ranks committed in version folder ``vdir`` of this tree (debris collection)."""
+        return self._ranks_in(vdir)
 
 
 @contextlib.contextmanager
