@@ -58,7 +58,7 @@ from pathlib import Path
 from veloc.errors import CorruptCheckpointError, VelocError
 from veloc.storage.fileio import FILE_MODE, boot_tag, make_dirs, process_start
 from veloc.storage.levels import _MANIFEST, _VDIR, LevelStore
-from veloc.storage.node_records import RECORD
+from veloc.storage.node_records import RECORD, committed_ranks
 from veloc.redundancy.striping import GroupStore
 from veloc.redundancy.transfer import node_scratch
 
@@ -151,13 +151,13 @@ def _version_dirs(root, name=None):
     return out
 
 
-def _sweep_rank_dir(vdir, ranks, tally, uncommitted=True, store=None):
+def _sweep_rank_dir(vdir, ranks, tally, uncommitted=True):
     """In one version folder: dead temporary files of ``ranks`` (all ranks when ``None``)
-    and, with ``uncommitted``, their rank files that no manifest or commit record
-    commits (``store``: the folder's level store, for a shared level's records)."""
+    and, with ``uncommitted``, their rank files that no manifest or commit record commits.
+    Returns how many entries are left (0: the folder may go)."""
     entries = _entries(vdir)
-    committed = (store.committed_in(Path(vdir)) if store is not None else
-                 {int(m.group(1)) for m in map(_MANIFEST.fullmatch, (e.name for e in entries)) if m})
+    before = tally.files
+    committed = committed_ranks(e.name for e in entries)
     for e in entries:
         target = temp_target(e.name)
         if target is not None:
@@ -172,6 +172,7 @@ def _sweep_rank_dir(vdir, ranks, tally, uncommitted=True, store=None):
         if (uncommitted and m and (ranks is None or int(m.group(1)) in ranks)
                 and int(m.group(1)) not in committed and e.is_file(follow_symlinks=False)):
             tally.remove(e.path)
+    return len(entries) - (tally.files - before)
 
 
 def _unclaimed(root, rank):
@@ -312,20 +313,20 @@ def _collect_engine(ctx, name, ranks, before, logger):
             if store is not None:
                 trees.setdefault((store.level, str(store.root)), [store, set()])[1].add(rank)
     for (level, root), (store, owned) in trees.items():
-        below = before if level == "scratch" else newest_complete(store, name)
+        vdirs = sorted(_version_dirs(store.root, name), reverse=True)
+        below = before if level == "scratch" else newest_complete(store, name, vdirs)
         # versions under an earlier sweep's mark were swept by this process already: new
         # debris there only comes from a crash, and a new process sweeps again
         key = (root, name, frozenset(owned))
         floor = marks.get(key) if before is not None else None
-        vdirs = sorted(_version_dirs(store.root, name), reverse=True)
         if level == "persistent" and floor is None:
             vdirs = vdirs[:RECENT_PERSISTENT]
         for version, vdir in vdirs:
             if floor is not None and version < floor:
                 break
             old = below is not None and version < below
-            _sweep_rank_dir(vdir, owned, tally, uncommitted=old, store=store)
-            if old:
+            left = _sweep_rank_dir(vdir, owned, tally, uncommitted=old)
+            if old and not left:
                 tally.rmdir(vdir)
         if below is not None:
             marks[key] = below
@@ -351,15 +352,15 @@ def _collect_engine(ctx, name, ranks, before, logger):
     return tally
 
 
-def newest_complete(store, name):
+def newest_complete(store, name, vdirs=None):
     """The newest version of ``name`` every rank of its job committed at ``store``, or None
-    (reads version folders newest first and stops at the first complete one)."""
-    for version, vdir in sorted(_version_dirs(store.root, name), reverse=True):
-        ranks = store.version_ranks(name, version)
-        if not ranks:
-            continue
+    (reads version folders newest first and stops at the first complete one; ``vdirs``:
+    ``[(version, folder)]`` newest first, if just listed)."""
+    if vdirs is None:
+        vdirs = sorted(_version_dirs(store.root, name), reverse=True)
+    for version, vdir in vdirs:
         try:
-            manifest = store.read_manifest(name, version, ranks[0])
+            ranks, manifest = store.version_summary(name, version)
         except CorruptCheckpointError:    # an unreadable manifest: not a complete version
             continue
         if manifest is not None and len(ranks) >= manifest.nranks:

@@ -159,7 +159,7 @@ def open_temp(path, reuse=None):
 
 
 @contextlib.contextmanager
-def atomic_file(path, durable=True, reuse=None, staged=False):
+def atomic_file(path, durable=True, reuse=None, staged=False, sync_dir=True):
     """Yield the descriptor of a private temporary file that replaces ``path`` on success
     (:func:`commit_temp`); on an exception the temporary file is removed. ``reuse``: see
     :func:`open_temp` (the writer must then truncate to its own size).
@@ -168,7 +168,7 @@ def atomic_file(path, durable=True, reuse=None, staged=False):
     shared levels, ``veloc.storage.node_records``). It is written under ``path`` itself
     when no such file exists yet (no rename; a crash leaves an uncommitted file that no
     record names), else through a temporary file renamed over it; the directory is not
-    synced (the record's commit does it once for every file)."""
+    synced (the record's commit does it once for every file); nor with ``sync_dir=False``."""
     path = Path(path)
     if staged:
         try:
@@ -193,7 +193,7 @@ def atomic_file(path, durable=True, reuse=None, staged=False):
         os.close(fd)
         _unlink_quietly(tmp)
         raise
-    commit_temp(fd, tmp, path, durable, sync_dir=not staged)
+    commit_temp(fd, tmp, path, durable, sync_dir=sync_dir and not staged)
 
 
 @contextlib.contextmanager
@@ -214,9 +214,10 @@ def atomic_path(path, durable=True, staged=False):
     commit_temp(fd, tmp, path, durable, sync_dir=not staged)
 
 
-def atomic_write_bytes(path, data, durable=True, reuse=None):
-    """Commit ``data`` at ``path`` atomically (see :func:`atomic_file`)."""
-    with atomic_file(path, durable, reuse) as fd:
+def atomic_write_bytes(path, data, durable=True, reuse=None, sync_dir=True):
+    """Commit ``data`` at ``path`` atomically (see :func:`atomic_file`); ``sync_dir=False``:
+    the caller syncs the directory itself (one sync for several commits)."""
+    with atomic_file(path, durable, reuse, sync_dir=sync_dir) as fd:
         pwrite_all(fd, data, 0)
         if reuse is not None:
             os.ftruncate(fd, len(data))

@@ -78,6 +78,12 @@ class LevelStore:
         return sorted(int(x.group(1)) for x in map(_MANIFEST.fullmatch, _listdir(self.version_dir(name, version)))
                       if x)
 
+    def version_summary(self, name, version):
+        """``(sorted committed ranks, manifest of the lowest)`` of ``version``, ``([], None)``
+        if none; raises CorruptCheckpointError when that manifest is unreadable."""
+        ranks = self.version_ranks(name, version)
+        return ranks, (self.read_manifest(name, version, ranks[0]) if ranks else None)
+
     def versions(self, name):
         """``{version: sorted ranks with a committed manifest}`` for checkpoint ``name``."""
         out = {}
@@ -149,10 +155,6 @@ class LevelStore:
             manifest = None
         remove_quietly(self.manifest_path(name, version, rank))
         return manifest
-
-    def committed_in(self, vdir):
-        """Ranks with a committed copy in version folder ``vdir`` (debris collection)."""
-        return {int(m.group(1)) for m in map(_MANIFEST.fullmatch, _listdir(vdir)) if m}
 
 
 def _listdir(path):

@@ -43,7 +43,7 @@ import threading
 import time
 
 from veloc.errors import CorruptCheckpointError
-from veloc.storage.fileio import atomic_write_bytes, fsync_dir, make_dirs, remove_quietly
+from veloc.storage.fileio import atomic_write_bytes, make_dirs, remove_quietly
 from veloc.storage.levels import _MANIFEST, LevelStore
 from veloc.storage.manifest import Manifest
 
@@ -118,23 +118,43 @@ class _Listing:
     range) and the ranks with a per-rank manifest; records are parsed on first use."""
 
     def __init__(self, vdir):
-        self.stamp = _stamp(vdir)
-        names = os.listdir(vdir)
-        self.settled = self.stamp is not None and time.time() - self.stamp[1] / 1e9 >= SETTLED_S
-        self.records = {}
-        self.legacy = set()
-        for entry in names:
-            m = RECORD.fullmatch(entry)
-            if m:
-                self.records[entry] = (int(m.group(1)), int(m.group(2)))
-                continue
-            m = _MANIFEST.fullmatch(entry)
-            if m:
-                self.legacy.add(int(m.group(1)))
+        fd = os.open(vdir, os.O_RDONLY | os.O_DIRECTORY)    # one path lookup for stamp and listing
+        try:
+            st = os.fstat(fd)
+            names = os.listdir(fd)
+        finally:
+            os.close(fd)
+        self.stamp = (st.st_ino, st.st_mtime_ns)
+        self.settled = time.time() - st.st_mtime_ns / 1e9 >= SETTLED_S
+        self.records, self.legacy = records_and_manifests(names)
         self.parsed = {}     # record name -> {rank: Manifest} or CorruptCheckpointError
 
     def covering(self, rank):
         return sorted(n for n, (lo, hi) in self.records.items() if lo <= rank <= hi)
+
+
+def records_and_manifests(names):
+    """``({record name: (first, last)}, {ranks with a per-rank manifest})`` of a version
+    folder's entry ``names``."""
+    records, legacy = {}, set()
+    for entry in names:
+        m = RECORD.fullmatch(entry)
+        if m:
+            records[entry] = (int(m.group(1)), int(m.group(2)))
+            continue
+        m = _MANIFEST.fullmatch(entry)
+        if m:
+            legacy.add(int(m.group(1)))
+    return records, legacy
+
+
+def committed_ranks(names):
+    """Ranks a version folder with entries ``names`` commits: its records' and per-rank
+    manifests' (debris collection, from a listing it already has)."""
+    records, ranks = records_and_manifests(names)
+    for lo, hi in records.values():
+        ranks.update(range(lo, hi + 1))
+    return ranks
 
 
 def _stamp(vdir):
@@ -223,6 +243,23 @@ class SharedLevelStore(LevelStore):
             ranks.update(range(lo, hi + 1))
         return ranks
 
+    def version_summary(self, name, version):
+        """``(sorted committed ranks, manifest of the lowest)`` of ``version`` from one
+        listing and one record read, ``([], None)`` if none; raises CorruptCheckpointError."""
+        vdir = self.version_dir(name, version)
+        listing = self._listing(vdir)
+        if listing is None:
+            return [], None
+        ranks = set(listing.legacy)
+        for lo, hi in listing.records.values():
+            ranks.update(range(lo, hi + 1))
+        if not ranks:
+            return [], None
+        first = min(ranks)
+        if first in listing.legacy:
+            return sorted(ranks), super().read_manifest(name, version, first)
+        return sorted(ranks), self._holder(name, version, first, listing)[1]
+
     def version_manifests(self, name, version):
         """``({rank: Manifest}, [CorruptCheckpointError])`` of every copy of ``version``
         committed here, from one listing of its folder."""
@@ -281,11 +318,21 @@ class SharedLevelStore(LevelStore):
             return
         first = manifests[0]
         vdir = self.version_dir(first.name, first.version)
-        make_dirs(vdir)
-        if self.durable:
-            fsync_dir(vdir)          # the names of the staged files, before the record names them
-        for run in consecutive_runs(manifests):
-            atomic_write_bytes(vdir / record_name(m.rank for m in run), encode_record(run), durable=self.durable)
+        try:
+            dir_fd = os.open(vdir, os.O_RDONLY | os.O_DIRECTORY)   # written into already: exists
+        except FileNotFoundError:
+            make_dirs(vdir)
+            dir_fd = os.open(vdir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if self.durable:
+                os.fsync(dir_fd)     # the names of the staged files, before a record names them
+            for run in consecutive_runs(manifests):
+                atomic_write_bytes(vdir / record_name(m.rank for m in run), encode_record(run),
+                                   durable=self.durable, sync_dir=False)
+            if self.durable:
+                os.fsync(dir_fd)     # the records' renames
+        finally:
+            os.close(dir_fd)
 
     def uncommit(self, name, version, rank):
         """Atomically withdraw ``rank``'s copy: the records of the ranks that stay
@@ -315,10 +362,6 @@ class SharedLevelStore(LevelStore):
                 found = None
         remove_quietly(legacy)
         return found
-
-    def committed_in(self, vdir):
-        """Ranks committed in version folder ``vdir`` of this tree (debris collection)."""
-        return self._ranks_in(vdir)
 
 
 @contextlib.contextmanager
