@@ -172,7 +172,7 @@ def atomic_file(path, durable=True, reuse=None, staged=False, sync_dir=True):
     path = Path(path)
     if staged:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            fd = _create_exclusive(path)
         except FileExistsError:
             fd = None
         if fd is not None:
@@ -212,6 +212,16 @@ def atomic_path(path, durable=True, staged=False):
         _unlink_quietly(tmp)
         raise
     commit_temp(fd, tmp, path, durable, sync_dir=not staged)
+
+
+def _create_exclusive(path):
+    """Open a new file ``path`` (mode 0600), creating its folder first if it is missing
+    (no lookup before the create: the common case costs one call)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileNotFoundError:
+        make_dirs(path.parent)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
 
 
 def atomic_write_bytes(path, data, durable=True, reuse=None, sync_dir=True):

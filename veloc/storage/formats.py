@@ -84,14 +84,16 @@ def copy_verified(manifest, src, dst, what, direct=False, verify=True, mapped_fi
     """
     sdir = src.version_dir(manifest.name, manifest.version)
     ddir = dst.version_dir(manifest.name, manifest.version)
-    make_dirs(ddir)
+    staged = getattr(dst, "shared", False)
+    if not staged:
+        make_dirs(ddir)          # a staged file makes its folder when it is missing
     for entry in manifest.files if entries is None else entries:
         h = hasher(manifest.checksum) if (verify and manifest.checksum and entry.digest) else None
         try:
             source_map = mapped_files.peek(sdir / entry.name) if mapped_files is not None else None
             size = copy_file(sdir / entry.name, ddir / entry.name, durable=dst.durable,
                              on_chunk=h.update if h else None, direct=direct, source_map=source_map,
-                             staged=getattr(dst, "shared", False))
+                             staged=staged)
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{what}: {sdir / entry.name} is missing") from None
         except OSError as exc:
