@@ -272,3 +272,26 @@ def test_record_encoding_round_trip_and_bad_input():
             node_records.decode_record(bad, "x", "t", 3)
     with pytest.raises(CorruptCheckpointError, match="describes t v3, not u v3"):
         node_records.decode_record(data, "x", "u", 3)
+
+
+def test_record_names_that_cannot_be_records_are_ignored(dirs):
+    cfg = config(dirs)
+    checkpoint(cfg, [1])
+    vdir = dirs["persistent"] / "t" / "v1"
+    for bogus in ("n0-999999999.commit.json", "n5-2.commit.json", "n1234567890-1234567891.commit.json"):
+        (vdir / bogus).write_text("{}")
+    store = LevelStore("persistent", dirs["persistent"])
+    assert store.versions("t") == {1: [0, 1, 2, 3]}
+    assert store.read_manifest("t", 1, 0).rank == 0
+
+
+def test_record_with_a_bad_created_field_is_refused(dirs):
+    cfg = config(dirs)
+    checkpoint(cfg, [1])
+    path = dirs["persistent"] / "t" / "v1" / "n0-1.commit.json"
+    data = json.loads(path.read_text())
+    data["manifests"][1]["created"] = "yesterday"
+    path.write_text(json.dumps(data))
+    store = LevelStore("persistent", dirs["persistent"])
+    with pytest.raises(CorruptCheckpointError, match="n0-1.commit.json: malformed commit record.*'yesterday'"):
+        store.read_manifest("t", 1, 0)

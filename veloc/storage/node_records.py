@@ -47,7 +47,8 @@ from veloc.storage.fileio import atomic_write_bytes, make_dirs, remove_quietly
 from veloc.storage.levels import _MANIFEST, LevelStore
 from veloc.storage.manifest import Manifest
 
-RECORD = re.compile(r"n(\d+)-(\d+)\.commit\.json")
+RECORD = re.compile(r"n(\d{1,9})-(\d{1,9})\.commit\.json")
+MAX_RECORD_RANKS = 1 << 16   # ranks one record may commit (a node's); a name saying more is no record
 RECORD_KIND = "veloc-node-commit"
 RECORD_FORMAT = 1
 SETTLED_S = 2.0
@@ -106,6 +107,11 @@ def decode_record(data, where, name, version, ranks=None):
         if (manifest.name, int(manifest.version)) != (name, int(version)):
             raise CorruptCheckpointError(f"{where}: commit record describes {manifest.name} v{manifest.version}, "
                                          f"not {name} v{version}")
+        try:
+            float(manifest.created)
+        except (TypeError, ValueError):
+            raise CorruptCheckpointError(f"{where}: malformed commit record (rank {manifest.rank}'s "
+                                         f"'created' is {manifest.created!r})") from None
         out[int(manifest.rank)] = manifest
     if ranks is not None and sorted(out) != list(range(ranks[0], ranks[1] + 1)):
         raise CorruptCheckpointError(f"{where}: commit record lists ranks {sorted(out)}, its name says "
@@ -140,7 +146,9 @@ def records_and_manifests(names):
     for entry in names:
         m = RECORD.fullmatch(entry)
         if m:
-            records[entry] = (int(m.group(1)), int(m.group(2)))
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if lo <= hi < lo + MAX_RECORD_RANKS:
+                records[entry] = (lo, hi)
             continue
         m = _MANIFEST.fullmatch(entry)
         if m:
@@ -155,6 +163,13 @@ def committed_ranks(names):
     for lo, hi in records.values():
         ranks.update(range(lo, hi + 1))
     return ranks
+
+
+def _created(manifest):
+    try:
+        return float(manifest.created)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _stamp(vdir):
@@ -222,7 +237,7 @@ class SharedLevelStore(LevelStore):
             except CorruptCheckpointError as exc:
                 error = error or exc
                 continue
-            if manifest is not None and (best[1] is None or manifest.created > best[1].created):
+            if manifest is not None and (best[1] is None or _created(manifest) > _created(best[1])):
                 best = (record, manifest)
         if best[1] is None and error is not None and rank not in listing.legacy:
             raise error
@@ -283,7 +298,7 @@ class SharedLevelStore(LevelStore):
                 errors.append(exc)
                 continue
             for rank, manifest in held.items():
-                if rank not in out or manifest.created > out[rank].created:
+                if rank not in out or _created(manifest) > _created(out[rank]):
                     out[rank] = manifest.copy_for(manifest.level)
         return out, errors
 
