@@ -72,7 +72,6 @@ class FlushModule(Module):
         if not self.due(cmd):
             return False
         results = self.for_each_rank(cmd.ranks, lambda rank: _outcome(self._flush_rank, cmd, rank))
-        fault_point("flush")
         by_root = {}
         for rank, (out, _) in zip(cmd.ranks, results):
             if out is not None:
@@ -94,6 +93,7 @@ class FlushModule(Module):
                                   f"scratch copy on node {self.ctx.node}")
         out = self.writer.write_rank(self.ctx, cmd, rank, manifest)
         out.record_module(self.name, every=self.every, interval=self.interval, format=self.writer.name)
+        fault_point("flush")          # once per rank, its files written, the node's record not yet
         return out
 
     def supersede(self, name, threshold, ranks):
