@@ -173,9 +173,15 @@ def test_record_whose_ranks_differ_from_its_name_is_refused(dirs):
         store.read_manifest("t", 1, 2)
 
 
-def test_versioning_keeps_max_versions_per_node(dirs):
+def test_versioning_keeps_max_versions_per_node(dirs, monkeypatch):
     cfg = config(dirs, max_versions=2)
-    checkpoint(cfg, [1, 2, 3, 4])
+    checkpoint(cfg, [1, 2, 3])
+    written = []
+    real = node_records.atomic_write_bytes
+    monkeypatch.setattr(node_records, "atomic_write_bytes", lambda path, *a, **k: (written.append(path.name),
+                                                                                   real(path, *a, **k)))
+    checkpoint(cfg, [4])
+    assert written == ["n0-1.commit.json", "n2-3.commit.json"]    # v4's; v2's records went whole
     store = LevelStore("persistent", dirs["persistent"])
     assert store.versions("t") == {3: [0, 1, 2, 3], 4: [0, 1, 2, 3]}
     assert sorted(p.name for p in (dirs["persistent"] / "t").iterdir()) == ["v3", "v4"]

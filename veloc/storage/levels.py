@@ -126,15 +126,20 @@ class LevelStore:
         ``prune``, an emptied version directory is removed too; an application rank
         passes ``prune=False``, since another local rank may be writing into it.
         """
+        self.remove_ranks(name, version, [rank], pool, prune)
+
+    def remove_ranks(self, name, version, ranks, pool=None, prune=True):
+        """:meth:`remove` for several ranks of one version at once (one node's: on a shared
+        level their record goes in one step)."""
         vdir = self.version_dir(name, version)
-        manifest = self.uncommit(name, version, rank)
-        prefix = f"r{int(rank)}."
-        try:
-            leftovers = [p for p in vdir.iterdir() if p.name.startswith(prefix)]
-        except OSError:
-            leftovers = []
-        for path in leftovers:
-            if pool is not None and manifest is not None and path.name == self.regions_file_name(rank):
+        manifests = self.uncommit_ranks(name, version, ranks)
+        owner = {f"r{int(rank)}.": rank for rank in ranks}
+        for entry in _listdir(vdir):
+            rank = owner.get(entry[:entry.index(".") + 1] if "." in entry else None)
+            if rank is None:
+                continue
+            path = vdir / entry
+            if pool is not None and manifests.get(rank) is not None and entry == self.regions_file_name(rank):
                 pool.put(path, rank)
             else:
                 remove_quietly(path)
@@ -149,12 +154,18 @@ class LevelStore:
     def uncommit(self, name, version, rank):
         """Withdraw ``rank``'s copy of ``version`` (its manifest removed); return the
         manifest it had, ``None`` if none or unreadable."""
-        try:
-            manifest = self.read_manifest(name, version, rank)
-        except CorruptCheckpointError:
-            manifest = None
-        remove_quietly(self.manifest_path(name, version, rank))
-        return manifest
+        return self.uncommit_ranks(name, version, [rank])[rank]
+
+    def uncommit_ranks(self, name, version, ranks):
+        """:meth:`uncommit` for several ranks: ``{rank: manifest it had or None}``."""
+        out = {}
+        for rank in ranks:
+            try:
+                out[rank] = self.read_manifest(name, version, rank)
+            except CorruptCheckpointError:
+                out[rank] = None
+            remove_quietly(self.manifest_path(name, version, rank))
+        return out
 
 
 def _listdir(path):

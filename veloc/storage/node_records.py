@@ -349,33 +349,39 @@ class SharedLevelStore(LevelStore):
         finally:
             os.close(dir_fd)
 
-    def uncommit(self, name, version, rank):
-        """Atomically withdraw ``rank``'s copy: the records of the ranks that stay
-        committed, then its record removed (an unreadable one too: it commits nothing
-        usable), its per-rank manifest removed. Returns the manifest it had, or ``None``."""
+    def uncommit_ranks(self, name, version, ranks):
+        """Atomically withdraw ``ranks``' copies, record by record: the records of the
+        ranks that stay committed, then the old record removed (an unreadable one too: it
+        commits nothing usable); per-rank manifests removed. Removing all of a node's
+        ranks at once removes its record in one step. Returns ``{rank: manifest it had or
+        None}``."""
         vdir = self.version_dir(name, version)
-        found = None
+        ranks = {int(r) for r in ranks}
+        found = dict.fromkeys(ranks)
         with _folder_lock(vdir):
             listing = self._listing(vdir)
-            for record in listing.covering(rank) if listing is not None else ():
+            records = sorted({rec for r in ranks for rec in listing.covering(r)}) if listing is not None else []
+            for record in records:
                 try:
                     held = dict(self._parsed(listing, vdir, record, name, version))
                 except CorruptCheckpointError:
                     held = {}
-                found = found or held.pop(rank, None)
+                for rank in ranks & set(held):
+                    found[rank] = found[rank] or held.pop(rank)
                 for run in consecutive_runs(held.values()):
                     atomic_write_bytes(vdir / record_name(m.rank for m in run), encode_record(run),
                                        durable=self.durable)
                 remove_quietly(vdir / record)
             with _cache_lock:
                 _cache.pop(str(vdir), None)
-        legacy = super().manifest_path(name, version, rank)
-        if found is None:
-            try:
-                found = super().read_manifest(name, version, rank)
-            except CorruptCheckpointError:
-                found = None
-        remove_quietly(legacy)
+        for rank in ranks:
+            if found[rank] is None:
+                try:
+                    found[rank] = LevelStore.read_manifest(self, name, version, rank)
+                except CorruptCheckpointError:
+                    pass
+            if listing is None or rank in listing.legacy:
+                remove_quietly(LevelStore.manifest_path(self, name, version, rank))
         return found
 
 
