@@ -29,9 +29,10 @@ that time at least ``SETTLED_S`` old when listed, so a change within the file sy
 time granularity is never missed). Per-rank ``r<rank>.manifest.json`` files of trees
 written before this layout are still read (and removed) as before.
 
-Removing one rank (versioning, supersede, discard) first commits the records of the ranks
-that stay (at most two runs), then removes the old record: that unlink is the atomic
-removal, and until then both say the same about the ranks that stay. Removals in one
+Removing ranks (versioning, supersede, discard) first commits the records of the ranks
+that stay (at most two runs per record), then removes the old record: that unlink is the
+atomic removal, and until then both say the same about the ranks that stay. Versioning
+removes a version's local ranks together, so their record just goes. Removals in one
 folder are serialised by an ``flock`` on it where the file system has one.
 """
 import contextlib
