@@ -301,3 +301,15 @@ def test_record_with_a_bad_created_field_is_refused(dirs):
     store = LevelStore("persistent", dirs["persistent"])
     with pytest.raises(CorruptCheckpointError, match="n0-1.commit.json: malformed commit record.*'yesterday'"):
         store.read_manifest("t", 1, 0)
+
+
+def test_veloc_open_reads_every_rank_from_node_records(dirs):
+    import veloc
+    cfg = config(dirs)
+    checkpoint(cfg, [1, 2])
+    shutil.rmtree(dirs["scratch"])
+    mapping = {"scratch": str(dirs["scratch"] / "{node}"), "persistent": str(dirs["persistent"])}
+    with veloc.open(mapping, "t", level="persistent") as view:
+        assert (view.version, view.nranks, view.ranks, view.verified) == (2, NRANKS, (0, 1, 2, 3), True)
+        for rank in range(NRANKS):
+            assert np.array_equal(view.read("a", rank), np.full(64, rank * 100.0 + 2))
