@@ -126,6 +126,14 @@ def rank0_file(dirs, name, version, level):
     return root / name / f"v{version}" / "r0.vck"
 
 
+def persistent_ranks(vdir):
+    """Ranks whose copy in persistent version folder ``vdir`` is committed (listed by a
+    node's commit record, or an old per-rank manifest)."""
+    from veloc.storage.levels import LevelStore
+    vdir = Path(vdir)
+    return LevelStore("persistent", vdir.parent.parent).version_ranks(vdir.parent.name, int(vdir.name[1:]))
+
+
 def write_vck(path, regions, name="t", version=1, rank=0):
     """Write the ``veloc.regions.Region`` objects ``regions`` as a native rank file at
     ``path`` (what a rank's local write produces), for reader tests."""

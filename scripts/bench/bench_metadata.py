@@ -2,7 +2,7 @@
 """Metadata cost of one checkpoint: files and metadata system calls per version, per level,
 at 1, 2, 4, 8 and 16 virtual nodes.
 
-For each node count V, one sync-mode job of V x ``--ranks-per-node`` ranks (MPMD, one
+For each node count V and each ``--ranks-per-node`` P, one sync-mode job of V x P ranks (MPMD, one
 ``VELOC_NODE_ID`` per virtual node; scratch per node on tmpfs, persistent shared on disk)
 writes versions 1 and 2 (so scratch files are recycled, as in a long run), then version 3
 between two marker calls, all under ``strace -f``. Counted for version 3 only:
@@ -13,9 +13,10 @@ between two marker calls, all under ``strace -f``. Counted for version 3 only:
   and thread of the job, per level.
 
 The last lines fit ``files = a * ranks + b * nodes`` and the same for operations, the
-formula given in docs/ARCHITECTURE.md; the cost model there extrapolates it.
+formula given in docs/ARCHITECTURE.md (two ranks-per-node values tell the per-rank and
+per-node terms apart); the cost model there extrapolates it.
 
-    python scripts/bench/bench_metadata.py                     # 1..16 nodes, 1 rank each
+    python scripts/bench/bench_metadata.py --ranks-per-node 1,2    # 1..16 nodes, 1 and 2 ranks each
     python scripts/bench/bench_metadata.py --nodes 1,2,4 --ranks-per-node 2 --json out.json
 """
 import argparse
@@ -64,7 +65,7 @@ LINE = re.compile(r"^(?:\[pid\s+)?(\d+)\]?\s+(\w+)\((.*)$")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", default="1,2,4,8,16", help="virtual node counts (comma separated)")
-    p.add_argument("--ranks-per-node", type=int, default=1)
+    p.add_argument("--ranks-per-node", default="1,2", help="ranks per virtual node (comma separated)")
     p.add_argument("--shm-dir", default="/dev/shm")
     p.add_argument("--disk-dir", default="/tmp")
     p.add_argument("--json", help="also write the figures to this file")
@@ -130,13 +131,14 @@ def main(argv=None):
     if shutil.which("strace") is None:
         sys.exit("bench_metadata: needs strace (apt install strace)")
     rows = []
-    for nodes in (int(x) for x in args.nodes.split(",")):
+    runs = [(nodes, int(per)) for per in args.ranks_per_node.split(",") for nodes in map(int, args.nodes.split(","))]
+    for nodes, per_node in runs:
         work = {"shm": Path(tempfile.mkdtemp(prefix="vmeta-", dir=args.shm_dir)),
                 "disk": Path(tempfile.mkdtemp(prefix="vmeta-", dir=args.disk_dir))}
         try:
-            lines, scratch, persistent = run_job(nodes, args.ranks_per_node, work)
+            lines, scratch, persistent = run_job(nodes, per_node, work)
             ops = count_ops(lines, [scratch, persistent])
-            row = {"nodes": nodes, "ranks": nodes * args.ranks_per_node,
+            row = {"nodes": nodes, "ranks": nodes * per_node,
                    "scratch_files": count_files(scratch, nodes), "persistent_files": count_files(persistent, nodes),
                    "scratch_ops": ops[str(scratch)], "persistent_ops": ops[str(persistent)]}
         finally:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 RANK_FILE = re.compile(r"r(\d+)\.(vck|f\..+)$")
 VERSION_DIR = re.compile(r"v\d+$")
+NODE_RECORD = re.compile(r"n(\d+)-(\d+)\.commit\.json")     # a node's commit record (persistent)
 
 
 def required_version(journals, nranks):
@@ -75,9 +76,11 @@ def _version_dir_debris(vdir):
             return [f"{vdir} (parity without group record)"]
         return []
     out = []
+    records = [tuple(map(int, r.groups())) for r in map(NODE_RECORD.fullmatch, names) if r]   # persistent
     for name in names:
         m = RANK_FILE.match(name)
-        if m and f"r{m.group(1)}.manifest.json" not in names:
+        if (m and f"r{m.group(1)}.manifest.json" not in names
+                and not any(lo <= int(m.group(1)) <= hi for lo, hi in records)):
             out.append(str(vdir / name))
     return out
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, kill_job_backends, run_mpi
+from conftest import REPO, kill_job_backends, persistent_ranks, run_mpi
 from veloc import ipc
 
 PKG = "veloc_backend"
@@ -69,8 +69,8 @@ def ajob(dirs):
 
 
 def persisted(ajob, version):
-    vdir = Path(ajob["persistent"]) / "job" / f"v{version}"
-    return sorted(p.name for p in vdir.glob("r*.manifest.json")) if vdir.is_dir() else []
+    """Ranks with a committed persistent copy of ``version``."""
+    return persistent_ranks(Path(ajob["persistent"]) / "job" / f"v{version}")
 
 
 def test_async_checkpoint_then_restart(ajob):
@@ -79,7 +79,7 @@ def test_async_checkpoint_then_restart(ajob):
     first_run = time.monotonic() - t0
     assert "rank 0 restart_test None" in out and "rank 1 done" in out
     for v in (1, 2, 3):
-        assert persisted(ajob, v) == ["r0.manifest.json", "r1.manifest.json"]
+        assert persisted(ajob, v) == [0, 1]
     (entry,) = control.status(ajob["cfg"], ajob["full_env"])
     assert entry["alive"] and entry["pending"] == 0 and entry["counts"]["done"] >= 3
     log = Path(entry["log"]).read_text()
@@ -95,7 +95,7 @@ def test_backend_finishes_work_after_app_crash(ajob):
     assert proc.returncode != 0
     res = control.drain(ajob["cfg"], ajob["full_env"], timeout=60)
     assert res["drained"] and not res["failures"]
-    assert persisted(ajob, 2) == ["r0.manifest.json", "r1.manifest.json"]
+    assert persisted(ajob, 2) == [0, 1]
     text = control.format_status(control.status(ajob["cfg"], ajob["full_env"]))
     assert "0 pending" in text
 
@@ -127,7 +127,7 @@ def test_launcher_virtual_nodes_exit_code_and_drain(ajob):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "backend for node vnode0" in proc.stderr and "vnode1" in proc.stderr
-    assert persisted(ajob, 2) == [f"r{r}.manifest.json" for r in range(4)]
+    assert persisted(ajob, 2) == [0, 1, 2, 3]
     deadline = time.monotonic() + 30
     while control.job_backends(ajob["cfg"], ajob["full_env"]) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -162,7 +162,7 @@ def test_init_single_with_mapping_config(ajob):
                            str(ajob["persistent"])], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "single ok" in proc.stdout, proc.stdout + proc.stderr
-    assert (Path(ajob["persistent"]) / "single" / "v1" / "r7.manifest.json").exists()
+    assert persistent_ranks(Path(ajob["persistent"]) / "single" / "v1") == [7]
     cfg_map = {"scratch": f"{ajob['scratch']}/{{node}}", "mode": "async"}
     backends = control.job_backends(cfg_map, env)
     assert len(backends) == 1 and (backends[0][0].dir / "config.ini").exists()
@@ -328,7 +328,7 @@ def test_hung_world_member_breaks_the_world_not_the_node(ajob, world_of_two, hun
     assert proc.returncode != 0 and "rank 1 done" not in proc.stdout
     assert re.search(r"rank 1 ERROR BackendError: .*job v1 failed: .*the partner level is configured "
                      r"\(\[partner\]\) but job v1 cannot reach it", proc.stdout), proc.stdout
-    assert persisted(ajob, 1) == ["r0.manifest.json", "r1.manifest.json"]   # its local levels are done
+    assert persisted(ajob, 1) == [0, 1]   # its local levels are done
     with ipc.BackendConnection(world_of_two["eps"][other].socket, 10) as conn:
         assert conn.request({"op": "status"})["world"]["broken"]
     os.kill(world_of_two["pids"][hung], signal.SIGCONT)      # it finds itself alone too
@@ -447,7 +447,8 @@ def veloc_cli(ajob, *args):
 
 def test_backend_killed_in_the_middle_of_a_flush_then_resumed(ajob):
     """(b) SIGKILL the backend while it copies a 200 MiB-per-rank version to persistent
-    (on /tmp): nothing torn is committed; ``veloc drain`` resumes the journal, the flush
+    (on /tmp): nothing torn is committed (the rank files are staged under their names,
+    the node's record is missing); ``veloc drain`` resumes the journal, the flush
     completes, checksums verify, and no temporary file is left behind."""
     persistent = Path(tempfile.mkdtemp(prefix="veloc-pers-", dir="/tmp"))
     try:
@@ -456,30 +457,28 @@ def test_backend_killed_in_the_middle_of_a_flush_then_resumed(ajob):
         proc = big_app(ajob, 200)
         assert proc.stdout.count("submitted") == 2, proc.stdout + proc.stderr
         vdir = persistent / "job" / "v1"
-        temp = wait_for(lambda: list(vdir.glob(".r*.tmp")) if vdir.is_dir() else [], 60,
-                        "the flush to start")
+        staged = wait_for(lambda: list(vdir.glob("r*.vck")) if vdir.is_dir() else [], 60,
+                          "the flush to start")
         (entry,) = control.status(ajob["cfg"], ajob["full_env"])
         os.kill(entry["pid"], signal.SIGKILL)
         wait_for(lambda: not lifecycle.backend_alive(lifecycle.resolve(ajob["cfg"], ajob["full_env"])[2]),
                  30, "the backend to die")
-        committed = sorted(p.name for p in vdir.glob("r*.manifest.json"))
-        assert committed != ["r0.manifest.json", "r1.manifest.json"], "killed too late"
-        assert any(p.exists() for p in temp)
+        assert not list(vdir.glob("n*.commit.json")), "killed too late"     # the node's record
+        assert persistent_ranks(vdir) == [] and any(p.exists() for p in staged)
         (entry,) = control.status(ajob["cfg"], ajob["full_env"])
         assert not entry["alive"] and entry["journaled"] == 2
         t0 = time.monotonic()
         drained = veloc_cli(ajob, "drain", ajob["cfg"], "--timeout", 90)
         assert drained.returncode == 0 and "drained" in drained.stdout, drained.stdout + drained.stderr
         resumed = time.monotonic() - t0
-        assert sorted(p.name for p in vdir.glob("r*.manifest.json")) == ["r0.manifest.json",
-                                                                       "r1.manifest.json"]
+        assert persistent_ranks(vdir) == [0, 1]
         assert not list(vdir.glob(".*")), f"left behind: {list(vdir.glob('.*'))}"
         verify = veloc_cli(ajob, "verify", ajob["cfg"], "job", 1)
         assert verify.returncode == 0, verify.stdout + verify.stderr
         assert re.search(r"OK +persistent +job v1 rank 0", verify.stdout), verify.stdout
         assert re.search(r"OK +persistent +job v1 rank 1", verify.stdout), verify.stdout
         log = Path(control.status(ajob["cfg"], ajob["full_env"])[0]["log"]).read_text()
-        assert "resuming 2 unfinished item(s)" in log and "temporary file(s) of an interrupted" in log
+        assert "resuming 2 unfinished item(s)" in log     # the staged files were rewritten, then committed
         print(f"killed during the flush; veloc drain finished it in {resumed:.2f} s")
     finally:
         shutil.rmtree(persistent, ignore_errors=True)
@@ -552,4 +551,4 @@ def test_partner_without_a_backend_world_is_an_error_not_a_silent_success(ajob):
     assert proc.returncode != 0 and "done" not in proc.stdout, out
     assert re.search(r"BackendError: node vnode\d: background checkpoint of job v1 failed: .*the partner "
                      r"level is configured \(\[partner\]\) but job v1 cannot reach it", out), out
-    assert persisted(ajob, 1) == ["r0.manifest.json", "r1.manifest.json"]
+    assert persisted(ajob, 1) == [0, 1]

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from conftest import run_mpi
+from conftest import persistent_ranks, run_mpi
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 NODES = ["n0", "n1", "n2", "n3"]
@@ -81,4 +81,5 @@ def test_killed_ranks_debris_is_collected_at_the_next_init(dirs):
     assert not leftovers, leftovers
     for i, node in enumerate(NODES):     # version 2 written again and committed on every node
         assert (v2[node] / f"r{i}.manifest.json").exists()
-        assert (dirs["persistent"] / "job" / "v2" / f"r{i}.manifest.json").exists()
+    assert persistent_ranks(dirs["persistent"] / "job" / "v2") == list(range(len(NODES)))
+    assert len(list((dirs["persistent"] / "job" / "v2").glob("n*.commit.json"))) == len(set(NODES))

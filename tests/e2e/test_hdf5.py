@@ -12,7 +12,7 @@ With ``[compress] enabled = true`` the rank files' datasets are chunked and defl
 (HDF5's own filter): the same runs restart bit-for-bit from them, on 4 and on 2 ranks.
 
 Layout relied on (veloc/storage/hdf5_format.py): ``{persistent}/heat/v{V}/r{rank}.h5``,
-``r{rank}.manifest.json`` and ``global.h5``.
+the nodes' ``n<first>-<last>.commit.json`` records and ``global.h5``.
 """
 import os
 import re
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, kill_job_backends, run_mpi
+from conftest import REPO, kill_job_backends, persistent_ranks, run_mpi
 
 h5py = pytest.importorskip("h5py")
 pytestmark = pytest.mark.e2e
@@ -85,7 +85,8 @@ def check_files(dirs, version, nranks):
     vdir = dirs["persistent"] / "heat" / f"v{version}"
     names = sorted(p.name for p in vdir.iterdir())
     assert names == sorted(["global.h5"] + [f"r{r}.h5" for r in range(nranks)]
-                           + [f"r{r}.manifest.json" for r in range(nranks)]), names
+                           + [p.name for p in vdir.glob("n*.commit.json")]), names
+    assert persistent_ranks(vdir) == list(range(nranks))
     with h5py.File(vdir / "global.h5", "r") as f:
         assert f["grid"].is_virtual and f["grid"].shape == (50, 40)
         grid = f["grid"][()]

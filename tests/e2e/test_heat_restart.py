@@ -12,16 +12,20 @@ node or a bad disk would, restarts the job, and checks
 * that the final grid equals the one of an uninterrupted run bit for bit.
 
 On-disk layout relied on (docs/ARCHITECTURE.md): ``{scratch}/{name}/v{version}/r{rank}.vck``
-plus ``r{rank}.manifest.json`` next to it, and the same below ``{persistent}``.
+plus ``r{rank}.manifest.json`` next to it; below ``{persistent}`` the rank files and one
+``n<first>-<last>.commit.json`` record per node and version.
 """
+import os
 import re
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, flip_bytes, run_mpi
+from conftest import REPO, flip_bytes, kill_job_backends, persistent_ranks, run_mpi
 
 pytestmark = pytest.mark.e2e
 
@@ -35,9 +39,9 @@ TIMEOUT = 90                              # seconds per mpiexec run
 
 # --------------------------------------------------------------------------- helpers
 
-def write_config(dirs, persistent=True, **extra):
-    """A sync-mode INI in the test's tmp folder; scratch is per virtual node."""
-    lines = [f"scratch = {dirs['scratch']}/{{node}}", "mode = sync"]
+def write_config(dirs, persistent=True, mode="sync", **extra):
+    """An INI (sync mode unless told) in the test's tmp folder; scratch is per virtual node."""
+    lines = [f"scratch = {dirs['scratch']}/{{node}}", f"mode = {mode}"]
     if persistent:
         lines += [f"persistent = {dirs['persistent']}", "persistent_interval = 0"]
     lines += [f"{key} = {value}" for key, value in extra.items()]
@@ -46,24 +50,24 @@ def write_config(dirs, persistent=True, **extra):
     return path
 
 
-def heat(cfg, *args, check=True):
+def heat(cfg, *args, check=True, env=None):
     """One checkpointing run of heat.py on the 4 ranks / 2 virtual nodes."""
     return run_mpi([HEAT, *GRID, "--config", cfg, "--every", EVERY, *args], nodes=NODES,
-                   check=check, timeout=TIMEOUT)
+                   check=check, timeout=TIMEOUT, env=env)
 
 
-def crash(cfg, out):
+def crash(cfg, out, env=None):
     """Run until rank FAIL_RANK dies after iteration FAIL_AT; assert it really died."""
-    proc = heat(cfg, "--fail-at", FAIL_AT, "--fail-rank", FAIL_RANK, "--out", out, check=False)
+    proc = heat(cfg, "--fail-at", FAIL_AT, "--fail-rank", FAIL_RANK, "--out", out, check=False, env=env)
     assert proc.returncode != 0, f"the run was supposed to crash:\n{proc.stdout}\n{proc.stderr}"
     assert f"rank {FAIL_RANK} failing after iteration {FAIL_AT}" in proc.stderr, proc.stderr
     assert not Path(out).exists(), "the crashed run must not reach the end"
     return proc
 
 
-def restart(cfg, out):
+def restart(cfg, out, env=None):
     """Run to completion; return ``(version, {level: count})`` from the restart line."""
-    proc = heat(cfg, "--out", out)
+    proc = heat(cfg, "--out", out, env=env)
     match = RESTART_LINE.search(proc.stdout)
     assert match, f"no restart line in:\n{proc.stdout}\n{proc.stderr}"
     assert len(RESTART_LINE.findall(proc.stdout)) == 1, proc.stdout
@@ -154,6 +158,20 @@ def lose_rank1_newest_everywhere(dirs):
         path.unlink()
 
 
+def lose_scratch_and_node_record(torn):
+    """Every scratch lost, and node n1's persistent commit record of the newest version
+    gone (its engine died before the commit) or torn (half written by a bad disk)."""
+    def damage(dirs):
+        lose_all_scratch(dirs)
+        record = version_dir(dirs["persistent"], FAIL_AT) / "n2-3.commit.json"
+        assert record.is_file(), f"layout changed? {sorted(record.parent.iterdir())}"
+        if torn:
+            record.write_bytes(record.read_bytes()[: record.stat().st_size // 2])
+        else:
+            record.unlink()
+    return damage
+
+
 # name: (persistent level?, damage done after the crash, expected (version, levels), why)
 SCENARIOS = {
     "scratch_only": (False, lambda dirs: None, (FAIL_AT, {"scratch": 4}),
@@ -176,6 +194,12 @@ SCENARIOS = {
                          "rank 0's newest manifest is garbage (a torn write on a bad disk): the job restarts "
                          "from the previous version, and checkpointing the newest version number again "
                          "overwrites the bad copy instead of failing"),
+    "node_record_missing": (True, lose_scratch_and_node_record(torn=False), (FAIL_AT - EVERY, {"persistent": 4}),
+                            "no scratch left and n1's record of the newest version was never committed: "
+                            "ranks 2-3 have no persistent copy of it, so all ranks read the previous one"),
+    "node_record_torn": (True, lose_scratch_and_node_record(torn=True), (FAIL_AT - EVERY, {"persistent": 4}),
+                         "no scratch left and n1's record of the newest version is torn: its ranks' copies "
+                         "are refused with the record's error, so all ranks read the previous one"),
     "newest_missing_for_one_rank": (True, lose_rank1_newest_everywhere, (FAIL_AT - EVERY, {"scratch": 4}),
                                     "rank 1 lost the newest version on every level: all ranks agree on the "
                                     "older one"),
@@ -194,3 +218,29 @@ def test_crash_damage_restart_is_bit_exact(dirs, reference, scenario):
     damage(dirs)
     assert restart(cfg, out) == expected
     assert_bit_exact(out, reference)
+
+
+@pytest.mark.timeout(240)
+def test_async_restart_from_node_records_after_losing_all_scratch(dirs, reference):
+    """Async mode: the two node backends flush in the background, each committing one
+    record per version for its two ranks; after the crash and the loss of every scratch
+    the job restarts from those records."""
+    runtime = Path(tempfile.mkdtemp(prefix="vheat-", dir="/tmp"))
+    env = {"VELOC_RUNTIME_DIR": str(runtime)}
+    cfg = write_config(dirs, mode="async")
+    try:
+        out = dirs["tmp"] / "out.npy"
+        crash(cfg, out, env=env)
+        newest = version_dir(dirs["persistent"], FAIL_AT)
+        deadline = time.monotonic() + 60
+        while persistent_ranks(newest) != [0, 1, 2, 3]:
+            assert time.monotonic() < deadline, "the backends did not commit the version at persistent"
+            time.sleep(0.1)
+        kill_job_backends(cfg, dict(os.environ, **env))        # a lost job's backends are gone too
+        assert sorted(p.name for p in newest.glob("*.json")) == ["n0-1.commit.json", "n2-3.commit.json"]
+        lose_all_scratch(dirs)
+        assert restart(cfg, out, env=env) == (FAIL_AT, {"persistent": 4})
+        assert_bit_exact(out, reference)
+    finally:
+        kill_job_backends(cfg, dict(os.environ, **env))
+        shutil.rmtree(runtime, ignore_errors=True)

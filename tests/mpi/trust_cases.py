@@ -154,8 +154,8 @@ def test_restarted_run_supersedes_the_crashed_runs_orphans(cfg):
     cfg = dict(cfg, scratch_versions=2, max_versions=2)
     write(cfg, [1, 2, 3], run=0)
     if rank == size - 1:
-        for level_root in (cfg["scratch"].format(node=node_id()), cfg["persistent"]):
-            (Path(level_root) / "t" / "v3" / f"r{rank}.manifest.json").unlink()
+        (Path(cfg["scratch"].format(node=node_id())) / "t" / "v3" / f"r{rank}.manifest.json").unlink()
+        LevelStore("persistent", cfg["persistent"]).uncommit("t", 3, rank)     # out of its node's record
     comm.Barrier()
     assert write(cfg, [3, 4], run=1, restart=True) == 2
     assert restore(cfg) == (4, "scratch", 1)

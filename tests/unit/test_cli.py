@@ -105,10 +105,10 @@ def test_ls_partial_and_unchecksummed(dirs, monkeypatch, capsys):
     cfg = write_cfg(dirs["tmp"] / "c.ini", f"{dirs['scratch']}/{{node}}", dirs["persistent"], "chksum = false\n")
     make_checkpoints(cfg, versions=(3,))
     vdir = dirs["persistent"] / "heat" / "v3"
-    for rank in (0, 1):      # as if written by a 3-rank job whose rank 2 never arrived
-        path = vdir / f"r{rank}.manifest.json"
+    for path in vdir.glob("n*.commit.json"):    # as if written by a 3-rank job whose rank 2 never arrived
         data = json.loads(path.read_text())
-        data["nranks"] = 3
+        for manifest in data["manifests"]:
+            manifest["nranks"] = 3
         path.write_text(json.dumps(data))
     code, out, _ = run(capsys, "ls", cfg)
     assert code == 0
@@ -161,14 +161,26 @@ def test_verify_truncated_and_missing_files(ckpt, capsys):
 
 
 def test_corrupt_manifest_is_partial_in_ls_and_fails_verify(ckpt, capsys):
-    manifest = ckpt["persistent"] / "heat" / "v1" / "r0.manifest.json"
-    manifest.write_text("{not json")
+    record = ckpt["persistent"] / "heat" / "v1" / "n0-0.commit.json"     # rank 0's (its own client)
+    record.write_text("{not json")
     code, out, _ = run(capsys, "ls", ckpt["cfg"], "heat", "--json")
     bad = [s for s in json.loads(out) if s["level"] == "persistent" and s["version"] == 1]
     assert code == 0 and bad[0]["state"] == "partial" and bad[0]["ranks"] == [1]
-    assert str(manifest) in bad[0]["problems"][0]
+    assert str(record) in bad[0]["problems"][0] and "malformed commit record" in bad[0]["problems"][0]
     code, out, _ = run(capsys, "verify", ckpt["cfg"], "heat", "1")
-    assert code == 1 and "FAIL    persistent heat v1 rank 0" in out and "malformed manifest" in out
+    assert code == 1 and "FAIL    persistent heat v1 rank 0" in out and "malformed commit record" in out
+    assert "OK      persistent heat v1 rank 1" in out
+
+
+def test_per_rank_manifests_on_persistent_still_read(ckpt, capsys):
+    """A persistent tree written before node commit records (r<rank>.manifest.json)."""
+    vdir = ckpt["persistent"] / "heat" / "v1"
+    for record in vdir.glob("n*.commit.json"):
+        for manifest in json.loads(record.read_text())["manifests"]:
+            (vdir / f"r{manifest['rank']}.manifest.json").write_text(json.dumps(manifest))
+        record.unlink()
+    code, out, _ = run(capsys, "verify", ckpt["cfg"], "heat", "1")
+    assert code == 0 and "OK      persistent heat v1 rank 0" in out and "OK      persistent heat v1 rank 1" in out
 
 
 # -- show -------------------------------------------------------------------------------

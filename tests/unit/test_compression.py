@@ -235,7 +235,7 @@ def test_persistent_holds_only_the_compressed_copy_and_restores_in_place(dirs, c
     grid, weights = np.zeros((256, 256)), np.random.default_rng(3).standard_normal(5000).astype(np.float32)
     run_versions(cfg, [1, 2], grid, weights)
     names = sorted(p.name for p in pdir(dirs, 2).iterdir())
-    assert names == ["r0.manifest.json", "r0.vcz"]
+    assert names == ["n0-0.commit.json", "r0.vcz"]
     manifest = veloc.storage.levels.LevelStore("persistent", dirs["persistent"]).read_manifest("sim", 2, 0)
     assert [f.kind for f in manifest.files] == ["compressed"] and manifest.files[0].digest
     verify_files(manifest, pdir(dirs, 2))
@@ -266,7 +266,7 @@ def test_damaged_compressed_copy_is_answered_by_scratch_or_an_older_version(dirs
 def test_incompressible_rank_is_flushed_raw_without_a_sidecar(dirs, cfg):
     grid = np.random.default_rng(4).standard_normal((64, 64))
     run_versions(cfg, [1], grid, np.random.default_rng(5).standard_normal(5000).astype(np.float32))
-    assert sorted(p.name for p in pdir(dirs, 1).iterdir()) == ["r0.manifest.json", "r0.vck"]
+    assert sorted(p.name for p in pdir(dirs, 1).iterdir()) == ["n0-0.commit.json", "r0.vck"]
     scratch_vdir = next(dirs["scratch"].iterdir()) / "sim" / "v1"
     assert not (scratch_vdir / "r0.vcz").exists()
 

@@ -151,9 +151,9 @@ def test_restart_and_open_from_compressed_hdf5(dirs, cfg, codec):
         c.protect("meta", {"lr": 0.1}, pickle=True)
         c.checkpoint("sim", 5)
     vdir = dirs["persistent"] / "sim" / "v5"
-    assert sorted(p.name for p in vdir.iterdir()) == ["global.h5", "r0.h5", "r0.manifest.json"]   # no .vcz
+    assert sorted(p.name for p in vdir.iterdir()) == ["global.h5", "n0-0.commit.json", "r0.h5"]   # no .vcz
     assert not list(dirs["scratch"].rglob("*.vcz"))
-    manifest = json.loads((vdir / "r0.manifest.json").read_text())
+    manifest = json.loads((vdir / "n0-0.commit.json").read_text())["manifests"][0]
     assert manifest["files"][0]["digest"] == digest_file(vdir / "r0.h5", manifest["checksum"])
     with h5py.File(vdir / "r0.h5", "r") as f:
         if codec == "auto":

@@ -235,8 +235,8 @@ def test_single_rank_flush_and_restart_from_hdf5(dirs, hdf5_cfg):
         c.protect("meta", {"lr": 0.1}, pickle=True)
         c.checkpoint("sim", 5)
     vdir = dirs["persistent"] / "sim" / "v5"
-    assert sorted(p.name for p in vdir.iterdir()) == ["global.h5", "r0.h5", "r0.manifest.json"]
-    manifest = json.loads((vdir / "r0.manifest.json").read_text())
+    assert sorted(p.name for p in vdir.iterdir()) == ["global.h5", "n0-0.commit.json", "r0.h5"]
+    manifest = json.loads((vdir / "n0-0.commit.json").read_text())["manifests"][0]
     assert manifest["files"][0]["name"] == "r0.h5"
     assert manifest["files"][0]["digest"] == digest_file(vdir / "r0.h5", manifest["checksum"])
     with h5py.File(vdir / "global.h5", "r") as f:

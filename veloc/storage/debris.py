@@ -20,7 +20,8 @@ Who collects what, and why that never touches a copy a live process is writing:
   at its rename, never commits a torn file).
 - **A rank's own scratch files, at init** (``Client.__init__``, every application rank,
   before its first write, holding its :class:`RankClaim`): its uncommitted rank files
-  (``r<rank>.*`` with no ``r<rank>.manifest.json`` next to them), its recycle-pool files
+  (``r<rank>.*`` with no ``r<rank>.manifest.json`` next to them; on persistent: that
+  no node commit record ``n<first>-<last>.commit.json`` lists), its recycle-pool files
   beyond the pool's size and unclaimed pool files of rank numbers this job does not have
   (version folders stay: another process may just have created one to write into it).
   Only the rank itself writes ``r<rank>.*`` files of a version before their manifest is
@@ -57,6 +58,7 @@ from pathlib import Path
 from veloc.errors import CorruptCheckpointError, VelocError
 from veloc.storage.fileio import FILE_MODE, boot_tag, make_dirs, process_start
 from veloc.storage.levels import _MANIFEST, _VDIR, LevelStore
+from veloc.storage.node_records import RECORD, committed_ranks
 from veloc.redundancy.striping import GroupStore
 from veloc.redundancy.transfer import node_scratch
 
@@ -151,20 +153,26 @@ def _version_dirs(root, name=None):
 
 def _sweep_rank_dir(vdir, ranks, tally, uncommitted=True):
     """In one version folder: dead temporary files of ``ranks`` (all ranks when ``None``)
-    and, with ``uncommitted``, their rank files whose manifest is absent."""
+    and, with ``uncommitted``, their rank files that no manifest or commit record commits.
+    Returns how many entries are left (0: the folder may go)."""
     entries = _entries(vdir)
-    committed = {int(m.group(1)) for m in map(_MANIFEST.fullmatch, (e.name for e in entries)) if m}
+    before = tally.files
+    committed = committed_ranks(e.name for e in entries)
     for e in entries:
         target = temp_target(e.name)
         if target is not None:
             owner = _RANK_FILE.fullmatch(target) or _MANIFEST.fullmatch(target)
-            if (ranks is None or (owner and int(owner.group(1)) in ranks)) and _dead_temp(e):
+            record = RECORD.fullmatch(target)
+            mine = ranks is None or (owner and int(owner.group(1)) in ranks) or (
+                record and any(int(record.group(1)) <= r <= int(record.group(2)) for r in ranks))
+            if mine and _dead_temp(e):
                 tally.remove(e.path)
             continue
         m = _RANK_FILE.fullmatch(e.name)
         if (uncommitted and m and (ranks is None or int(m.group(1)) in ranks)
                 and int(m.group(1)) not in committed and e.is_file(follow_symlinks=False)):
             tally.remove(e.path)
+    return len(entries) - (tally.files - before)
 
 
 def _unclaimed(root, rank):
@@ -305,20 +313,20 @@ def _collect_engine(ctx, name, ranks, before, logger):
             if store is not None:
                 trees.setdefault((store.level, str(store.root)), [store, set()])[1].add(rank)
     for (level, root), (store, owned) in trees.items():
-        below = before if level == "scratch" else newest_complete(store, name)
+        vdirs = sorted(_version_dirs(store.root, name), reverse=True)
+        below = before if level == "scratch" else newest_complete(store, name, vdirs)
         # versions under an earlier sweep's mark were swept by this process already: new
         # debris there only comes from a crash, and a new process sweeps again
         key = (root, name, frozenset(owned))
         floor = marks.get(key) if before is not None else None
-        vdirs = sorted(_version_dirs(store.root, name), reverse=True)
         if level == "persistent" and floor is None:
             vdirs = vdirs[:RECENT_PERSISTENT]
         for version, vdir in vdirs:
             if floor is not None and version < floor:
                 break
             old = below is not None and version < below
-            _sweep_rank_dir(vdir, owned, tally, uncommitted=old)
-            if old:
+            left = _sweep_rank_dir(vdir, owned, tally, uncommitted=old)
+            if old and not left:
                 tally.rmdir(vdir)
         if below is not None:
             marks[key] = below
@@ -344,15 +352,15 @@ def _collect_engine(ctx, name, ranks, before, logger):
     return tally
 
 
-def newest_complete(store, name):
+def newest_complete(store, name, vdirs=None):
     """The newest version of ``name`` every rank of its job committed at ``store``, or None
-    (reads version folders newest first and stops at the first complete one)."""
-    for version, vdir in sorted(_version_dirs(store.root, name), reverse=True):
-        ranks = sorted(int(m.group(1)) for m in map(_MANIFEST.fullmatch, (e.name for e in _entries(vdir))) if m)
-        if not ranks:
-            continue
+    (reads version folders newest first and stops at the first complete one; ``vdirs``:
+    ``[(version, folder)]`` newest first, if just listed)."""
+    if vdirs is None:
+        vdirs = sorted(_version_dirs(store.root, name), reverse=True)
+    for version, vdir in vdirs:
         try:
-            manifest = store.read_manifest(name, version, ranks[0])
+            ranks, manifest = store.version_summary(name, version)
         except CorruptCheckpointError:    # an unreadable manifest: not a complete version
             continue
         if manifest is not None and len(ranks) >= manifest.nranks:

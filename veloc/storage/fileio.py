@@ -122,12 +122,13 @@ def preadinto_all(fd, view, offset):
     return done
 
 
-def commit_temp(fd, tmp, path, durable=True):
+def commit_temp(fd, tmp, path, durable=True, sync_dir=True):
     """The commit step every writer of veloc ends with: fsync and close ``fd`` (open on the
     temporary file ``tmp`` next to ``path``), rename ``tmp`` over ``path``, fsync the
     directory. A crash at any point leaves either the old ``path`` or the new one; on an
     error ``tmp`` is removed and the error raised. ``durable=False`` skips both fsyncs
-    (node-local tmpfs, runtime files)."""
+    (node-local tmpfs, runtime files); ``sync_dir=False`` skips the directory's, for a
+    file that a later commit record names (that commit syncs the directory once)."""
     try:
         try:
             if durable:
@@ -138,7 +139,7 @@ def commit_temp(fd, tmp, path, durable=True):
     except BaseException:
         _unlink_quietly(tmp)
         raise
-    if durable:
+    if durable and sync_dir:
         fsync_dir(path.parent)
 
 
@@ -158,11 +159,33 @@ def open_temp(path, reuse=None):
 
 
 @contextlib.contextmanager
-def atomic_file(path, durable=True, reuse=None):
+def atomic_file(path, durable=True, reuse=None, staged=False, sync_dir=True):
     """Yield the descriptor of a private temporary file that replaces ``path`` on success
     (:func:`commit_temp`); on an exception the temporary file is removed. ``reuse``: see
-    :func:`open_temp` (the writer must then truncate to its own size)."""
+    :func:`open_temp` (the writer must then truncate to its own size).
+
+    ``staged=True``: a file that only counts once a later commit record names it (the
+    shared levels, ``veloc.storage.node_records``). It is written under ``path`` itself
+    when no such file exists yet (no rename; a crash leaves an uncommitted file that no
+    record names), else through a temporary file renamed over it; the directory is not
+    synced (the record's commit does it once for every file); nor with ``sync_dir=False``."""
     path = Path(path)
+    if staged:
+        try:
+            fd = _create_exclusive(path)
+        except FileExistsError:
+            fd = None
+        if fd is not None:
+            try:
+                yield fd
+                if durable:
+                    os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                _unlink_quietly(path)
+                raise
+            os.close(fd)
+            return
     fd, tmp = open_temp(path, reuse)
     try:
         yield fd
@@ -170,14 +193,15 @@ def atomic_file(path, durable=True, reuse=None):
         os.close(fd)
         _unlink_quietly(tmp)
         raise
-    commit_temp(fd, tmp, path, durable)
+    commit_temp(fd, tmp, path, durable, sync_dir=sync_dir and not staged)
 
 
 @contextlib.contextmanager
-def atomic_path(path, durable=True):
+def atomic_path(path, durable=True, staged=False):
     """Yield the path of a private temporary file (created empty, mode 0600) next to
     ``path``, for writers that open files by name (h5py); on success it replaces ``path``
-    (:func:`commit_temp`), on an exception it is removed."""
+    (:func:`commit_temp`), on an exception it is removed. ``staged``: the directory is
+    not synced (see :func:`atomic_file`)."""
     path = Path(path)
     fd, tmp = open_temp(path)
     os.close(fd)
@@ -187,18 +211,29 @@ def atomic_path(path, durable=True):
     except BaseException:
         _unlink_quietly(tmp)
         raise
-    commit_temp(fd, tmp, path, durable)
+    commit_temp(fd, tmp, path, durable, sync_dir=not staged)
 
 
-def atomic_write_bytes(path, data, durable=True, reuse=None):
-    """Commit ``data`` at ``path`` atomically (see :func:`atomic_file`)."""
-    with atomic_file(path, durable, reuse) as fd:
+def _create_exclusive(path):
+    """Open a new file ``path`` (mode 0600), creating its folder first if it is missing
+    (no lookup before the create: the common case costs one call)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileNotFoundError:
+        make_dirs(path.parent)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+
+
+def atomic_write_bytes(path, data, durable=True, reuse=None, sync_dir=True):
+    """Commit ``data`` at ``path`` atomically (see :func:`atomic_file`); ``sync_dir=False``:
+    the caller syncs the directory itself (one sync for several commits)."""
+    with atomic_file(path, durable, reuse, sync_dir=sync_dir) as fd:
         pwrite_all(fd, data, 0)
         if reuse is not None:
             os.ftruncate(fd, len(data))
 
 
-def copy_file(src, dst, durable=True, on_chunk=None, direct=False, source_map=None):
+def copy_file(src, dst, durable=True, on_chunk=None, direct=False, source_map=None, staged=False):
     """Copy ``src`` to ``dst`` atomically (see :func:`atomic_file`) and return the size.
 
     ``direct=True`` (the flush to persistent storage) writes with ``O_DIRECT`` straight
@@ -208,10 +243,10 @@ def copy_file(src, dst, durable=True, on_chunk=None, direct=False, source_map=No
     EXDEV on some kernels, so falls back to large ``readinto``/``write`` chunks.
     ``on_chunk(view)`` (e.g. a hasher's update) sees every byte once, in order.
     ``source_map``: an existing read-only mapping of the whole of ``src`` for the direct
-    path (the caller keeps it open).
+    path (the caller keeps it open). ``staged``: see :func:`atomic_file`.
     """
-    size = os.stat(src).st_size
-    with open(src, "rb", buffering=0) as fin, atomic_file(dst, durable) as fd:
+    with open(src, "rb", buffering=0) as fin, atomic_file(dst, durable, staged=staged) as fd:
+        size = os.fstat(fin.fileno()).st_size
         done = 0
         if direct and size >= DIRECT_MIN_SIZE and _set_direct(fd, True):
             done = _copy_direct(fin.fileno(), fd, size, on_chunk, source_map)

@@ -12,9 +12,11 @@ Call sequence, writer side (the flush module, in each node's engine; not collect
     for every version the flush module acts on:
         for each local rank (threads, up to max_parallelism):
             out = writer.write_rank(ctx, cmd, rank, manifest)
-                                                   # files written, each committed
-                                                   # atomically; returns the manifest
-            flush commits ``out``                  # COMMIT 1: the rank's copy exists
+                                                   # files written (staged: synced, not
+                                                   # yet committed); returns the manifest
+        flush commits every ``out`` of the node    # COMMIT 1: one record per node and
+                                                   # store root (veloc.storage.node_records);
+                                                   # the node's copies exist
         writer.finish_version(ctx, cmd)            # once per node, after all its ranks:
                                                    # native: nothing; hdf5: the node that
                                                    # sees every rank's manifest commits
@@ -76,17 +78,22 @@ def copy_verified(manifest, src, dst, what, direct=False, verify=True, mapped_fi
     corrupted data is refused (the destination is never committed); ``verify=False``
     checks sizes only. ``direct``: write with O_DIRECT where the destination file system
     takes it (``[flush] direct_io``), from the mapping an earlier module of this pipeline
-    run made of the file (``mapped_files``), if any.
+    run made of the file (``mapped_files``), if any. On a shared level (persistent) the
+    files are staged (``veloc.storage.fileio.atomic_file``): the caller's commit record
+    makes them count.
     """
     sdir = src.version_dir(manifest.name, manifest.version)
     ddir = dst.version_dir(manifest.name, manifest.version)
-    make_dirs(ddir)
+    staged = getattr(dst, "shared", False)
+    if not staged:
+        make_dirs(ddir)          # a staged file makes its folder when it is missing
     for entry in manifest.files if entries is None else entries:
         h = hasher(manifest.checksum) if (verify and manifest.checksum and entry.digest) else None
         try:
             source_map = mapped_files.peek(sdir / entry.name) if mapped_files is not None else None
             size = copy_file(sdir / entry.name, ddir / entry.name, durable=dst.durable,
-                             on_chunk=h.update if h else None, direct=direct, source_map=source_map)
+                             on_chunk=h.update if h else None, direct=direct, source_map=source_map,
+                             staged=staged)
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{what}: {sdir / entry.name} is missing") from None
         except OSError as exc:
@@ -157,7 +164,7 @@ class Hdf5Writer(NativeWriter):
                 size, digest, datasets = write_rank_h5(
                     rankfile, ddir / rank_file_name(rank), cmd.name, cmd.version, rank, cmd.nranks,
                     checksum=manifest.checksum if entry.digest else None, direct=self.direct_io,
-                    durable=dst.durable, filters=filters,
+                    durable=dst.durable, filters=filters, staged=getattr(dst, "shared", False),
                     level=compress["level"] if compress is not None else None,
                     block_size=compress["block_size"] if compress is not None else None)
         except FileNotFoundError:
@@ -177,17 +184,15 @@ class Hdf5Writer(NativeWriter):
         target = vdir / GLOBAL_FILE
         if target.exists():
             return None
-        if not all(store.manifest_path(cmd.name, cmd.version, r).exists() for r in range(cmd.nranks)):
+        manifests, errors = store.version_manifests(cmd.name, cmd.version)
+        if errors:
+            ctx.log.warning("%s v%d: no %s written: %s", cmd.name, cmd.version, GLOBAL_FILE, errors[0])
             return None
+        if any(r not in manifests for r in range(cmd.nranks)):
+            return None               # not every rank's copy is committed (yet, or any more)
         ranks, tables = {}, {}
         for r in range(cmd.nranks):
-            try:
-                manifest = store.read_manifest(cmd.name, cmd.version, r)
-            except CorruptCheckpointError as exc:
-                ctx.log.warning("%s v%d: no %s written: %s", cmd.name, cmd.version, GLOBAL_FILE, exc)
-                return None
-            if manifest is None:      # removed meanwhile (a newer run superseded it)
-                return None
+            manifest = manifests[r]
             params = next((m["params"] for m in manifest.modules if m["module"] == "hdf5"), None)
             if params is not None and manifest.file("regions") is not None:
                 ranks[r] = vdir / manifest.file("regions").name

@@ -1,7 +1,8 @@
 """The HDF5 persistent format: one plain HDF5 file per rank per version, plus a per-version
 file of virtual datasets that stitches global arrays.
 
-Files (below the persistent root, next to the usual ``r<rank>.manifest.json``)::
+Files (below the persistent root, next to the node commit records ``n<first>-<last>.commit.json``,
+``veloc.storage.node_records``)::
 
     <name>/v<version>/r<rank>.h5      one rank's regions (written by the flush module)
     <name>/v<version>/global.h5       virtual datasets over every rank's file; the
@@ -127,9 +128,10 @@ def _region_attrs(info, storage):
 # --------------------------------------------------------------------------- writing
 
 def write_rank_h5(rankfile, path, name, version, rank, nranks, checksum=None, direct=True, durable=True,
-                  filters=None, level=None, block_size=None):
+                  filters=None, level=None, block_size=None, staged=False):
     """Write the regions of an open, verified :class:`RankFile` as ``path`` (an
-    ``r<rank>.h5``), committed atomically (temp name, fsync, rename, directory fsync).
+    ``r<rank>.h5``), committed atomically (temp name, fsync, rename, directory fsync;
+    ``staged``: no directory fsync, the node's commit record syncs the folder once).
     ``filters`` (``{region id: "gzip"|"zstd"|...}``, see
     :func:`veloc.storage.hdf5_filters.plan_filters`) names the regions stored as chunked
     datasets through that HDF5 filter at ``level``, chunks of about ``block_size`` bytes;
@@ -142,7 +144,7 @@ def write_rank_h5(rankfile, path, name, version, rank, nranks, checksum=None, di
     the flush module in the node's engine, one call per local rank.
     """
     h5py = require_h5py()
-    with atomic_path(path, durable) as tmp:
+    with atomic_path(path, durable, staged=staged) as tmp:
         placed, datasets = _write_metadata(h5py, rankfile, tmp, name, version, rank, nranks,
                                            filters or {}, level, block_size)
         size = os.stat(tmp).st_size

@@ -1,7 +1,11 @@
 """Directory layout of one storage level, and the scratch recycle pool.
 
 A level root holds ``<name>/v<version>/r<rank>.vck`` (memory regions),
-``r<rank>.f.<base>`` (routed files) and ``r<rank>.manifest.json`` (the commit record).
+``r<rank>.f.<base>`` (routed files) and, on node-local levels, ``r<rank>.manifest.json``
+(the commit record of one rank's copy). Shared levels (persistent) commit a node's ranks
+together with one ``n<first>-<last>.commit.json`` record instead:
+``LevelStore("persistent", root)`` builds a
+:class:`~veloc.storage.node_records.SharedLevelStore`, which answers the same calls.
 Names are validated before they get here (``veloc.names``), so no user string is ever
 interpreted as a path. Used by application ranks (scratch), the engine's modules (all
 levels) and the ``veloc`` tool.
@@ -20,10 +24,20 @@ log = logging.getLogger("veloc.levels")
 _VDIR = re.compile(r"v(\d+)")
 _MANIFEST = re.compile(r"r(\d+)\.manifest\.json")
 LEVEL_ORDER = ("scratch", "partner", "erasure", "persistent")
+SHARED_LEVELS = ("persistent",)
 
 
 class LevelStore:
-    """The checkpoint tree of one level under ``root``."""
+    """The checkpoint tree of one level under ``root`` (a shared level's tree is a
+    :class:`~veloc.storage.node_records.SharedLevelStore`)."""
+
+    shared = False
+
+    def __new__(cls, level=None, root=None, durable=True):
+        if cls is LevelStore and level in SHARED_LEVELS:
+            from veloc.storage.node_records import SharedLevelStore
+            cls = SharedLevelStore
+        return super().__new__(cls)
 
     def __init__(self, level, root, durable=True):
         self.level = level
@@ -51,23 +65,32 @@ class LevelStore:
         except OSError:
             return []
 
+    def _version_numbers(self, name):
+        """Versions of ``name`` with a folder here (committed or not)."""
+        try:
+            entries = os.listdir(self.root / name)
+        except OSError:
+            return []
+        return [int(m.group(1)) for m in map(_VDIR.fullmatch, entries) if m]
+
+    def version_ranks(self, name, version):
+        """Sorted ranks with a committed copy of ``version`` of ``name`` here."""
+        return sorted(int(x.group(1)) for x in map(_MANIFEST.fullmatch, _listdir(self.version_dir(name, version)))
+                      if x)
+
+    def version_summary(self, name, version):
+        """``(sorted committed ranks, manifest of the lowest)`` of ``version``, ``([], None)``
+        if none; raises CorruptCheckpointError when that manifest is unreadable."""
+        ranks = self.version_ranks(name, version)
+        return ranks, (self.read_manifest(name, version, ranks[0]) if ranks else None)
+
     def versions(self, name):
         """``{version: sorted ranks with a committed manifest}`` for checkpoint ``name``."""
         out = {}
-        try:
-            vdirs = list((self.root / name).iterdir())
-        except OSError:
-            return out
-        for vdir in vdirs:
-            m = _VDIR.fullmatch(vdir.name)
-            if not m:
-                continue
-            try:
-                ranks = sorted(int(x.group(1)) for x in map(_MANIFEST.fullmatch, os.listdir(vdir)) if x)
-            except OSError:
-                continue
+        for version in self._version_numbers(name):
+            ranks = self.version_ranks(name, version)
             if ranks:
-                out[int(m.group(1))] = ranks
+                out[version] = ranks
         return out
 
     def rank_versions(self, name, rank):
@@ -103,29 +126,46 @@ class LevelStore:
         ``prune``, an emptied version directory is removed too; an application rank
         passes ``prune=False``, since another local rank may be writing into it.
         """
+        self.remove_ranks(name, version, [rank], pool, prune)
+
+    def remove_ranks(self, name, version, ranks, pool=None, prune=True):
+        """:meth:`remove` for several ranks of one version at once (one node's: on a shared
+        level their record goes in one step)."""
         vdir = self.version_dir(name, version)
-        try:
-            manifest = self.read_manifest(name, version, rank)
-        except CorruptCheckpointError:
-            manifest = None
-        remove_quietly(self.manifest_path(name, version, rank))
-        prefix = f"r{int(rank)}."
-        try:
-            leftovers = [p for p in vdir.iterdir() if p.name.startswith(prefix)]
-        except OSError:
-            leftovers = []
-        for path in leftovers:
-            if pool is not None and manifest is not None and path.name == self.regions_file_name(rank):
+        manifests = self.uncommit_ranks(name, version, ranks)
+        owner = {f"r{int(rank)}.": rank for rank in ranks}
+        for entry in _listdir(vdir):
+            rank = owner.get(entry[:entry.index(".") + 1] if "." in entry else None)
+            if rank is None:
+                continue
+            path = vdir / entry
+            if pool is not None and manifests.get(rank) is not None and entry == self.regions_file_name(rank):
                 pool.put(path, rank)
             else:
                 remove_quietly(path)
         if prune:
-            if not any(_MANIFEST.fullmatch(n) for n in _listdir(vdir)):
+            if not self.version_ranks(name, version):
                 remove_quietly(vdir / "global.h5")    # HDF5 format: stitches ranks that are gone
             try:
                 vdir.rmdir()
             except OSError:
                 pass
+
+    def uncommit(self, name, version, rank):
+        """Withdraw ``rank``'s copy of ``version`` (its manifest removed); return the
+        manifest it had, ``None`` if none or unreadable."""
+        return self.uncommit_ranks(name, version, [rank])[rank]
+
+    def uncommit_ranks(self, name, version, ranks):
+        """:meth:`uncommit` for several ranks: ``{rank: manifest it had or None}``."""
+        out = {}
+        for rank in ranks:
+            try:
+                out[rank] = self.read_manifest(name, version, rank)
+            except CorruptCheckpointError:
+                out[rank] = None
+            remove_quietly(self.manifest_path(name, version, rank))
+        return out
 
 
 def _listdir(path):

@@ -46,10 +46,23 @@ class Manifest:
     def to_bytes(self):
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
 
+    def to_dict(self):
+        return asdict(self)
+
     @classmethod
     def from_bytes(cls, data, where="manifest"):
         try:
             raw = json.loads(data)
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"{where}: malformed manifest ({exc})") from None
+        return cls.from_dict(raw, where)
+
+    @classmethod
+    def from_dict(cls, raw, where="manifest"):
+        """A manifest from its decoded JSON object (a manifest file, or one entry of a
+        node's commit record on a shared level); raises CorruptCheckpointError."""
+        try:
+            raw = dict(raw)
             if raw.get("format") != FORMAT:
                 raise ValueError(f"unsupported format {raw.get('format')!r}")
             files = [FileEntry(**f) for f in raw.pop("files")]

@@ -1,11 +1,14 @@
 """Flush module (priority 50): level 4, persistent storage (POSIX files on a parallel FS).
 
 Runs in the node's engine. On CHECKPOINT it copies each local rank's verified scratch
-files to ``persistent`` and commits a manifest there (atomic: temp + fsync + rename +
-directory fsync). The copy is written with O_DIRECT from the mapping the checksum module
-made of the file moments before (``[flush] direct_io``): no page-cache copy, no
-writeback, and no second hash of data whose digest was just computed; ranks are flushed
-in parallel (``max_parallelism``). On RESTART it copies them back to scratch, verifying
+files to ``persistent`` and commits them with one record per node (per persistent folder
+where ``{node}``/``{rank}`` give ranks their own; atomic: the files synced, the folder
+synced once, the record written as temp + fsync + rename + directory fsync; see
+``veloc.storage.node_records``). A rank whose copy failed is left out of the record and
+its error raised once the others are committed. The copy is written with O_DIRECT from
+the mapping the checksum module made of the file moments before (``[flush]
+direct_io``): no page-cache copy, no writeback, and no second hash of data whose digest
+was just computed; ranks are flushed in parallel (``max_parallelism``). On RESTART it copies them back to scratch, verifying
 digests on the way. ``[flush] format`` chooses how a version is stored there
 (``native`` copies, or ``hdf5`` files: ``veloc.storage.formats``). Frequency: ``[flush]
 every = N`` versions and/or ``persistent_interval`` seconds (VELOC's key: 0 = every version, < 0 = never); a
@@ -68,19 +71,30 @@ class FlushModule(Module):
     def checkpoint(self, cmd):
         if not self.due(cmd):
             return False
-        self.for_each_rank(cmd.ranks, lambda rank: self._flush_rank(cmd, rank))
+        results = self.for_each_rank(cmd.ranks, lambda rank: _outcome(self._flush_rank, cmd, rank))
+        by_root = {}
+        for rank, (out, _) in zip(cmd.ranks, results):
+            if out is not None:
+                store = self.ctx.persistent(rank)
+                by_root.setdefault(str(store.root), (store, []))[1].append(out)
+        for store, manifests in by_root.values():
+            store.commit_record(manifests)
+        failure = next((error for _, error in results if error is not None), None)
+        if failure is not None:
+            raise failure
         self.writer.finish_version(self.ctx, cmd)
         return True
 
     def _flush_rank(self, cmd, rank):
+        """Write ``rank``'s copy at persistent (not yet committed); return its manifest."""
         manifest = self.ctx.scratch(rank).read_manifest(cmd.name, cmd.version, rank)
         if manifest is None:
             raise CheckpointError(f"flush of {cmd.name} v{cmd.version}: rank {rank} has no committed "
                                   f"scratch copy on node {self.ctx.node}")
         out = self.writer.write_rank(self.ctx, cmd, rank, manifest)
         out.record_module(self.name, every=self.every, interval=self.interval, format=self.writer.name)
-        fault_point("flush")
-        self.ctx.persistent(rank).commit_manifest(out)
+        fault_point("flush")          # once per rank, its files written, the node's record not yet
+        return out
 
     def supersede(self, name, threshold, ranks):
         return remove_versions_from(self.ctx.persistent, name, threshold, ranks)
@@ -118,3 +132,11 @@ class FlushModule(Module):
                 out = manifest.copy_for("scratch", node=self.ctx.node)
             dst.commit_manifest(out)
         return True
+
+
+def _outcome(work, *args):
+    """``(result, None)``, or ``(None, the exception)`` when ``work`` raised one."""
+    try:
+        return work(*args), None
+    except Exception as exc:        # raised by the caller once the other ranks are committed
+        return None, exc

@@ -19,15 +19,18 @@ class VersioningModule(Module):
 
     def checkpoint(self, cmd):
         cfg = self.ctx.config
+        shared = {}     # persistent: a version's local ranks go together (one node record)
         for rank in cmd.ranks:
             self._collect(self.ctx.scratch(rank), cmd, rank, cfg.scratch_versions, self.ctx.pool(rank))
             persistent = self.ctx.persistent(rank)
             if persistent is not None:
-                self._collect(persistent, cmd, rank, cfg.max_versions, None)
+                self._collect(persistent, cmd, rank, cfg.max_versions, None, shared)
+        for (_, version), (store, ranks) in sorted(shared.items()):
+            store.remove_ranks(cmd.name, version, ranks)
         collect_engine(self.ctx, cmd.name, cmd.ranks, before=cmd.version, logger=self.ctx.log)
         return True
 
-    def _collect(self, store, cmd, rank, keep, pool):
+    def _collect(self, store, cmd, rank, keep, pool, batch=None):
         if keep <= 0:
             return
         versions = store.versions(cmd.name)
@@ -41,4 +44,7 @@ class VersioningModule(Module):
                 self.ctx.log.info("versioning: removing %s v%d rank %d from %s", cmd.name, version, rank,
                                   store.level)
                 fault_point("versioning")
-                store.remove(cmd.name, version, rank, pool=pool)
+                if batch is None:
+                    store.remove(cmd.name, version, rank, pool=pool)
+                else:
+                    batch.setdefault((str(store.root), version), (store, []))[1].append(rank)
