@@ -243,7 +243,8 @@ class Client(SnapshotMixin, RestartMixin, PolicyMixin):
         final = pending.vdir / self.scratch.regions_file_name(self.rank)
         digest = hasher(self.write_checksum) if self.write_checksum else None
         try:
-            self.writer.write(pending.name, final, header, infos, [v for _, v in snaps], total, digest)
+            if not self.writer.write(pending.name, final, header, infos, [v for _, v in snaps], total, digest):
+                digest = None                       # a fresh file: the engine hashes it
             fingerprint = file_fingerprint(os.stat(final)) if digest is not None else None
         except OSError as exc:
             raise CheckpointError(f"rank {self.rank}: cannot write {final} ({total} bytes): {exc.strerror}; "

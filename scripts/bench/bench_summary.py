@@ -102,6 +102,20 @@ def _heat_cpu_rows(name, data):
                  "/".join(f"{a.get('load', 0):.1f}" for _, a in pairs))]
 
 
+def _interleaved_rows(name, data):
+    s, pct = data.get("summary") or {}, "{:+.1%}"
+    if not s:
+        return []
+    n, load = len(s["overhead"]), f"{min(s['loads']):.1f}..{max(s['loads']):.1f}"
+    what = f"{data['args']['mib']} MiB/rank, blocks of {data['args']['periods']} x {data['args']['every']} it."
+    return [_row(name, f"heat overhead, A/B blocks in one job, {what}", s["median_overhead"],
+                 "plain block of the pair", _range(s["overhead"], pct), n, load),
+            _row(name, "  of which inside checkpoint() and the block's final wait", s["median_inside"],
+                 "plain block of the pair", _range(s["inside"], pct), n, load),
+            _row(name, "heat CPU-time overhead of the ranks, A/B blocks", s["median_cpu_overhead"],
+                 "plain block of the pair", _range(s["cpu_overhead"], pct), n, load)]
+
+
 def training_overheads(runs):
     """``{policy: steady overheads per pair}`` of a bench_training run."""
     plain = {r["pair"]: r for r in runs if r["kind"] == "plain"}
@@ -135,7 +149,8 @@ def _snapshot_rows(name, data):
 
 ROW_MAKERS = {"checkpoint_sync": _checkpoint_rows, "checkpoint_async": _checkpoint_rows,
               "async_blocking": _blocking_rows, "async_heat": _heat_rows,
-              "async_heat_scratch_only": _heat_rows, "training": _training_rows, "snapshot": _snapshot_rows}
+              "async_heat_scratch_only": _heat_rows, "async_interleaved": _interleaved_rows,
+              "training": _training_rows, "snapshot": _snapshot_rows}
 
 
 def rows(benchmarks):
@@ -229,6 +244,9 @@ def plots(doc, out):
             if steady:
                 bars.append((label + " (steady)", steady))
                 bars.append((label + " (whole loop)", whole))
+    summary = ((benches.get("async_interleaved") or {}).get("data") or {}).get("summary")
+    if summary:
+        bars.append(("heat, async, A/B blocks in one job", summary["overhead"]))
     data = (benches.get("training") or {}).get("data")
     if data:
         for kind, values in training_overheads(data).items():

@@ -58,6 +58,7 @@ BENCHMARKS = {
     "async_heat_scratch_only": ("bench_async.py", ["--part", "heat", "--no-persistent"],
                                 ["--pairs", "1", "--steps", "100", "--heat-mib", "64"],
                                 ["--pairs", "3", "--steps", "400"], True),
+    "async_interleaved": ("bench_interleaved.py", [], ["--mib", "64", "--pairs", "4"], [], True),
     "training": ("bench_training.py", [],
                  ["--pairs", "1", "--epochs", "1", "--steps-per-epoch", "30", "--state-mib", "16",
                   "--timed-from", "10"], ["--pairs", "3"], True),

@@ -79,21 +79,24 @@ def test_the_engine_hashes_only_what_the_rank_did_not(dirs, monkeypatch, at_writ
     with veloc.init_single(0, cfg) as c:
         a = np.arange(50_000.0)
         c.protect("a", a)
-        c.checkpoint_begin("h", 1)
+        c.checkpoint("h", 1)          # a fresh file, bound by page allocation: the engine hashes it
+        assert hashed == ["r0.vck"]
+        hashed.clear()
+        c.checkpoint_begin("h", 2)    # into the file prepared meanwhile: hashed while copied
         c.checkpoint_mem()
         with open(c.route_file("extra.txt"), "w") as f:
             f.write("routed")
         c.checkpoint_end()
-        manifest = _scratch_manifest(c, "h", 1)
-        vdir = c.scratch.version_dir("h", 1)
+        manifest = _scratch_manifest(c, "h", 2)
+        vdir = c.scratch.version_dir("h", 2)
         assert hashed == (["r0.f.extra.txt"] if at_write else ["r0.vck", "r0.f.extra.txt"])
         for entry in manifest.files:          # every digest is that of the file, however made
             assert entry.digest == digest_file(vdir / entry.name, manifest.checksum)
             assert entry.fingerprint == file_fingerprint(os.stat(vdir / entry.name))
         assert unchanged_since_hashed(manifest, vdir)
         a[:] = 0
-        assert c.restart_test("h") == 1
-        c.restart("h", 1)
+        assert c.restart_test("h") == 2
+        c.restart("h", 2)
         assert np.array_equal(a, np.arange(50_000.0))
         assert c.last_restart.level == "scratch"
 

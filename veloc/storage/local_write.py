@@ -79,12 +79,14 @@ class LocalWriter:
 
     # -- the write ----------------------------------------------------------------------
     def write(self, name: str, final: Path, header: bytes, infos: Sequence, views: Sequence,
-              total: int, digest=None) -> None:
+              total: int, digest=None) -> bool:
         """Write header and region ``views`` (laid out by ``build_header``: ``infos``,
         ``total``) to ``final`` through a temporary file, fsync it and rename it; then
         prepare the next checkpoint's file if the rotation needs one. ``digest``: a
-        streaming hasher fed every byte of the file as it is written. Raises OSError
-        (ENOSPC, EIO, ...) after removing the temporary file."""
+        streaming hasher fed every byte of the file as it is copied into a kept mapping
+        (the steady state); a fresh file's write, bound by allocating its pages, is not
+        slowed by hashing: the engine hashes it. Returns whether ``digest`` saw the file.
+        Raises OSError (ENOSPC, EIO, ...) after removing the temporary file."""
         self._written = True
         self._cancel.set()            # a preparation not begun yet is not worth waiting for
         if self._thread is not None and not self.pool.has(self.rank):
@@ -106,7 +108,8 @@ class LocalWriter:
                         mapped = self.mappings.get(fd, total)
                     elif recycled is not None:
                         self.mappings.forget(fd)
-                    write_rank_file(fd, header, infos, views, total, mapped, digest)
+                    hashed = mapped is not None and digest is not None
+                    write_rank_file(fd, header, infos, views, total, mapped, digest if hashed else None)
                     mapped = None
                 fault_point("local_write")
                 os.fsync(fd)
@@ -123,6 +126,7 @@ class LocalWriter:
         wanted = total if self._wants_file(name) else None
         if unmapped is not None or wanted is not None:
             self._start_background(unmapped, total, wanted)
+        return hashed
 
     # -- preparation --------------------------------------------------------------------
     def expect(self, size_of) -> None:

@@ -6,10 +6,12 @@ digests, which every later copy carries and every read verifies, and with each f
 fingerprint (device, inode, size, mtime, ctime) when hashed, so that ``restart_test``
 can tell an untouched scratch file from a modified one without hashing it again.
 
-With ``at_write`` (default), each application rank hashes its rank file while writing
-it, chunk by chunk while the bytes are in the CPU cache (``veloc.storage.rankfile``),
-and records digest and fingerprint in its scratch manifest; this module then hashes only
-what the rank did not (routed files), so the engine makes no pass over the rank files:
+With ``at_write`` (default), each application rank hashes its rank file while copying
+it into a recycled scratch file (the steady state), chunk by chunk while the bytes are in
+the CPU cache (``veloc.storage.rankfile``), and records digest and fingerprint in its
+scratch manifest; this module then hashes only what the rank did not (a fresh rank file,
+whose write is bound by page allocation; routed files), so in the steady state the
+engine makes no pass over the rank files:
 on a node whose cores all run ranks, that pass took CPU time and memory bandwidth from
 them, about three times what the fused hash adds to the local write.
 """
