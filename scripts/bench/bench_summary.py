@@ -107,13 +107,31 @@ def _interleaved_rows(name, data):
     if not s:
         return []
     n, load = len(s["overhead"]), f"{min(s['loads']):.1f}..{max(s['loads']):.1f}"
-    what = f"{data['args']['mib']} MiB/rank, blocks of {data['args']['periods']} x {data['args']['every']} it."
+    what = (f"{data['args']['mib']} MiB/rank, blocks of {data['args']['periods']} x {data['args']['every']} it., "
+            + ("scratch only" if data["args"].get("no_persistent") else "scratch + persistent"))
     return [_row(name, f"heat overhead, A/B blocks in one job, {what}", s["median_overhead"],
                  "plain block of the pair", _range(s["overhead"], pct), n, load),
             _row(name, "  of which inside checkpoint() and the block's final wait", s["median_inside"],
                  "plain block of the pair", _range(s["inside"], pct), n, load),
             _row(name, "heat CPU-time overhead of the ranks, A/B blocks", s["median_cpu_overhead"],
                  "plain block of the pair", _range(s["cpu_overhead"], pct), n, load)]
+
+
+def _training_interleaved_rows(name, data):
+    s, pct = data.get("summary") or {}, "{:+.1%}"
+    if not s:
+        return []
+    a = data["args"]
+    n, load = len(s["overhead"]), f"{min(s['loads']):.1f}..{max(s['loads']):.1f}"
+    what = f"{data['state_bytes'] >> 20} MiB state/rank, {a['mode']}, policy {a['policy']}"
+    out = [_row(name, f"training overhead, A/B blocks of {a['block']} steps in one job, {what}",
+                s["median_overhead"], "plain block of the pair", _range(s["overhead"], pct), n, load),
+           _row(name, "training CPU-time overhead of the ranks, A/B blocks", s["median_cpu_overhead"],
+                "plain block of the pair", _range(s["cpu_overhead"], pct), n, load)]
+    if s["stall_x_copyto"]:
+        out.append(_row(name, "training stall per checkpoint, A/B blocks", statistics.median(s["stall_x_copyto"]),
+                        "np.copyto (time ratio: lower is better)", _range(s["stall_x_copyto"]), n, load))
+    return out
 
 
 def training_overheads(runs):
@@ -150,7 +168,9 @@ def _snapshot_rows(name, data):
 ROW_MAKERS = {"checkpoint_sync": _checkpoint_rows, "checkpoint_async": _checkpoint_rows,
               "async_blocking": _blocking_rows, "async_heat": _heat_rows,
               "async_heat_scratch_only": _heat_rows, "async_interleaved": _interleaved_rows,
-              "training": _training_rows, "snapshot": _snapshot_rows}
+              "async_interleaved_scratch_only": _interleaved_rows,
+              "training": _training_rows, "training_interleaved": _training_interleaved_rows,
+              "snapshot": _snapshot_rows}
 
 
 def rows(benchmarks):
@@ -244,9 +264,12 @@ def plots(doc, out):
             if steady:
                 bars.append((label + " (steady)", steady))
                 bars.append((label + " (whole loop)", whole))
-    summary = ((benches.get("async_interleaved") or {}).get("data") or {}).get("summary")
-    if summary:
-        bars.append(("heat, async, A/B blocks in one job", summary["overhead"]))
+    for name, label in (("async_interleaved", "heat, async, A/B blocks in one job"),
+                        ("async_interleaved_scratch_only", "heat, async, scratch only, A/B blocks"),
+                        ("training_interleaved", "training, policy auto, A/B blocks")):
+        summary = ((benches.get(name) or {}).get("data") or {}).get("summary")
+        if summary:
+            bars.append((label, summary["overhead"]))
     data = (benches.get("training") or {}).get("data")
     if data:
         for kind, values in training_overheads(data).items():
