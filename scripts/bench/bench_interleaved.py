@@ -27,18 +27,15 @@ at the end (persistent keeps every version, as the default config does: about
 ``(warmup + pairs) * periods`` x 2 x ``--mib`` MiB of disk during the run).
 """
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
-from bench_async import python_env, stop_backends
-from benchlib import find_mpiexec
+from interleaved_job import add_common_args, pair_summary, pct, print_load_and_save, print_pairs, run_job
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,6 +44,8 @@ APP = textwrap.dedent("""
     import numpy as np
     from mpi4py import MPI
     sys.path.insert(0, os.path.join(sys.argv[1], "examples"))
+    sys.path.insert(0, os.path.join(sys.argv[1], "scripts", "bench"))
+    from interleaved_job import run_pairs
     from heat import exchange_halos, initial_grid, jacobi_step, row_range
     import veloc
     cfg, mib, every, periods, warmup, pairs, out = sys.argv[2], *map(int, sys.argv[3:8]), sys.argv[8]
@@ -85,14 +84,7 @@ APP = textwrap.dedent("""
         wall = time.perf_counter() - t0
         return max(comm.allgather(wall)), max(comm.allgather(inside)), comm.allreduce(time.process_time() - c0)
 
-    for _ in range(warmup):
-        block(True)
-    records = []
-    for p in range(pairs):
-        order = (True, False) if p % 2 == 0 else (False, True)
-        got = {kind: block(kind) for kind in order}
-        records.append({"pair": p, "a_first": order[0], "a": got[True], "b": got[False],
-                        "load": os.getloadavg()[0]})
+    records = run_pairs(block, warmup, pairs)
     ckpt.finalize()
     if rank == 0:
         with open(out, "w") as f:
@@ -105,33 +97,20 @@ def parse_args(argv=None):
     p.add_argument("--mib", type=int, default=256, help="grid MiB per rank (default 256)")
     p.add_argument("--every", type=int, default=20, help="iterations per period (default 20)")
     p.add_argument("--periods", type=int, default=3, help="periods per block (default 3)")
-    p.add_argument("--warmup", type=int, default=2, help="A blocks before the timed pairs (default 2)")
-    p.add_argument("--pairs", type=int, default=8, help="timed A/B pairs (default 8)")
     p.add_argument("--np", type=int, default=2, help="ranks (default 2)")
     p.add_argument("--no-persistent", action="store_true", help="scratch only")
-    p.add_argument("--shm-dir", default="/dev/shm")
-    p.add_argument("--disk-dir", default="/tmp")
-    p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--json", help="also write the figures to this file")
+    add_common_args(p)
     return p.parse_args(argv)
 
 
 def summarize(doc):
     recs = doc["records"]
-    over = [r["a"][0] / r["b"][0] - 1 for r in recs]
     inside = [r["a"][1] / r["b"][0] for r in recs]
-    cpu = [r["a"][2] / r["b"][2] - 1 for r in recs]
-    return {"overhead": over, "inside": inside, "cpu_overhead": cpu,
-            "median_overhead": statistics.median(over), "median_inside": statistics.median(inside),
-            "median_cpu_overhead": statistics.median(cpu), "loads": [r["load"] for r in recs],
-            "b_seconds": [r["b"][0] for r in recs]}
+    return dict(pair_summary(recs), inside=inside, median_inside=statistics.median(inside))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    mpiexec = find_mpiexec()
-    if not mpiexec:
-        sys.exit("bench_interleaved: no mpiexec (pip install mpich)")
     shm = Path(tempfile.mkdtemp(prefix="veloc-bench-il-", dir=args.shm_dir))
     disk = Path(tempfile.mkdtemp(prefix="veloc-bench-il-", dir=args.disk_dir))
     try:
@@ -140,39 +119,21 @@ def main(argv=None):
         if not args.no_persistent:
             lines.append(f"persistent = {disk}/persistent")
         cfg.write_text("\n".join(lines) + "\n")
-        app, out = disk / "app.py", disk / "out.json"
-        app.write_text(APP)
         load = os.getloadavg()[0]
-        cmd = [mpiexec, "-n", str(args.np), sys.executable, str(app), str(REPO), str(cfg), str(args.mib),
-               str(args.every), str(args.periods), str(args.warmup), str(args.pairs), str(out)]
         print(f"bench_interleaved: {os.cpu_count()} CPU(s), load average {load:.2f} at start; config: "
               + "; ".join(lines), flush=True)
-        runtime = disk / "runtime"
-        runtime.mkdir(mode=0o700)
-        env = python_env({"VELOC_RUNTIME_DIR": str(runtime)})
-        try:
-            subprocess.run(cmd, check=True, timeout=args.timeout, cwd=disk, env=env)
-        finally:
-            stop_backends({"scratch": f"{shm}/scratch", "mode": "async"}, runtime)
-        doc = json.loads(out.read_text())
+        doc = run_job(APP, args.np, [cfg, args.mib, args.every, args.periods, args.warmup, args.pairs],
+                      shm, disk, args.timeout, async_mode=True)
     finally:
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(disk, ignore_errors=True)
     s = summarize(doc)
-    pct = lambda v: f"{v:+.1%}"
     print(f"\n== heat stencil, {args.np} ranks x {args.mib} MiB, blocks of {args.periods} x {args.every} "
           f"iterations, {args.pairs} A/B pairs in one job, async, "
           f"{'scratch only' if args.no_persistent else 'scratch + persistent every version'}")
-    print(f"  overhead (A/B - 1), median   {pct(s['median_overhead'])}   pairs: "
-          + ", ".join(pct(v) for v in s["overhead"]))
+    print_pairs(s)
     print(f"  inside checkpoint() + final wait, share of B  {pct(s['median_inside'])}")
-    print(f"  CPU time of the ranks, median {pct(s['median_cpu_overhead'])}   pairs: "
-          + ", ".join(pct(v) for v in s["cpu_overhead"]))
-    print(f"  plain block seconds: {min(s['b_seconds']):.2f}..{max(s['b_seconds']):.2f}; "
-          f"load average during the pairs {min(s['loads']):.1f}..{max(s['loads']):.1f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "load_at_start": load, **doc, "summary": s},
-                                              indent=1))
+    print_load_and_save(s, args, load, doc)
     return 0
 
 

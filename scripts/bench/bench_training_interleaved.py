@@ -26,19 +26,16 @@ checkpoint against one ``np.copyto`` of the state, the checkpoints per A block.
     python scripts/bench/bench_training_interleaved.py --policy fixed --interval 10
 """
 import argparse
-import json
 import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
-from bench_async import python_env, stop_backends
-from benchlib import find_mpiexec
+from interleaved_job import add_common_args, pair_summary, print_load_and_save, print_pairs, run_job
 
 REPO = Path(__file__).resolve().parents[2]
 FEATURES, OUTPUTS = 1024, 16
@@ -49,11 +46,13 @@ APP = textwrap.dedent("""
     import numpy as np
     from mpi4py import MPI
     sys.path.insert(0, os.path.join(sys.argv[1], "examples"))
+    sys.path.insert(0, os.path.join(sys.argv[1], "scripts", "bench"))
+    from interleaved_job import run_pairs
     import train
     import veloc
     from veloc.data import ResumableSampler
-    cfg, block, warmup, pairs, out = sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6]
-    args = train.parse_args(sys.argv[7:] + ["--config", cfg])
+    cfg, block, warmup, pairs, out = sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[-1]
+    args = train.parse_args(sys.argv[7:-1] + ["--config", cfg])      # sys.argv[6] is "--"
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     x, y = train.make_data(args)
@@ -107,13 +106,7 @@ APP = textwrap.dedent("""
         return (max(comm.allgather(wall)), max(comm.allgather(stalls)), comm.allreduce(time.process_time() - c0),
                 ckpts)
 
-    for _ in range(warmup):
-        run_block(True)
-    records = []
-    for p in range(pairs):
-        order = (True, False) if p % 2 == 0 else (False, True)
-        got = {kind: run_block(kind) for kind in order}
-        records.append({"pair": p, "a": got[True], "b": got[False], "load": os.getloadavg()[0]})
+    records = run_pairs(run_block, warmup, pairs)
     ckpt.finalize()
     if rank == 0:
         with open(out, "w") as f:
@@ -127,35 +120,22 @@ def parse_args(argv=None):
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--batch", type=int, default=16, help="samples per rank per step")
     p.add_argument("--block", type=int, default=60, help="steps per block (default 60)")
-    p.add_argument("--warmup", type=int, default=2, help="A blocks before the timed pairs (default 2)")
-    p.add_argument("--pairs", type=int, default=8, help="timed A/B pairs (default 8)")
     p.add_argument("--policy", choices=("auto", "fixed"), default="auto")
     p.add_argument("--overhead", type=float, default=0.05, help="[policy] overhead, auto (default 0.05)")
     p.add_argument("--interval", type=int, default=10, help="[policy] interval, fixed (default 10)")
     p.add_argument("--mode", choices=("sync", "async"), default="sync")
-    p.add_argument("--shm-dir", default="/dev/shm")
-    p.add_argument("--disk-dir", default="/tmp")
-    p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--json", help="also write the figures to this file")
+    add_common_args(p)
     return p.parse_args(argv)
 
 
 def summarize(doc):
     recs = doc["records"]
-    over = [r["a"][0] / r["b"][0] - 1 for r in recs]
-    cpu = [r["a"][2] / r["b"][2] - 1 for r in recs]
     per_ckpt = [r["a"][1] / r["a"][3] / doc["copyto_seconds"] for r in recs if r["a"][3]]
-    return {"overhead": over, "cpu_overhead": cpu, "median_overhead": statistics.median(over),
-            "median_cpu_overhead": statistics.median(cpu), "stall_x_copyto": per_ckpt,
-            "checkpoints_per_block": [r["a"][3] for r in recs], "loads": [r["load"] for r in recs],
-            "b_seconds": [r["b"][0] for r in recs]}
+    return dict(pair_summary(recs), stall_x_copyto=per_ckpt, checkpoints_per_block=[r["a"][3] for r in recs])
 
 
 def main(argv=None):
     args = parse_args(argv)
-    mpiexec = find_mpiexec()
-    if not mpiexec:
-        sys.exit("bench_training_interleaved: no mpiexec (pip install mpich)")
     shm = Path(tempfile.mkdtemp(prefix="veloc-bench-ti-", dir=args.shm_dir))
     disk = Path(tempfile.mkdtemp(prefix="veloc-bench-ti-", dir=args.disk_dir))
     hidden = math.ceil(args.state_mib * (1 << 20) / (3 * 4 * (FEATURES + 1 + OUTPUTS)))
@@ -167,45 +147,25 @@ def main(argv=None):
         cfg = disk / "veloc.ini"
         cfg.write_text(f"scratch = {shm}/scratch\npersistent = {disk}/persistent\nmode = {args.mode}\n"
                        f"scratch_versions = 2\nmax_versions = 2\n\n[policy]\n{policy}")
-        app, out = disk / "app.py", disk / "out.json"
-        app.write_text(APP)
-        runtime = disk / "runtime"
-        runtime.mkdir(mode=0o700)
         load = os.getloadavg()[0]
         print(f"bench_training_interleaved: {os.cpu_count()} CPU(s), load average {load:.2f} at start; "
               f"{args.mode} mode, policy {policy.strip().replace(chr(10), ', ')}", flush=True)
-        cmd = [mpiexec, "-n", str(args.ranks), sys.executable, str(app), str(REPO), str(cfg), str(args.block),
-               str(args.warmup), str(args.pairs), str(out), *map(str, model)]
-        env = python_env({"VELOC_RUNTIME_DIR": str(runtime)})
-        for var in THREAD_VARS:          # one BLAS thread per rank, as an MPI job with a rank per core runs
-            env.setdefault(var, "1")
-        try:
-            subprocess.run(cmd, check=True, timeout=args.timeout, cwd=disk, env=env)
-        finally:
-            if args.mode == "async":
-                stop_backends({"scratch": f"{shm}/scratch", "mode": "async"}, runtime)
-        doc = json.loads(out.read_text())
+        # one BLAS thread per rank, as an MPI job with a rank per core runs
+        doc = run_job(APP, args.ranks, [cfg, args.block, args.warmup, args.pairs, "--", *model], shm, disk,
+                      args.timeout, async_mode=args.mode == "async", env_extra={v: "1" for v in THREAD_VARS})
     finally:
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(disk, ignore_errors=True)
     s = summarize(doc)
-    pct = lambda v: f"{v:+.1%}"
     print(f"\n== examples/train.py numpy MLP, {args.ranks} ranks, {doc['state_bytes'] / (1 << 20):.0f} MiB state "
           f"per rank, blocks of {args.block} steps, {args.pairs} A/B pairs in one job, {args.mode} mode, "
           f"policy {args.policy}")
-    print(f"  overhead (A/B - 1), median   {pct(s['median_overhead'])}   pairs: "
-          + ", ".join(pct(v) for v in s["overhead"]))
-    print(f"  CPU time of the ranks, median {pct(s['median_cpu_overhead'])}   pairs: "
-          + ", ".join(pct(v) for v in s["cpu_overhead"]))
+    print_pairs(s)
     if s["stall_x_copyto"]:
         print(f"  stall per checkpoint: median {statistics.median(s['stall_x_copyto']):.2f}x one np.copyto of "
               f"the state (max {max(s['stall_x_copyto']):.2f}x); checkpoints per A block: "
               + ", ".join(map(str, s["checkpoints_per_block"])))
-    print(f"  plain block seconds: {min(s['b_seconds']):.2f}..{max(s['b_seconds']):.2f}; "
-          f"load average during the pairs {min(s['loads']):.1f}..{max(s['loads']):.1f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "load_at_start": load, **doc, "summary": s},
-                                              indent=1))
+    print_load_and_save(s, args, load, doc)
     return 0
 
 
