@@ -24,6 +24,10 @@ Reported per policy, as ratios measured in the same run:
   1: unlike wall time, barely moved by other jobs on a shared machine;
 * the machine's load (``os.getloadavg``, 1 min) before each run.
 
+The ranks run one BLAS thread each unless ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``/
+``MKL_NUM_THREADS`` say otherwise: numpy's default of a thread per core per rank
+oversubscribes a node that runs a rank per core, and made the same run vary by ±10 %.
+
     python scripts/bench/bench_training.py                 # 72 MiB, 3 pairs
     python scripts/bench/bench_training.py --state-mib 128 --pairs 5 --mode async
 
@@ -46,6 +50,7 @@ from benchlib import find_mpiexec
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "examples" / "train.py"
 FEATURES, OUTPUTS = 1024, 16
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def parse_args(argv=None):
@@ -81,6 +86,8 @@ def run_once(args, work, kind, index):
     cmd = [find_mpiexec(), "-n", str(args.ranks), sys.executable, str(TRAIN), *map(str, model_args(args)),
            "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    for var in THREAD_VARS:       # one BLAS thread per rank, as an MPI job with a rank per core runs
+        env.setdefault(var, "1")
     if kind == "plain":
         cmd.append("--no-checkpoint")
     else:
