@@ -222,6 +222,13 @@ def node_env(ajob, node):
     return dict(ajob["full_env"], VELOC_NODE_ID=node)
 
 
+def drain_and_stop(cfg, ajob, node):
+    """Let ``node``'s backend finish every pending version (no failure), then stop it."""
+    res = control.drain(cfg, node_env(ajob, node), timeout=60)
+    assert res["drained"] and not res["failures"], res
+    assert control.shutdown(lifecycle.resolve(cfg, node_env(ajob, node))[2])
+
+
 def backend_log(ajob, node):
     config, node, ep = lifecycle.resolve(ajob["cfg"], node_env(ajob, node))
     return lifecycle.log_path(config, node, ep).read_text()
@@ -396,9 +403,7 @@ def test_heat_async_crash_drain_lose_all_scratch_restart_from_persistent(ajob, r
     out = Path(ajob["tmp"]) / "heat.npy"
     heat_e2e.crash(cfg, out)
     for node in sorted(set(heat_e2e.NODES)):
-        res = control.drain(cfg, node_env(ajob, node), timeout=60)
-        assert res["drained"] and not res["failures"], res
-        assert control.shutdown(lifecycle.resolve(cfg, node_env(ajob, node))[2])
+        drain_and_stop(cfg, ajob, node)
         shutil.rmtree(Path(ajob["scratch"]) / node)
     for rank in range(len(heat_e2e.NODES)):
         assert heat_e2e.rank_files(ajob["persistent"], heat_e2e.FAIL_AT, rank), rank

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import test_heat_restart as heat_e2e
-from test_async_backend import ajob, control, lifecycle, node_env    # noqa: F401 (fixture)
+from test_async_backend import ajob, drain_and_stop    # noqa: F401 (fixture)
 from test_heat_restart import reference                               # noqa: F401 (fixture)
 from conftest import flip_bytes
 
@@ -65,9 +65,7 @@ def test_async_heat_restarts_from_compressed_persistent(ajob, reference, monkeyp
     out = Path(ajob["tmp"]) / "heat.npy"
     heat_e2e.crash(cfg, out)
     for node in sorted(set(heat_e2e.NODES)):
-        res = control.drain(cfg, node_env(ajob, node), timeout=60)
-        assert res["drained"] and not res["failures"], res
-        assert control.shutdown(lifecycle.resolve(cfg, node_env(ajob, node))[2])
+        drain_and_stop(cfg, ajob, node)
     names = persistent_files(ajob, heat_e2e.FAIL_AT)
     # ranks 2 and 3 hold rows the heat has not reached yet: zeros, which auto compresses
     assert "r3.vcz" in names and "r3.vck" not in names, names
