@@ -126,6 +126,18 @@ def rank0_file(dirs, name, version, level):
     return root / name / f"v{version}" / "r0.vck"
 
 
+def two_versions_newest_corrupt(client, a, dirs):
+    """Protect ``a`` as "a", checkpoint "h" v1, then v2 with ``a + 1``, flip bytes in v2's
+    scratch and persistent copies, and set ``a`` to -1 (nothing restored yet)."""
+    client.protect("a", a)
+    client.checkpoint("h", 1)
+    a += 1
+    client.checkpoint("h", 2)
+    for level in ("scratch", "persistent"):
+        flip_bytes(rank0_file(dirs, "h", 2, level))
+    a[:] = -1
+
+
 def persistent_ranks(vdir):
     """Ranks whose copy in persistent version folder ``vdir`` is committed (listed by a
     node's commit record, or an old per-rank manifest)."""

@@ -6,7 +6,7 @@ import pytest
 
 import veloc
 from veloc.engine.pipeline import Engine
-from conftest import flip_bytes, rank0_file
+from conftest import flip_bytes, rank0_file, two_versions_newest_corrupt
 
 
 @pytest.fixture
@@ -52,13 +52,7 @@ def test_a_corrupt_scratch_copy_is_read_from_persistent_checked_by_the_rank(node
 def test_no_intact_copy_asks_the_engine_and_falls_back_to_an_older_version(node_cfg, dirs, engine_checks):
     a = np.arange(5000.0)
     with veloc.init_single(0, node_cfg) as c:
-        c.protect("a", a)
-        c.checkpoint("h", 1)
-        a += 1
-        c.checkpoint("h", 2)
-        for level in ("scratch", "persistent"):
-            flip_bytes(rank0_file(dirs, "h", 2, level))
-        a[:] = -1
+        two_versions_newest_corrupt(c, a, dirs)
         assert c.restart_test("h") == 1
         assert (a == -1).all()                    # nothing restored by the agreement
         c.restart("h", 1)

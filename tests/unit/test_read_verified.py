@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import veloc
-from conftest import flip_bytes, rank0_file
+from conftest import flip_bytes, rank0_file, two_versions_newest_corrupt
 from veloc.storage.hashing import digest_file
 from veloc.storage.rankfile import RankFile, build_header, write_rank_file
 from veloc.errors import CorruptCheckpointError, RestartError
@@ -105,13 +105,7 @@ def test_verify_on_read_replaces_a_corrupt_copy_by_the_persistent_one(node_cfg, 
 def test_verify_on_read_with_no_intact_copy_left_names_the_older_version(node_cfg, dirs):
     a = np.arange(50000.0)
     with veloc.init_single(0, node_cfg) as c:
-        c.protect("a", a)
-        c.checkpoint("h", 1)
-        a += 1
-        c.checkpoint("h", 2)
-        for level in ("scratch", "persistent"):
-            flip_bytes(rank0_file(dirs, "h", 2, level))
-        a[:] = -1
+        two_versions_newest_corrupt(c, a, dirs)
         c.verify_on_read = True
         assert c.restart_test("h") == 2           # all but the digest is intact
         with pytest.raises(RestartError, match=r"v2.*no other intact copy of v2.*is now 1"):
