@@ -52,6 +52,10 @@ class EngineExecutor:
         self._told = set()
         logger.info("engine modules: %s", ", ".join(f"{n}({p})" for n, p in self.engine.describe()))
 
+    def close(self):
+        """The backend stops (its work queue stopped): release the engine's kept mappings."""
+        self.engine.close()
+
     def run(self, batch):
         first = batch.items[0]
         kind, name = first.kind, first.name

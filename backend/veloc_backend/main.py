@@ -208,12 +208,13 @@ class Backend:
             self.server.close()
         if self.world is not None:
             self.world.stop_waiting()
-        if not self.queue.stop(self.opts.stop_timeout):
+        stopped = self.queue.stop(self.opts.stop_timeout)
+        if not stopped:
             log.warning("work still running after %.0f s; leaving it to the next backend "
                         "(it is journaled)", self.opts.stop_timeout)
         try:
             close = getattr(self.queue.executor, "close", None)
-            if close is not None:
+            if close is not None and stopped:     # never pull mappings from under running work
                 close()
         finally:
             self.queue.journal.close()

@@ -45,26 +45,38 @@ def add_common_args(parser):
     parser.add_argument("--json", help="also write the figures to this file")
 
 
-def run_pairs(block, warmup, pairs, load=os.getloadavg):
+def run_pairs(block, warmup, pairs, load=os.getloadavg, floor=False):
     """In the job, on every rank: ``warmup`` checkpointed blocks, then ``pairs`` pairs in
-    the order A B, B A, A B, ... (``block(True)`` is A); one record per pair."""
+    the order A B, B A, A B, ... (``block(True)`` is A); one record per pair. ``floor``:
+    every pair also runs ``block("floor")`` (F: the same bytes moved by the cheapest means,
+    nothing else), as A B F, F B A, ..., so the plain block sits between the other two."""
     for _ in range(warmup):
         block(True)
+    kinds = (True, False, "floor") if floor else (True, False)
     records = []
     for p in range(pairs):
-        order = (True, False) if p % 2 == 0 else (False, True)
+        order = kinds if p % 2 == 0 else kinds[::-1]
         got = {kind: block(kind) for kind in order}
-        records.append({"pair": p, "a_first": order[0], "a": got[True], "b": got[False], "load": load()[0]})
+        record = {"pair": p, "a_first": order[0] is True, "a": got[True], "b": got[False], "load": load()[0]}
+        if floor:
+            record["f"] = got["floor"]
+        records.append(record)
     return records
 
 
 def pair_summary(records):
-    """Overheads per pair from records whose ``a``/``b`` are ``(wall, ..., cpu, ...)``."""
+    """Overheads per pair from records whose ``a``/``b`` (and ``f``) are ``(wall, ..., cpu, ...)``."""
     over = [r["a"][0] / r["b"][0] - 1 for r in records]
     cpu = [r["a"][2] / r["b"][2] - 1 for r in records]
-    return {"overhead": over, "cpu_overhead": cpu, "median_overhead": statistics.median(over),
-            "median_cpu_overhead": statistics.median(cpu), "loads": [r["load"] for r in records],
-            "b_seconds": [r["b"][0] for r in records]}
+    out = {"overhead": over, "cpu_overhead": cpu, "median_overhead": statistics.median(over),
+           "median_cpu_overhead": statistics.median(cpu), "loads": [r["load"] for r in records],
+           "b_seconds": [r["b"][0] for r in records]}
+    if records and "f" in records[0]:
+        floor = [r["f"][0] / r["b"][0] - 1 for r in records]
+        beyond = [r["a"][0] / r["f"][0] - 1 for r in records]
+        out.update(floor_overhead=floor, median_floor_overhead=statistics.median(floor),
+                   beyond_floor=beyond, median_beyond_floor=statistics.median(beyond))
+    return out
 
 
 def pct(value):
@@ -77,6 +89,11 @@ def print_pairs(summary):
           + ", ".join(map(pct, summary["overhead"])))
     print(f"  CPU time of the ranks, median {pct(summary['median_cpu_overhead'])}   pairs: "
           + ", ".join(map(pct, summary["cpu_overhead"])))
+    if "floor_overhead" in summary:
+        print(f"  floor (F/B - 1), median      {pct(summary['median_floor_overhead'])}   pairs: "
+              + ", ".join(map(pct, summary["floor_overhead"])))
+        print(f"  beyond the floor (A/F - 1)   {pct(summary['median_beyond_floor'])}   pairs: "
+              + ", ".join(map(pct, summary["beyond_floor"])))
 
 
 def print_load_and_save(summary, args, load, doc):

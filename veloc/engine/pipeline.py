@@ -12,7 +12,7 @@ import time
 from veloc.errors import CheckpointError, RestartError, VelocError
 from veloc.storage.debris import collect_engine
 from veloc.storage.hashing import MappedFiles
-from veloc.storage.levels import LEVEL_ORDER
+from veloc.storage.levels import LEVEL_ORDER, RECYCLE_KEEP
 from veloc.engine.module import CHECKPOINT, EngineContext, LevelUnreachable, helper_cpu_seconds
 from veloc.engine.modules.checksum import ChecksumModule
 from veloc.engine.modules.compress import CompressModule
@@ -32,6 +32,15 @@ def register_module(cls):
     return cls
 
 
+def kept_mapping_runs(config):
+    """For how many pipeline runs a mapping of a scratch file is kept for reuse: long
+    enough to meet the file again once the rotation (``scratch_versions`` kept, the recycle
+    pool, the one being written) brings it back, for two checkpoint names taking turns;
+    0 when scratch files are never recycled (``scratch_versions = 0``)."""
+    versions = int(getattr(config, "scratch_versions", 0) or 0)
+    return 2 * (versions + RECYCLE_KEEP + 1) if versions > 0 else 0
+
+
 class Engine:
     """The module pipeline of one node."""
 
@@ -41,6 +50,7 @@ class Engine:
         self.levels = sorted((m for m in self.modules if m.level and m.enabled),
                              key=lambda m: LEVEL_ORDER.index(m.level))
         self.timings = []   # (name, version, module, seconds) of recent checkpoints
+        self.mapped = MappedFiles(keep_runs=kept_mapping_runs(config))
 
     @property
     def log(self):
@@ -58,12 +68,17 @@ class Engine:
         failure and raise together instead of waiting for each other.
         """
         assert cmd.kind == CHECKPOINT
-        cmd.mapped = MappedFiles()
+        cmd.mapped = self.mapped
         try:
             self._run_checkpoint(cmd)
         finally:
-            cmd.mapped.close()
+            self.mapped.end_run()
             cmd.mapped = None
+
+    def close(self):
+        """Release what the engine keeps between runs (its mappings of scratch files); the
+        sync leader calls it at finalize, the backend when it stops."""
+        self.mapped.close()
 
     def _run_checkpoint(self, cmd):
         error = None

@@ -117,6 +117,8 @@ class SyncHost(Host):
     def close(self, collective=True):
         """Release the host; ``collective=False`` (a rank leaving on an exception, while the
         others may be elsewhere) frees no communicator, since freeing is collective."""
+        if self.engine is not None:
+            self.engine.close()
         if not collective:
             return
         for comm in (self.engine_comm, self.leader_comm, self.node_comm):

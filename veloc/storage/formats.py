@@ -77,8 +77,9 @@ def copy_verified(manifest, src, dst, what, direct=False, verify=True, mapped_fi
     The digest is computed on the bytes as they are copied, so a copy that would carry
     corrupted data is refused (the destination is never committed); ``verify=False``
     checks sizes only. ``direct``: write with O_DIRECT where the destination file system
-    takes it (``[flush] direct_io``), from the mapping an earlier module of this pipeline
-    run made of the file (``mapped_files``), if any. On a shared level (persistent) the
+    takes it (``[flush] direct_io``), from the engine's mapping of the file
+    (``mapped_files``: kept from an earlier run of a recycled file, or made by this run's
+    checksum module), if any. On a shared level (persistent) the
     files are staged (``veloc.storage.fileio.atomic_file``): the caller's commit record
     makes them count.
     """
@@ -90,7 +91,7 @@ def copy_verified(manifest, src, dst, what, direct=False, verify=True, mapped_fi
     for entry in manifest.files if entries is None else entries:
         h = hasher(manifest.checksum) if (verify and manifest.checksum and entry.digest) else None
         try:
-            source_map = mapped_files.peek(sdir / entry.name) if mapped_files is not None else None
+            source_map = mapped_files.source(sdir / entry.name) if mapped_files is not None and direct else None
             size = copy_file(sdir / entry.name, ddir / entry.name, durable=dst.durable,
                              on_chunk=h.update if h else None, direct=direct, source_map=source_map,
                              staged=staged)
@@ -222,9 +223,10 @@ def _compress_section(ctx):
 
 @contextlib.contextmanager
 def _source_map(path, mapped_files):
-    """The mapping of ``path`` made by this pipeline run's checksum module, else a fresh
-    one (not pre-faulted: the direct write pins the pages itself), closed afterwards."""
-    existing = mapped_files.peek(path) if mapped_files is not None else None
+    """The mapping of ``path`` the engine keeps or this pipeline run's checksum module
+    made, else a fresh one (not pre-faulted: the direct write pins the pages itself),
+    closed afterwards."""
+    existing = mapped_files.source(path) if mapped_files is not None else None
     if existing is not None:
         yield existing
         return

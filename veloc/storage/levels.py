@@ -175,6 +175,9 @@ def _listdir(path):
         return []
 
 
+RECYCLE_KEEP = 2      # files a rank's recycle pool holds at most
+
+
 class RecyclePool:
     """Already-allocated scratch files kept for reuse by the next checkpoint of a rank.
 
@@ -183,7 +186,7 @@ class RecyclePool:
     files (``veloc.storage.local_write``) put; application ranks take.
     """
 
-    def __init__(self, scratch_root, keep_per_rank=2):
+    def __init__(self, scratch_root, keep_per_rank=RECYCLE_KEEP):
         self.dir = Path(scratch_root) / ".recycle"
         self.keep = keep_per_rank
 
