@@ -98,7 +98,8 @@ def test_verify_on_read_replaces_a_corrupt_copy_by_the_persistent_one(node_cfg, 
         c.verify_on_read = True
         assert c.restart_test("h") == 1
         c.restart("h", 1)
-        assert len(streamed) == 1                 # the bad copy, read once; the good one was checked before
+        # the bad copy, read once; then the good one, unchanged since its flush (fingerprint), hashed as it is read
+        assert streamed == [rank0_file(dirs, "h", 1, "scratch"), rank0_file(dirs, "h", 1, "persistent")]
         assert c.last_restart.level == "persistent" and np.array_equal(a, np.arange(50000.0))
 
 
@@ -209,3 +210,51 @@ def test_verify_on_read_still_hashes_routed_files(node_cfg, dirs):
             assert f.read() == "hello world, version one"
         c.restart_end()
         assert c.last_restart.level == "persistent"
+
+
+def _lose_scratch(dirs):
+    import shutil
+    for node in dirs["scratch"].iterdir():
+        shutil.rmtree(node)
+
+
+def test_an_unchanged_persistent_copy_is_read_and_hashed_in_one_pass(node_cfg, dirs, streamed, monkeypatch):
+    """The flush records the fingerprint of the copy it wrote; after the node lost its
+    scratch, restart_test hashes nothing and the read checks the digest."""
+    import veloc.storage.manifest
+    hashed = []
+    real_digest = veloc.storage.manifest.digest_file
+    monkeypatch.setattr(veloc.storage.manifest, "digest_file",
+                        lambda path, alg: hashed.append(path) or real_digest(path, alg))
+    a = np.arange(50000.0)
+    with veloc.init_single(0, node_cfg) as c:
+        c.protect("a", a)
+        c.checkpoint("h", 1)
+    _lose_scratch(dirs)
+    a[:] = -1
+    with veloc.init_single(0, node_cfg) as c:
+        c.protect("a", a)
+        assert c.restart_test("h") == 1 and hashed == []
+        c.restart("h", 1)
+        assert streamed == [rank0_file(dirs, "h", 1, "persistent")]
+        assert c.last_restart.level == "persistent" and np.array_equal(a, np.arange(50000.0))
+
+
+def test_a_persistent_copy_rewritten_after_its_flush_is_hashed_first_and_skipped(node_cfg, dirs, monkeypatch):
+    """Any write to the persistent copy changes its fingerprint: restart_test hashes it,
+    finds it corrupt and falls back to the older version before any array is touched."""
+    a = np.arange(50000.0)
+    with veloc.init_single(0, node_cfg) as c:
+        c.protect("a", a)
+        c.checkpoint("h", 1)
+        a += 1
+        c.checkpoint("h", 2)
+    _lose_scratch(dirs)
+    flip_bytes(rank0_file(dirs, "h", 2, "persistent"))
+    a[:] = -1
+    with veloc.init_single(0, node_cfg) as c:
+        c.protect("a", a)
+        assert c.restart_test("h") == 1
+        assert (a == -1).all()
+        c.restart("h", 1)
+        assert np.array_equal(a, np.arange(50000.0))

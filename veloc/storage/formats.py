@@ -43,7 +43,7 @@ from pathlib import Path
 from veloc.errors import CheckpointError, CorruptCheckpointError
 from veloc.storage.fileio import copy_file, make_dirs
 from veloc.storage.hashing import hasher
-from veloc.storage.manifest import FileEntry
+from veloc.storage.manifest import FileEntry, file_fingerprint
 from veloc.storage.rankfile import RankFile
 
 FORMATS = ("native", "hdf5")
@@ -82,7 +82,12 @@ def copy_verified(manifest, src, dst, what, direct=False, verify=True, mapped_fi
     checksum module), if any. On a shared level (persistent) the
     files are staged (``veloc.storage.fileio.atomic_file``): the caller's commit record
     makes them count.
+
+    Returns ``{file name: fingerprint}`` of the copies whose digest is known (see
+    :func:`veloc.storage.manifest.file_fingerprint`): a restart that finds such a copy
+    unchanged reads and hashes it in one pass instead of hashing it first.
     """
+    fingerprints = {}
     sdir = src.version_dir(manifest.name, manifest.version)
     ddir = dst.version_dir(manifest.name, manifest.version)
     staged = getattr(dst, "shared", False)
@@ -102,6 +107,9 @@ def copy_verified(manifest, src, dst, what, direct=False, verify=True, mapped_fi
         if size != entry.size or (h and h.hexdigest() != entry.digest):
             raise CorruptCheckpointError(f"{what}: {sdir / entry.name} does not match its manifest "
                                          f"(size or {manifest.checksum} digest); not copied to {dst.level}")
+        if manifest.checksum and entry.digest:
+            fingerprints[entry.name] = file_fingerprint(os.stat(ddir / entry.name))
+    return fingerprints
 
 
 class NativeWriter:
@@ -121,9 +129,10 @@ class NativeWriter:
         record = compressed_record(manifest)
         if record is not None and "persistent" in record.get("levels", ()):
             return flush_compressed(manifest, record, ctx.scratch(rank), ctx.persistent(rank), direct=self.direct_io)
-        copy_verified(manifest, ctx.scratch(rank), ctx.persistent(rank), "flush", direct=self.direct_io,
-                      verify=rank not in cmd.fresh_digests, mapped_files=cmd.mapped)
-        return manifest.copy_for("persistent")
+        fingerprints = copy_verified(manifest, ctx.scratch(rank), ctx.persistent(rank), "flush",
+                                     direct=self.direct_io, verify=rank not in cmd.fresh_digests,
+                                     mapped_files=cmd.mapped)
+        return manifest.copy_for("persistent", fingerprints=fingerprints)
 
     def finish_version(self, ctx, cmd):
         return None

@@ -72,10 +72,17 @@ class Manifest:
             raise CorruptCheckpointError(f"{where}: malformed manifest ({exc})") from None
         return manifest
 
-    def copy_for(self, level, node=None):
-        """The same content described for another level (files and digests unchanged)."""
+    def copy(self):
+        """An independent copy describing the same files (fingerprints kept)."""
+        return Manifest.from_dict(self.to_dict())
+
+    def copy_for(self, level, node=None, fingerprints=None):
+        """The same content described for another level (files and digests unchanged);
+        ``fingerprints``: ``{file name: fingerprint}`` of the copies just written there."""
         data = asdict(self)
-        data["files"] = [FileEntry(**{**f, "fingerprint": None}) for f in data["files"]]   # another file
+        fingerprints = fingerprints or {}
+        data["files"] = [FileEntry(**{**f, "fingerprint": fingerprints.get(f["name"])})   # another file
+                         for f in data["files"]]
         data["level"] = level
         data["node"] = node or self.node
         data["modules"] = list(self.modules)

@@ -300,13 +300,13 @@ class SharedLevelStore(LevelStore):
                 continue
             for rank, manifest in held.items():
                 if rank not in out or _created(manifest) > _created(out[rank]):
-                    out[rank] = manifest.copy_for(manifest.level)
+                    out[rank] = manifest.copy()
         return out, errors
 
     def read_manifest(self, name, version, rank):
         record, manifest = self._holder(name, version, rank)
         if manifest is not None:
-            return manifest.copy_for(manifest.level)
+            return manifest.copy()
         return super().read_manifest(name, version, rank)
 
     def manifest_path(self, name, version, rank):
