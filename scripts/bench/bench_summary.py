@@ -114,7 +114,19 @@ def _interleaved_rows(name, data):
             _row(name, "  of which inside checkpoint() and the block's final wait", s["median_inside"],
                  "plain block of the pair", _range(s["inside"], pct), n, load),
             _row(name, "heat CPU-time overhead of the ranks, A/B blocks", s["median_cpu_overhead"],
-                 "plain block of the pair", _range(s["cpu_overhead"], pct), n, load)]
+                 "plain block of the pair", _range(s["cpu_overhead"], pct), n, load)] + _floor_rows(name, s, n, load)
+
+
+def _floor_rows(name, s, n, load):
+    """The F blocks of the same job: the floor (the same bytes copied once and written once
+    with O_DIRECT, nothing else) and veloc's overhead beyond it."""
+    if "floor_overhead" not in s:
+        return []
+    pct = "{:+.1%}"
+    return [_row(name, "floor: one memcpy (+ one O_DIRECT write) of the same bytes, F/B blocks",
+                 s["median_floor_overhead"], "plain block of the triple", _range(s["floor_overhead"], pct), n, load),
+            _row(name, "veloc beyond the floor, A/F blocks", s["median_beyond_floor"], "floor block of the triple",
+                 _range(s["beyond_floor"], pct), n, load)]
 
 
 def _training_interleaved_rows(name, data):
