@@ -6,9 +6,11 @@ where ``{node}``/``{rank}`` give ranks their own; atomic: the files synced, the 
 synced once, the record written as temp + fsync + rename + directory fsync; see
 ``veloc.storage.node_records``). A rank whose copy failed is left out of the record and
 its error raised once the others are committed. The copy is written with O_DIRECT from
-the mapping the checksum module made of the file moments before (``[flush]
-direct_io``): no page-cache copy, no writeback, and no second hash of data whose digest
-was just computed; ranks are flushed in parallel (``max_parallelism``). On RESTART it copies them back to scratch, verifying
+the engine's mapping of the scratch file, kept from the file's earlier turns in the
+rotation (``[flush] direct_io``; ``veloc.storage.hashing.MappedFiles``): no page-cache
+copy, no writeback, no page-table population per flush, and no second hash of data
+whose digest is known. The commit record carries each copy's fingerprint, so a restart
+reads and hashes an unchanged copy in one pass; ranks are flushed in parallel (``max_parallelism``). On RESTART it copies them back to scratch, verifying
 digests on the way. ``[flush] format`` chooses how a version is stored there
 (``native`` copies, or ``hdf5`` files: ``veloc.storage.formats``). Frequency: ``[flush]
 every = N`` versions and/or ``persistent_interval`` seconds (VELOC's key: 0 = every version, < 0 = never); a
