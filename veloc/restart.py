@@ -15,7 +15,7 @@ from veloc.storage.formats import open_rank_file
 from veloc.storage.hashing import digest_file
 from veloc.storage.levels import LEVEL_ORDER, LevelStore
 from veloc.storage.manifest import unchanged_since_hashed, verify_files
-from veloc.storage.rankfile import RankFile
+from veloc.storage.rankfile import DISK_READ_PIECE, RankFile
 from veloc.errors import CorruptCheckpointError, RestartError, VelocError
 from veloc.names import check_name, check_version
 from veloc.restart_reshape import ReshapeMixin
@@ -327,6 +327,8 @@ class RestartMixin(ReshapeMixin):
             return manifest, open_rank_file(path, entry.kind), None
         reader = open_rank_file(path, entry.kind)
         if isinstance(reader, RankFile):
+            if store.level != "scratch":
+                reader.read_piece = DISK_READ_PIECE      # large reads from a disk
             return manifest, reader, (manifest.checksum, entry.digest)
         try:
             if reader.digest(manifest.checksum) != entry.digest:

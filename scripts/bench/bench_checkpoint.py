@@ -272,6 +272,13 @@ def timed_restart(b, client, key, version, level, expect):
         raise RuntimeError(f"rank {b.rank}: the restored array differs from the checkpointed one")
 
 
+def cold_read_same_file(b, path):
+    """The limit of a restart from persistent, evicted: ``preadv`` of this rank's own
+    persistent rank file, evicted from the page cache, into the reference buffer."""
+    b.timed("disk_read_cold_same", lambda: read_file_into(path, b.ref),
+            before=lambda: evict_tree(os.path.dirname(path)) if b.rank == 0 else None)
+
+
 def stop_backends(b, cfg):
     """Async mode, rank 0: shut down the backends this run started and remove their sockets."""
     if b.args.mode != "async" or b.rank != 0:
@@ -328,8 +335,14 @@ def run_size(b, nbytes):
         finally:
             client.finalize()
         caches = ("warm", "cold") if b.args.persistent_cache == "both" else (b.args.persistent_cache,)
+        own = os.path.join(persistent_root, CKPT, f"v{last}", f"r{b.rank}.vck")
         for cache in caches:
-            for _ in range(b.args.reps):
+            for rep in range(b.args.reps):
+                # cold: the limit is a cold read of this very file, timed in the same
+                # repetition, before the restart in even ones and after it in odd ones
+                # (the virtual disk's speed moves from one second to the next)
+                if cache == "cold" and rep % 2 == 0:
+                    cold_read_same_file(b, own)
                 stop_backends(b, cfg)
                 b.comm.Barrier()
                 if b.rank == 0:                   # every node lost its scratch
@@ -344,6 +357,8 @@ def run_size(b, nbytes):
                     timed_restart(b, client, f"persistent_{cache}", last, "persistent", expect)
                 finally:
                     client.finalize()
+                if cache == "cold" and rep % 2 == 1:
+                    cold_read_same_file(b, own)
     finally:
         stop_backends(b, cfg)
         b.src = b.ref = None

@@ -15,9 +15,9 @@ CHECKPOINT_ROWS = [  # summary key, label, limit key ("x limit" = ratio / limit'
     ("ckpt_local_fresh", "local write, v2-v3 (rotation filling)", "np_save_cold"),
     ("ckpt_local_steady", "local write, steady (recycled files)", None),
     ("checkpoint_call", "checkpoint() call, steady", None),
-    ("restart_total_scratch", "restart_test + restart, from scratch", None),
+    ("restart_total_scratch", "restart_test + restart, from scratch", "preadv_tmpfs"),
     ("restart_total_persistent_warm", "restart_test + restart, persistent (page cache)", "disk_read_warm"),
-    ("restart_total_persistent_cold", "restart_test + restart, persistent (evicted)", "disk_read_cold"),
+    ("restart_total_persistent_cold", "restart_test + restart, persistent (evicted)", "disk_read_cold_same"),
 ]
 
 
@@ -123,9 +123,9 @@ def _floor_rows(name, s, n, load):
     if "floor_overhead" not in s:
         return []
     pct = "{:+.1%}"
-    return [_row(name, "floor: one memcpy (+ one O_DIRECT write) of the same bytes, F/B blocks",
+    return [_row(name, "floor overhead: one memcpy (+ one O_DIRECT write) of the same bytes, F/B blocks",
                  s["median_floor_overhead"], "plain block of the triple", _range(s["floor_overhead"], pct), n, load),
-            _row(name, "veloc beyond the floor, A/F blocks", s["median_beyond_floor"], "floor block of the triple",
+            _row(name, "overhead beyond the floor, A/F blocks", s["median_beyond_floor"], "floor block of the triple",
                  _range(s["beyond_floor"], pct), n, load)]
 
 

@@ -21,6 +21,7 @@ ROWS = [  # key, label, limit key for "x limit"
     ("preadv_tmpfs", "preadv tmpfs file -> array", None),
     ("disk_read_warm", "preadv disk file (page cache) -> array", None),
     ("disk_read_cold", "preadv disk file (evicted) -> array", None),
+    ("disk_read_cold_same", "preadv own persistent file (evicted)", None),
     ("ckpt_local_first", "ckpt begin+mem (local write), v1", "write_fresh_cold"),
     ("ckpt_local_fresh", "ckpt begin+mem, v2-v3 (fresh pages)", "write_fresh_cold"),
     ("ckpt_local_steady", "ckpt begin+mem, steady (recycled)", "pwrite_allocated"),
@@ -37,7 +38,7 @@ ROWS = [  # key, label, limit key for "x limit"
     ("restart_read_scratch_onread", "restart, scratch, verify on read", "preadv_tmpfs"),
     ("restart_total_scratch_onread", "test+restart, scratch, verify on read", "preadv_tmpfs"),
     ("restart_total_persistent_warm", "restart_test+restart, persistent warm", "disk_read_warm"),
-    ("restart_total_persistent_cold", "restart_test+restart, persistent cold", "disk_read_cold"),
+    ("restart_total_persistent_cold", "restart_test+restart, persistent cold", "disk_read_cold_same"),
 ]
 
 
