@@ -122,3 +122,14 @@ def test_a_sync_job_flushes_recycled_files_from_kept_mappings(tmp_path):
         assert client.last_restart.level == "persistent"
         assert (b == version).all()
         client.finalize()
+
+
+def test_a_mapping_still_viewed_is_released_without_an_error(tmp_path):
+    path = tmp_path / "f"
+    write(path, b"x" * 4096)
+    files = MappedFiles(keep_runs=1)
+    view = memoryview(files.get(path))
+    path.unlink()
+    files.end_run()                          # the file is gone: released, though still viewed
+    assert len(files) == 0 and bytes(view[:1]) == b"x"
+    view.release()

@@ -167,6 +167,8 @@ def _release(kept):
     try:
         if mapped is not None:
             mapped.close()
+    except BufferError:      # a view of it is still alive: the mapping goes with that view
+        pass
     finally:
         os.close(fd)
 
