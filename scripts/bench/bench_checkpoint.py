@@ -274,9 +274,11 @@ def timed_restart(b, client, key, version, level, expect):
 
 def cold_read_same_file(b, path):
     """The limit of a restart from persistent, evicted: ``preadv`` of this rank's own
-    persistent rank file, evicted from the page cache, into the reference buffer."""
+    persistent rank file, evicted from the page cache, into the reference buffer, after
+    the same ``--settle`` idle time as the restart (so the page cache's new pages come
+    from memory in the same state: see "Fresh pages" above)."""
     b.timed("disk_read_cold_same", lambda: read_file_into(path, b.ref),
-            before=lambda: evict_tree(os.path.dirname(path)) if b.rank == 0 else None)
+            before=lambda: evict_tree(os.path.dirname(path)) if b.rank == 0 else None, settle=True)
 
 
 def stop_backends(b, cfg):
