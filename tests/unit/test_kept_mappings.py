@@ -15,6 +15,17 @@ def write(path, data):
         f.write(data)
 
 
+def mapped_for_one_run(tmp_path, keep_runs):
+    """A 4 KiB file ``f`` mapped once by a ``MappedFiles(keep_runs)`` whose run then ended:
+    ``(path, files, mapping)``."""
+    path = tmp_path / "f"
+    write(path, b"x" * 4096)
+    files = MappedFiles(keep_runs=keep_runs)
+    mapping = files.get(path)
+    files.end_run()
+    return path, files, mapping
+
+
 def test_a_recycled_file_is_found_again_under_its_new_name_with_its_new_bytes(tmp_path):
     first, second = tmp_path / "v1" , tmp_path / "v4"
     write(first, b"a" * 8192)
@@ -35,11 +46,7 @@ def test_a_recycled_file_is_found_again_under_its_new_name_with_its_new_bytes(tm
 
 
 def test_a_deleted_file_is_released_at_the_end_of_the_run(tmp_path):
-    path = tmp_path / "f"
-    write(path, b"x" * 4096)
-    files = MappedFiles(keep_runs=4)
-    files.get(path)
-    files.end_run()
+    path, files, _ = mapped_for_one_run(tmp_path, 4)
     assert len(files) == 1
     path.unlink()                            # garbage collection deleted it (pool full)
     files.end_run()
@@ -47,11 +54,7 @@ def test_a_deleted_file_is_released_at_the_end_of_the_run(tmp_path):
 
 
 def test_a_resized_file_gets_a_new_mapping_of_its_new_size(tmp_path):
-    path = tmp_path / "f"
-    write(path, b"x" * 4096)
-    files = MappedFiles(keep_runs=4)
-    old = files.get(path)
-    files.end_run()
+    path, files, old = mapped_for_one_run(tmp_path, 4)
     write(path, b"y" * 12288)                # same inode, truncated and rewritten larger
     new = files.get(path)
     assert new is not old and len(new) == 12288 and bytes(new[-1:]) == b"y"
@@ -59,11 +62,7 @@ def test_a_resized_file_gets_a_new_mapping_of_its_new_size(tmp_path):
 
 
 def test_an_unused_mapping_is_dropped_after_keep_runs_runs(tmp_path):
-    path = tmp_path / "f"
-    write(path, b"x" * 4096)
-    files = MappedFiles(keep_runs=2)
-    files.get(path)
-    files.end_run()
+    _, files, _ = mapped_for_one_run(tmp_path, 2)
     files.end_run()
     assert len(files) == 1
     files.end_run()
